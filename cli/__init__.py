@@ -1,0 +1,1 @@
+"""lpc.cli: the typer application."""

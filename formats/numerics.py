@@ -1,0 +1,76 @@
+"""Shared numerics of the block formats: element grids, scale rounding, padding, nibble packing.
+
+Everything here is a pure function of tensors; no state, no devices chosen.
+"""
+from __future__ import annotations
+
+import torch
+
+E4M3_MAX = 448.0
+E5M2_MAX = 57344.0
+E2M1_MAX = 6.0
+# Non-negative E2M1 magnitudes, indexed by the 3-bit code.
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+# Round-to-nearest-even thresholds between consecutive E2M1 magnitudes. A tie goes to the
+# even mantissa: 0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4. `bucketize`
+# (right=False) sends a value equal to a boundary down, so the boundaries whose tie goes up
+# are moved one ulp below the tie.
+_TIES = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=torch.float32)
+_TIE_UP = torch.tensor([False, True, False, True, False, True, False])
+# One float32 ulp below the tie (a float64 nextafter would round back to the tie in float32).
+_E2M1_BOUNDS = torch.where(_TIE_UP, torch.nextafter(_TIES, torch.zeros_like(_TIES)), _TIES)
+
+
+def e2m1_encode(y: torch.Tensor) -> torch.Tensor:
+    """y: float32 already divided by its scale -> uint8 codes sign<<3 | index (saturates at 6)."""
+    idx = torch.bucketize(y.abs(), _E2M1_BOUNDS.to(y.device), right=False).to(torch.uint8)
+    return idx | (torch.signbit(y).to(torch.uint8) << 3)
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes -> float32 values (negative zero for code 8)."""
+    mag = E2M1_VALUES.to(codes.device)[(codes & 7).long()]
+    return torch.where((codes & 8).bool(), -mag, mag)
+
+
+def round_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 to the nearest E4M3 value (RNE), saturating at +-448; returns float32."""
+    return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (..., 2n) in [0, 16) -> bytes (..., n); element 2j goes in the low nibble."""
+    if codes.shape[-1] % 2:
+        raise ValueError("pack_nibbles needs an even last dimension")
+    pairs = codes.reshape(*codes.shape[:-1], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """bytes (..., n) -> uint8 codes (..., 2n); inverse of `pack_nibbles`."""
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)
+
+
+def pad_last(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Zero-pad the last dimension up to a multiple of `block` (no copy when already aligned)."""
+    rem = x.shape[-1] % block
+    if rem == 0:
+        return x
+    return torch.nn.functional.pad(x, (0, block - rem))
+
+
+def padded(k: int, block: int) -> int:
+    """Length of a last dimension of k after zero-padding to a multiple of `block`."""
+    return -(-k // block) * block
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., K) -> (R, K) float32 view/copy; formats work on rows of the last dimension."""
+    return x.reshape(-1, x.shape[-1]).to(torch.float32)
+
+
+def row_chunks(rows: int, cols: int, budget: int = 1 << 22):
+    """Yield row slices so that one chunk holds about `budget` elements (bounded temporaries)."""
+    step = max(1, budget // max(cols, 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))

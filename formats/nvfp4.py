@@ -1,0 +1,120 @@
+"""NVFP4: E2M1 elements in blocks of 16 sharing an E4M3 scale, times a per-tensor FP32 scale.
+
+s2 = amax / (6 * 448); s_b = e4m3(block_amax / (6 * s2)) (0 -> 1, clamped to 448);
+q = E2M1(x / (s_b * s2)) with round-to-nearest-even and saturation at 6; x ~ q * s_b * s2.
+Codes are sign<<3 | index, two per byte, element 2j in the low nibble. 4.5 bits per weight.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from lpc.formats.numerics import (
+    E2M1_MAX, E4M3_MAX, as_rows, e2m1_decode, e2m1_encode, pack_nibbles, pad_last, padded,
+    round_e4m3, row_chunks, unpack_nibbles,
+)
+from lpc.formats.qtensor import QTensor
+from lpc.formats.registry import Format, FormatSpec, register
+
+BLOCK = 16
+_E4M3_MAX_CODE = 0x7E  # 448; 0x7F is NaN in float8_e4m3fn
+
+
+class NVFP4Spec(FormatSpec):
+    scale_search: int = Field(0, ge=0, le=8, description=(
+        "try this many neighbouring E4M3 values on each side of every block scale and keep the "
+        "one with the least (importance-weighted) squared error; 0 = plain amax scaling"))
+
+
+@register
+class NVFP4(Format):
+    name = "nvfp4"
+    Spec = NVFP4Spec
+    description = "E2M1 x E4M3 scale per 16 x FP32 tensor scale (4.5 bits)"
+    context_keys = ("global_amax", "importance")
+
+    def _quantize(self, x: torch.Tensor, spec: NVFP4Spec, global_amax: Any = None,
+                  importance: torch.Tensor | None = None) -> QTensor:
+        """x: (..., K) -> qdata uint8 (R, Kp/2), scale f8e4m3 (R, Kp/16), global_scale f32 (1,).
+
+        global_amax: amax to derive s2 from (shared by a fused group); default x's own amax.
+        importance: (K,) or x's shape, non-negative weights of the squared error in scale search.
+        """
+        rows = as_rows(x)
+        n_rows, k = rows.shape
+        kp = padded(k, BLOCK)
+        s2 = global_scale_for(rows.abs().amax() if global_amax is None else torch.as_tensor(global_amax))
+        qdata = torch.empty(n_rows, kp // 2, dtype=torch.uint8, device=x.device)
+        scale = torch.empty(n_rows, kp // BLOCK, dtype=torch.float8_e4m3fn, device=x.device)
+        weight = None if importance is None else _rows_like(importance, x, k)
+        for sl in row_chunks(n_rows, kp):
+            xb = pad_last(rows[sl], BLOCK).view(-1, kp // BLOCK, BLOCK)
+            sb = block_scales(xb, s2)
+            if spec.scale_search:
+                wb = None if weight is None else pad_last(weight[sl], BLOCK).view_as(xb)
+                sb = search_scales(xb, sb, s2, spec.scale_search, wb)
+            codes = e2m1_encode(xb / (sb * s2).unsqueeze(-1))
+            qdata[sl] = pack_nibbles(codes.view(-1, kp))
+            scale[sl] = sb.to(torch.float8_e4m3fn)
+        return QTensor(self.name, tuple(x.shape), spec.model_dump(),
+                       {"qdata": qdata, "scale": scale, "global_scale": s2.reshape(1)})
+
+    def dequantize(self, q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        qdata, scale = q.data["qdata"], q.data["scale"]
+        s2 = q.data["global_scale"].to(torch.float32)
+        vals = e2m1_decode(unpack_nibbles(qdata)).view(qdata.shape[0], -1, BLOCK)
+        x = (vals * (scale.to(torch.float32) * s2).unsqueeze(-1)).view(qdata.shape[0], -1)
+        return x[:, : q.shape[-1]].reshape(q.shape).to(dtype)
+
+    def fields(self, meta: dict[str, Any]) -> tuple[str, ...]:
+        return ("qdata", "scale", "global_scale")
+
+    def _bits_per_weight(self, spec: NVFP4Spec) -> float:
+        return 4.0 + 8.0 / BLOCK
+
+
+def global_scale_for(amax: torch.Tensor) -> torch.Tensor:
+    """Per-tensor FP32 scale s2 = amax / (6 * 448); an all-zero tensor gets 1."""
+    amax = amax.to(torch.float32).reshape(())
+    return torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
+
+
+def block_scales(xb: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """xb: (R, B, 16) float32 -> E4M3-rounded block scales (R, B) as float32 (0 -> 1)."""
+    sb = round_e4m3(xb.abs().amax(-1) / (E2M1_MAX * s2))
+    return torch.where(sb > 0, sb, torch.ones_like(sb))
+
+
+def search_scales(xb: torch.Tensor, sb: torch.Tensor, s2: torch.Tensor, radius: int,
+                  weight: torch.Tensor | None) -> torch.Tensor:
+    """Among the E4M3 values within `radius` codes of each block scale, keep the one with the least
+    weighted squared error. Ties keep the amax scale (it is tried first)."""
+    base = sb.to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int16)
+    best, best_err = sb, None
+    for step in [0] + [d for r in range(1, radius + 1) for d in (-r, r)]:
+        code = (base + step).clamp(1, _E4M3_MAX_CODE).to(torch.uint8)
+        cand = code.view(torch.float8_e4m3fn).to(torch.float32)
+        cand = torch.where(sb == 1.0, sb, cand) if step else cand  # all-zero blocks keep 1
+        deq = e2m1_decode(e2m1_encode(xb / (cand * s2).unsqueeze(-1))) * (cand * s2).unsqueeze(-1)
+        err = (xb - deq).square()
+        err = (err if weight is None else err * weight).sum(-1)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best = torch.where(better, cand, best)
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+def _rows_like(importance: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
+    imp = importance.to(torch.float32)
+    if imp.shape == (k,):
+        return imp.expand(x.numel() // k, k)
+    if tuple(imp.shape) == tuple(x.shape):
+        return imp.reshape(-1, k)
+    from lpc.formats.errors import FormatError
+    raise FormatError(f"importance of shape {tuple(imp.shape)} does not fit a tensor of shape "
+                      f"{tuple(x.shape)}", f"give ({k},) per input channel or the tensor's own shape")

@@ -1,0 +1,1 @@
+"""lpc.pipeline: one module per stage, artifacts and manifests, the resumable runner."""

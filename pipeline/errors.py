@@ -1,0 +1,25 @@
+"""Errors of the pipeline. All subclass `LpcError`; the CLI maps them to a red line and an exit code."""
+from __future__ import annotations
+
+from lpc.formats.errors import FormatError, LpcError
+
+
+class InputError(LpcError):
+    """A missing or unreadable file, a bad model directory, bad data."""
+
+
+class RecipeError(LpcError):
+    """A recipe that does not validate."""
+
+
+class ArtifactError(LpcError):
+    """An artifact directory that is broken, incomplete, or not what the stage expects."""
+
+
+class GateFailed(LpcError):
+    """An evaluation gate (`--fail-under-recovery`) failed."""
+
+    exit_code = 3
+
+
+__all__ = ["ArtifactError", "FormatError", "GateFailed", "InputError", "LpcError", "RecipeError"]

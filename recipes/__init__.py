@@ -1,0 +1,1 @@
+"""lpc.recipes: recipe schema and built-in recipes."""

@@ -1,0 +1,1 @@
+"""Built-in lm-evaluation-harness task configs over local data."""
