@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 from lpc.formats.errors import FormatError, LpcError
+from lpc.recipes import RecipeError
 
 
 class InputError(LpcError):
     """A missing or unreadable file, a bad model directory, bad data."""
-
-
-class RecipeError(LpcError):
-    """A recipe that does not validate."""
 
 
 class ArtifactError(LpcError):

@@ -1,0 +1,229 @@
+"""Subcommands. Each parses options, calls one pipeline function, and renders its result."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lpc.cli import render
+from lpc.cli.main import Debug, Device, Json, Out, Overwrite, Sets, _emit, _recipe, _stage_rows, app, guarded
+
+RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="built-in recipe name (`lpc recipes`) or YAML path")]
+
+
+def _stage_done(result, as_json: bool) -> None:
+    summary = result.summary()
+    _emit(summary, as_json, f"lpc {result.stage} -> {result.out}" + (" (up to date, skipped)" if result.skipped else ""),
+          _stage_rows(summary), ["field", "value"])
+
+
+@app.command()
+@guarded
+def calibrate(model: Annotated[str, typer.Argument(help="model directory or hub id")],
+              data: Annotated[str, typer.Option("--data", help=".txt, .jsonl, datasets dir, hub id, or 'self'")],
+              out: Out, recipe: RecipeOpt = "nvfp4", samples: Annotated[Optional[int], typer.Option(help="sequences")] = None,
+              seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="tokens per sequence")] = None,
+              fisher: Annotated[bool, typer.Option("--fisher", help="also collect Fisher statistics")] = False,
+              sets: Sets = None, device: Device = "cpu", overwrite: Overwrite = False,
+              json_out: Json = False, debug: Debug = False) -> None:
+    """Collect input statistics (absmax, X^T X) and optionally Fisher information."""
+    from lpc.pipeline import stages
+
+    sets = list(sets or [])
+    sets += [f"calibrate.samples={samples}"] if samples else []
+    sets += [f"calibrate.seq_len={seq_len}"] if seq_len else []
+    sets += ["calibrate.fisher=true"] if fisher else []
+    with render.RichProgress(not json_out) as progress:
+        result = stages.calibrate(model, data, out, _recipe(recipe, sets), overwrite, device, progress)
+    _stage_done(result, json_out)
+
+
+@app.command()
+@guarded
+def quantize(model: Annotated[str, typer.Argument(help="model directory or hub id")], out: Out,
+             recipe: RecipeOpt = "nvfp4",
+             calib: Annotated[Optional[Path], typer.Option("--calib", help="calibration artifact (lpc calibrate)")] = None,
+             plan: Annotated[Optional[Path], typer.Option("--plan", help="allocation artifact (lpc allocate)")] = None,
+             sets: Sets = None, overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False) -> None:
+    """Quantize the recipe's target Linears (or follow an allocation plan)."""
+    from lpc.pipeline import stages
+
+    r = _recipe(recipe, sets)
+    layer_plan, plan_inputs = None, None
+    if plan is not None:
+        from lpc.pipeline.allocate import read_plan
+        r, layer_plan, plan_inputs = read_plan(plan, r)
+        calib = calib or layer_plan_calib(plan)
+    with render.RichProgress(not json_out) as progress:
+        result = stages.quantize(model, r, out, calib=calib, plan=layer_plan, plan_inputs=plan_inputs,
+                                 overwrite=overwrite, progress=progress)
+    _stage_done(result, json_out)
+
+
+def layer_plan_calib(plan_dir: Path) -> Path | None:
+    from lpc.pipeline.artifact import read_manifest
+    c = read_manifest(plan_dir, "allocate").get("config", {}).get("calib")
+    return Path(c) if c else None
+
+
+@app.command()
+@guarded
+def export(src: Annotated[Path, typer.Argument(help="quantize/compensate artifact")], out: Out,
+           fmt: Annotated[str, typer.Option("--format", help="lpc | dense | peft")] = "lpc",
+           overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False) -> None:
+    """Write a deployable model: packed lpc, dense (dequantized), or a PEFT adapter."""
+    from lpc.pipeline import stages
+    from lpc.pipeline.errors import InputError
+
+    if fmt not in stages.EXPORT_FORMATS:
+        raise InputError(f"unknown export format '{fmt}'", f"use one of: {', '.join(stages.EXPORT_FORMATS)}")
+    with render.RichProgress(not json_out) as progress:
+        result = stages.export(src, out, fmt, overwrite, progress)
+    _stage_done(result, json_out)
+
+
+@app.command(name="eval")
+@guarded
+def eval_cmd(path: Annotated[str, typer.Argument(help="artifact or model directory")],
+             ppl: Annotated[Optional[list[str]], typer.Option("--ppl", help="text file for perplexity (repeatable)")] = None,
+             seq_len: Annotated[int, typer.Option("--seq-len")] = 256,
+             tasks: Annotated[Optional[str], typer.Option("--tasks", help="comma-separated lm-eval tasks")] = None,
+             tasks_dir: Annotated[Optional[str], typer.Option("--tasks-dir", help="folder of task YAMLs")] = None,
+             limit: Annotated[Optional[int], typer.Option("--limit", help="documents per task")] = None,
+             baseline: Annotated[Optional[str], typer.Option("--baseline", help="model to compare against")] = None,
+             fail_under_recovery: Annotated[Optional[float], typer.Option("--fail-under-recovery",
+                                                                          help="exit 3 when recovery is lower")] = None,
+             out: Annotated[Optional[Path], typer.Option("-o", "--out", help="also write the JSON here")] = None,
+             device: Device = "cpu", json_out: Json = False, debug: Debug = False) -> None:
+    """Perplexity and lm-eval tasks of a model, optionally against a baseline (exit 3 on a failed gate)."""
+    from lpc.pipeline.eval_stage import evaluate
+    from lpc.pipeline.errors import GateFailed
+
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    with render.RichProgress(not json_out) as progress:
+        try:
+            result = evaluate(path, baseline=baseline, fail_under_recovery=fail_under_recovery, ppl=ppl,
+                              seq_len=seq_len, tasks=task_list, tasks_dir=tasks_dir, limit=limit,
+                              device=device, progress=progress)
+            failed = None
+        except GateFailed as err:
+            result, failed = err.report, err  # type: ignore[attr-defined]
+    if out is not None and result is not None:
+        from lpc.pipeline.artifact import write_json
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, result)
+    show_eval(result, json_out)
+    if failed is not None:
+        raise failed
+
+
+def show_eval(result: dict, as_json: bool) -> None:
+    if as_json:
+        render.print_json(result)
+        return
+    base = result.get("baseline") or {}
+    rows = []
+    for f, v in result.get("perplexity", {}).items():
+        rows.append([f"perplexity {Path(f).name}", base.get("perplexity", {}).get(f), v])
+    for task, metrics in result.get("tasks", {}).items():
+        for m, v in metrics.items():
+            if "stderr" not in m and m != "samples":
+                rows.append([f"{task} {m}", base.get("tasks", {}).get(task, {}).get(m), v])
+    render.out_console.print(render.table(f"lpc eval {result.get('model')}", ["metric", "baseline", "model"], rows))
+    if result.get("recovery") is not None:
+        render.out_console.print(f"recovery: {result['recovery']:.4f}")
+
+
+@app.command()
+@guarded
+def compress(model: Annotated[str, typer.Argument(help="model directory or hub id")], out: Out,
+             recipe: RecipeOpt = "nvfp4",
+             data: Annotated[str, typer.Option("--data", help=".txt, .jsonl, datasets dir, hub id, or 'self'")] = "self",
+             ppl: Annotated[Optional[list[str]], typer.Option("--ppl", help="evaluate perplexity on this file")] = None,
+             tasks: Annotated[Optional[str], typer.Option("--tasks", help="comma-separated lm-eval tasks")] = None,
+             tasks_dir: Annotated[Optional[str], typer.Option("--tasks-dir")] = None,
+             limit: Annotated[Optional[int], typer.Option("--limit")] = None,
+             fail_under_recovery: Annotated[Optional[float], typer.Option("--fail-under-recovery")] = None,
+             sets: Sets = None, device: Device = "cpu", overwrite: Overwrite = False,
+             json_out: Json = False, debug: Debug = False) -> None:
+    """Every stage in order (calibrate, allocate, quantize, compensate, export, eval); resumable."""
+    from lpc.pipeline.compress import compress as run
+
+    r = _recipe(recipe, sets)
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    with render.RichProgress(not json_out) as progress:
+        result = run(model, r, data, out, overwrite=overwrite, device=device, progress=progress, ppl=ppl,
+                     tasks=task_list, tasks_dir=tasks_dir, limit=limit, fail_under_recovery=fail_under_recovery)
+    if json_out:
+        render.print_json(result)
+    else:
+        rows = [[s["stage"], "skipped" if s["skipped"] else f"{s['seconds']:.1f}s", s["out"]] for s in result["stages"]]
+        render.out_console.print(render.table(f"lpc compress {model} ({r.name})", ["stage", "time", "output"], rows))
+        render.out_console.print(f"bits per weight: {result['bits_per_weight']:.4f}   "
+                                 f"wall {result['seconds']:.1f}s   peak RSS {result['peak_rss_mb']:.0f} MB")
+        if result.get("eval"):
+            show_eval(result["eval"], False)
+    if result.get("gate_failed"):
+        raise typer.Exit(3)
+
+
+@app.command()
+@guarded
+def inspect(path: Annotated[Path, typer.Argument(help="any lpc artifact directory")],
+            plot: Annotated[Optional[Path], typer.Option("--plot", help="draw the precision map to this PNG")] = None,
+            json_out: Json = False, debug: Debug = False) -> None:
+    """What an artifact holds: per-layer formats, bits, errors (and a precision map)."""
+    from lpc.pipeline.inspect import inspect_artifact
+
+    info = inspect_artifact(path, plot=plot)
+    if json_out:
+        render.print_json(info)
+        return
+    cols = ["layer", "format", "shape", "bits", "sqnr dB", "rel out err"] + (["rank"] if info["has_rank"] else [])
+    rows = [[r["layer"], r["format"], r["shape"], r["bits"], r.get("sqnr_db"), r.get("rel_output_error")]
+            + ([r.get("rank")] if info["has_rank"] else []) for r in info["layers"]]
+    render.out_console.print(render.table(f"{info['stage']} artifact {path}", cols, rows))
+    render.out_console.print(f"bits per weight: {render.fmt(info.get('bits_per_weight'))}")
+
+
+@app.command()
+@guarded
+def verify(path: Annotated[Path, typer.Argument(help="artifact directory")], json_out: Json = False,
+           debug: Debug = False) -> None:
+    """Check an artifact: hashes, tensors present and finite, scales non-zero, shapes."""
+    from lpc.pipeline.inspect import verify_artifact
+
+    report = verify_artifact(path)
+    if json_out:
+        render.print_json(report)
+    else:
+        render.out_console.print(f"[green]ok[/]: {path} ({report['files']} files, {report['layers']} quantized layers)")
+
+
+@app.command()
+@guarded
+def formats(json_out: Json = False, debug: Debug = False) -> None:
+    """The built-in number formats."""
+    from lpc.formats import get_format, list_formats
+
+    rows = []
+    for name in list_formats():
+        f = get_format(name)
+        try:
+            bits = f.bits_per_weight()
+        except Exception:
+            bits = None
+        rows.append([name, bits, ", ".join(f.Spec.model_fields), f.description])
+    _emit({r[0]: {"bits_per_weight": r[1], "spec": r[2].split(", ") if r[2] else [], "description": r[3]} for r in rows},
+          json_out, "formats", rows, ["format", "bits", "spec keys", "description"])
+
+
+@app.command()
+@guarded
+def recipes(json_out: Json = False, debug: Debug = False) -> None:
+    """The built-in recipes."""
+    from lpc.recipes import list_recipes
+
+    items = list_recipes()
+    _emit(items, json_out, "recipes", [[k, v] for k, v in items.items()], ["recipe", "description"])

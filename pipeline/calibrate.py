@@ -1,0 +1,179 @@
+"""Calibration statistics of the inputs of target Linears: absmax and X^T X / n.
+
+Models with a stack of decoder layers are walked layer by layer: the hidden states entering layer 0
+are captured once, then each layer runs alone over the cached states (moved to the device only for
+its turn), so activation memory does not grow with depth. Other models fall back to hooks over a
+whole forward pass.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lpc.pipeline.model_io import decoder_layers
+from lpc.pipeline.progress import Progress, track
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InputStats:
+    """Running statistics of a Linear's input x (in,): absmax, sum of x x^T (fp64), rows seen."""
+
+    absmax: torch.Tensor
+    xtx: torch.Tensor
+    count: int = 0
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, in_features: int) -> "InputStats":
+        return cls(torch.zeros(in_features), torch.zeros(in_features, in_features, dtype=torch.float64))
+
+    def update(self, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1])
+        self.absmax = torch.maximum(self.absmax, rows.abs().amax(0).float().cpu())
+        r64 = rows.double()
+        self.xtx += (r64.T @ r64).cpu()
+        self.count += rows.shape[0]
+
+    def covariance(self) -> torch.Tensor:
+        """X^T X / n as float32 (in, in)."""
+        return (self.xtx / max(self.count, 1)).float()
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to end a forward pass once layer 0's inputs are seen."""
+
+
+def _attach(targets: dict[str, nn.Linear], stats: dict[str, InputStats]) -> list[Any]:
+    def hook_for(name: str):
+        def hook(_mod, args):
+            stats[name].update(args[0])
+        return hook
+    return [mod.register_forward_pre_hook(hook_for(name)) for name, mod in targets.items()]
+
+
+@torch.no_grad()
+def collect_input_stats(model: nn.Module, batches: list[torch.Tensor], targets: dict[str, nn.Linear],
+                        progress: Progress | None = None, device: str = "cpu") -> dict[str, InputStats]:
+    """Per target Linear: input absmax (in,), X^T X (fp64), token count, over all `batches`."""
+    stats = {name: InputStats.empty(mod.in_features) for name, mod in targets.items()}
+    found = decoder_layers(model)
+    inside = {n for n in targets if found and n.startswith(found[0] + ".")}
+    if found and inside:
+        _layerwise(model, batches, {n: targets[n] for n in inside}, stats, found, progress, device)
+    rest = {n: m for n, m in targets.items() if n not in inside}
+    if rest:
+        if found is None:
+            log.info("no decoder-layer stack found: calibrating with hooks over whole forward passes")
+        _whole_model(model, batches, rest, stats, progress, device)
+    return stats
+
+
+def _whole_model(model, batches, targets, stats, progress, device) -> None:
+    handles = _attach(targets, stats)
+    model.to(device)
+    try:
+        for ids in track(batches, "calibrate (whole model)", progress):
+            model(ids.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.to("cpu")
+
+
+def _capture_layer0(model, layers: nn.ModuleList, batches, device) -> list[tuple[tuple, dict]]:
+    """Inputs (args, kwargs) of decoder layer 0 for each batch, as the model itself builds them."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def grab(_mod, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    moved = [m for m in model.children() if m is not layers]
+    try:
+        for m in _outside_layers(model, layers):
+            m.to(device)
+        for ids in batches:
+            try:
+                model(ids.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+        for m in _outside_layers(model, layers):
+            m.to("cpu")
+    del moved
+    return captured
+
+
+def _outside_layers(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
+    """Leaf-ish modules that are not inside the decoder stack (embeddings, norms, rotary...)."""
+    inside = {id(m) for m in layers.modules()}
+    return [m for m in model.modules() if id(m) not in inside and not any(True for _ in m.children())]
+
+
+def _layerwise(model, batches, targets, stats, found, progress, device) -> None:
+    path, layers = found
+    states = _capture_layer0(model, layers, batches, device)
+    for i, layer in track(list(enumerate(layers)), "calibrate (layer by layer)", progress):
+        prefix = f"{path}.{i}."
+        mine = {n: m for n, m in targets.items() if n.startswith(prefix)}
+        handles = _attach(mine, stats)
+        layer.to(device)
+        try:
+            for j, (args, kwargs) in enumerate(states):
+                out = layer(*args, **kwargs)
+                hidden = out[0] if isinstance(out, (tuple, list)) else out
+                states[j] = ((hidden,) + tuple(args[1:]), kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+            layer.to("cpu")
+
+
+STATS_FILE = "stats.safetensors"
+
+
+def data_inputs(data: str) -> list[str]:
+    """Files whose content a calibration depends on (for the manifest's input hashes)."""
+    from pathlib import Path
+
+    p = Path(data)
+    if p.is_file():
+        return [str(p)]
+    if p.is_dir():
+        return [str(f) for f in sorted(p.rglob("*")) if f.is_file()]
+    return []
+
+
+def stats_tensors(stats: dict[str, InputStats]) -> dict[str, torch.Tensor]:
+    """Flatten statistics into the tensors of stats.safetensors (`<name>.act_cov`, ...)."""
+    out = {}
+    for name, s in stats.items():
+        out[f"{name}.act_absmax"] = s.absmax.float()
+        out[f"{name}.act_cov"] = s.covariance()
+        out[f"{name}.count"] = torch.tensor([s.count], dtype=torch.int64)
+        for key, t in s.extra.items():
+            out[f"{name}.{key}"] = t.float()
+    return out
+
+
+def read_stats(calib_dir) -> dict[str, dict[str, torch.Tensor]]:
+    """stats.safetensors of a calibration artifact -> {layer: {"act_cov": ..., "act_absmax": ...}}."""
+    from pathlib import Path
+
+    from lpc.pipeline.artifact import load_tensors, read_manifest
+
+    read_manifest(calib_dir, "calibrate")
+    flat = load_tensors(Path(calib_dir) / STATS_FILE)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in flat.items():
+        name, _, field_name = key.rpartition(".")
+        out.setdefault(name, {})[field_name] = t
+    return out

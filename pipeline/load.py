@@ -1,0 +1,118 @@
+"""`load(dir)`: a (model, tokenizer) from an lpc artifact or any Hugging Face model directory.
+
+For an lpc artifact the weights are dequantized into a standard transformers model; simulated
+activation quantization and low-rank residual paths are attached as hooks.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lpc.formats import get_format
+from lpc.pipeline.errors import ArtifactError
+from lpc.pipeline.lpc_model import AUX_PREFIX, WEIGHTS, read_qconfig, read_qtensors
+from lpc.pipeline.model_io import load_hf_model, load_tokenizer, resolve_model
+
+log = logging.getLogger(__name__)
+
+
+def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
+         activations: bool = True, merge_lowrank: bool = False) -> tuple[nn.Module, Any]:
+    """Load an lpc artifact (any stage that holds a model) or a plain HF model; eval mode, no grads."""
+    src = resolve_model(path)
+    qconfig = read_qconfig(src) if Path(src).is_dir() else None
+    tokenizer = load_tokenizer(src)
+    if qconfig is None:
+        return load_hf_model(src, dtype=dtype, device=device), tokenizer
+    model = build_from_lpc(Path(src), qconfig, dtype=dtype, activations=activations, merge_lowrank=merge_lowrank)
+    return model.to(device), tokenizer
+
+
+def build_from_lpc(directory: Path, qconfig: dict[str, Any], dtype: torch.dtype | None = None,
+                   activations: bool = True, merge_lowrank: bool = False) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(directory))
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model_dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(model_dtype, str):
+        model_dtype = getattr(torch, model_dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=model_dtype)
+    qtensors, plain = read_qtensors(directory, qconfig)
+    state = dict(plain)
+    for name, q in qtensors.items():
+        state[f"{name}.weight"] = get_format(q.format).dequantize(q)
+    lowrank = {k: state.pop(k) for k in [k for k in state if k.endswith((".lora_A", ".lora_B"))]}
+    aux = {k: state.pop(k) for k in [k for k in state if k.startswith(AUX_PREFIX)]}
+    if merge_lowrank:
+        for key in [k for k in lowrank if k.endswith(".lora_A")]:
+            name = key.removesuffix(".lora_A")
+            w = state[f"{name}.weight"].float()
+            state[f"{name}.weight"] = w + lowrank.pop(f"{name}.lora_B").float() @ lowrank.pop(key).float()
+    _load_state(model, state, qconfig, directory)
+    model.eval().requires_grad_(False)
+    if lowrank:
+        attach_lowrank(model, lowrank)
+    if activations and qconfig.get("activations"):
+        from lpc.pipeline.actquant import attach_activation_quant
+        attach_activation_quant(model, activation_plan(qconfig["activations"], aux))
+    return model
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], qconfig: dict[str, Any], directory: Path) -> None:
+    expected = model.state_dict()
+    bad = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if bad:
+        raise ArtifactError(f"{directory / WEIGHTS}: shape mismatch for {bad[0]} "
+                            f"({tuple(state[bad[0]].shape)} vs {tuple(expected[bad[0]].shape)})",
+                            "the weights do not belong to this config.json")
+    for k, v in state.items():
+        if k in expected:
+            state[k] = v.to(expected[k].dtype)
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in qconfig.get("tied", [])]
+    if missing:
+        raise ArtifactError(f"{directory / WEIGHTS} is missing {len(missing)} tensors, e.g. {missing[0]}",
+                            "the artifact is incomplete; re-run the stage that wrote it")
+    if result.unexpected_keys:
+        raise ArtifactError(f"{directory / WEIGHTS} has unexpected tensors, e.g. {result.unexpected_keys[0]}",
+                            "the artifact does not match its config.json")
+    if qconfig.get("tied"):
+        model.tie_weights()
+
+
+def attach_lowrank(model: nn.Module, tensors: dict[str, torch.Tensor]) -> list[Any]:
+    """y = W x + B (A x) for each Linear with `<m>.lora_A` (r, in) and `<m>.lora_B` (out, r)."""
+    handles = []
+    for key in sorted(k for k in tensors if k.endswith(".lora_A")):
+        name = key.removesuffix(".lora_A")
+        mod = model.get_submodule(name)
+        a, b = tensors[key].float(), tensors[f"{name}.lora_B"].float()
+
+        def hook(m, args, out, a=a, b=b):
+            x = args[0]
+            return out + ((x.to(a.dtype) @ a.T) @ b.T).to(out.dtype)
+
+        handles.append(mod.register_forward_hook(hook))
+    return handles
+
+
+def activation_plan(acts: dict[str, Any], aux: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """The stored activation plan with its tensor references (`"tensor:<key>"`) resolved."""
+    plan = {}
+    for name, entry in acts.get("layers", {}).items():
+        entry = dict(entry)
+        for key, val in list(entry.items()):
+            if isinstance(val, str) and val.startswith("tensor:"):
+                ref = val.removeprefix("tensor:")
+                if ref not in aux:
+                    raise ArtifactError(f"activation plan of {name} refers to missing tensor {ref}",
+                                        "the artifact is incomplete; re-run quantize")
+                entry[key] = aux[ref]
+        plan[name] = entry
+    return plan

@@ -1,0 +1,100 @@
+"""The `lpc` model directory: a Hugging Face model dir whose model.safetensors holds packed fields.
+
+config.json carries `quantization_config = {"quant_method": "lpc", "layers": {name: meta}, ...}` where
+meta is a QTensor's meta (format, shape, spec). Tensors: `<m>.qdata`, `<m>.scale`, ... per quantized
+Linear `<m>` (its `<m>.weight` is absent), every other tensor unchanged.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lpc.formats import QTensor, get_format
+from lpc.pipeline.artifact import load_tensors, save_tensors, write_json
+from lpc.pipeline.errors import ArtifactError
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+QUANT_METHOD = "lpc"
+# Per-layer tensors that belong to the Linear or its low-rank path, not to its weight format.
+PATH_FIELDS = ("bias", "weight", "lora_A", "lora_B")
+# Auxiliary tensors (activation-plan statistics and the like) live under this key prefix.
+AUX_PREFIX = "lpc."
+
+
+def dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """state_dict without tied duplicates (safetensors refuses shared storage); returns dropped names."""
+    out, seen, dropped = {}, {}, []
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else None
+        if key is not None and key in seen:
+            dropped.append(name)
+            continue
+        if key is not None:
+            seen[key] = name
+        out[name] = t
+    return out, dropped
+
+
+def write_lpc_model(directory: Path, model: nn.Module, qtensors: dict[str, QTensor],
+                    extra_tensors: dict[str, torch.Tensor] | None = None,
+                    extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write config.json + model.safetensors of an lpc artifact into `directory`; returns the qconfig."""
+    state, tied = dedup_state_dict(model)
+    tensors = {k: v for k, v in state.items() if k.removesuffix(".weight") not in qtensors or not k.endswith(".weight")}
+    for name, q in qtensors.items():
+        for field, t in get_format(q.format).pack(q).items():
+            tensors[f"{name}.{field}"] = t
+    tensors.update(extra_tensors or {})
+    qconfig = {"quant_method": QUANT_METHOD, "layers": {n: q.meta() for n, q in sorted(qtensors.items())},
+               "tied": tied, **(extra_config or {})}
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["quantization_config"] = qconfig
+    write_json(directory / "config.json", config)
+    save_tensors(tensors, directory / WEIGHTS, metadata={"format": "pt", "quant_method": QUANT_METHOD})
+    return qconfig
+
+
+def read_qconfig(directory: str | Path) -> dict[str, Any] | None:
+    """The lpc quantization_config of a model directory, or None for a plain model."""
+    cfg_path = Path(directory) / "config.json"
+    if not cfg_path.is_file():
+        raise ArtifactError(f"{directory} has no config.json", "give a model directory or an lpc artifact")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{cfg_path} is not valid JSON ({err.msg})", "the artifact is damaged") from None
+    q = cfg.get("quantization_config")
+    return q if isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD else None
+
+
+def read_qtensors(directory: Path, qconfig: dict[str, Any],
+                  tensors: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, QTensor], dict[str, torch.Tensor]]:
+    """Split the tensors of an lpc artifact into QTensors per layer and the plain rest."""
+    tensors = dict(tensors if tensors is not None else load_tensors(directory / WEIGHTS))
+    qtensors = {}
+    for name, meta in qconfig.get("layers", {}).items():
+        prefix = name + "."
+        fields = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)
+                                                              and "." not in k[len(prefix):]]
+                  if k[len(prefix):] not in PATH_FIELDS}
+        fmt = get_format(meta["format"])
+        q = fmt.unpack(fields, meta)
+        _check_fields(name, q)
+        qtensors[name] = q
+    return qtensors, tensors
+
+
+def _check_fields(name: str, q: QTensor) -> None:
+    for field, t in q.data.items():
+        if t.is_floating_point() and not torch.isfinite(t.float()).all():
+            raise ArtifactError(f"layer {name}: field {field} holds NaN or inf", "the artifact is broken; re-create it")
+    if "scale" in q.data and q.data["scale"].is_floating_point() and (q.data["scale"].float() == 0).any():
+        raise ArtifactError(f"layer {name}: a block scale is zero", "the artifact is broken; re-create it")

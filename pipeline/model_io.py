@@ -1,0 +1,139 @@
+"""Loading Hugging Face models and tokenizers, and finding the Linears a recipe targets."""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from lpc.pipeline.errors import InputError
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                   "generation_config.json", "chat_template.jinja")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def resolve_model(model: str | Path) -> str:
+    """A local model directory (checked) or a hub id (passed on as is)."""
+    p = Path(model).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise InputError(f"{model} is not a Hugging Face model directory (no config.json)",
+                             "give a directory written by save_pretrained, or a hub id")
+        return str(p)
+    if str(model).count("/") == 1 and not str(model).startswith((".", "/", "~")):
+        return str(model)  # a hub id
+    raise InputError(f"model {model} does not exist", "give a local model directory or a hub id like org/name")
+
+
+def model_files(model: str | Path) -> list[Path]:
+    """Files of a local model directory whose content defines the model (for input hashes)."""
+    p = Path(model)
+    if not p.is_dir():
+        return []
+    return sorted(f for f in p.iterdir() if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name == "config.json"
+                                                            or f.name.endswith(".index.json")))
+
+
+def load_hf_model(model: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> nn.Module:
+    """Load a causal LM in eval mode with gradients off; hub errors become InputError."""
+    from transformers import AutoModelForCausalLM
+
+    src = resolve_model(model)
+    try:
+        m = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or "auto")
+    except OSError as err:
+        raise InputError(f"cannot load model {model}: {str(err).splitlines()[0]}",
+                         "check the path; a hub id needs network access (HF_HUB_OFFLINE unset)") from None
+    m.eval().requires_grad_(False)
+    _check_finite(m, model)
+    return m.to(device)
+
+
+def load_tokenizer(model: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model(model))
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot load a tokenizer from {model}: {str(err).splitlines()[0]}",
+                         "the model directory needs its tokenizer files") from None
+
+
+def _check_finite(model: nn.Module, source: str | Path) -> None:
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise InputError(f"model {source} has NaN or inf values in {name}",
+                             "the checkpoint is broken; re-download or re-export it")
+
+
+def copy_tokenizer_files(src: str | Path, dst: Path) -> list[str]:
+    """Copy tokenizer (and generation config) files of a local model dir; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        f = Path(src) / name
+        if f.is_file():
+            shutil.copyfile(f, dst / name)
+            copied.append(name)
+    return copied
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], p) for p in patterns)
+
+
+def find_targets(model: nn.Module, targets: list[str], ignore: list[str]) -> dict[str, nn.Linear]:
+    """Linear modules whose names match a `targets` glob and no `ignore` glob, in model order.
+
+    A glob matches the full dotted name or its last component (`down_proj`, `*.mlp.*`, `lm_head`).
+    """
+    found = {n: m for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and _matches(n, targets) and not _matches(n, ignore)}
+    if not found:
+        raise InputError(f"no Linear layer matches targets {targets} (ignoring {ignore})",
+                         "check the recipe's targets/ignore globs against the model's module names")
+    return found
+
+
+def fuse_groups(names: Iterable[str], groups: list[list[str]]) -> list[list[str]]:
+    """Partition target names into groups of siblings that share a global scale.
+
+    Two Linears are fused when they have the same parent module and both last names appear in one
+    entry of `groups` (e.g. q_proj/k_proj/v_proj). Every other Linear is a group of its own.
+    """
+    out: dict[tuple[str, int], list[str]] = {}
+    singles = []
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        gi = next((i for i, g in enumerate(groups) if leaf in g), None)
+        if gi is None:
+            singles.append([name])
+        else:
+            out.setdefault((parent, gi), []).append(name)
+    return [g for g in out.values()] + singles
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The (name, ModuleList) of a model's stack of decoder layers, if it has one we know how to walk."""
+    candidates = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.layers")
+    for path in candidates:
+        mod: nn.Module | None = model
+        for part in path.split("."):
+            mod = getattr(mod, part, None)
+            if mod is None:
+                break
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            return path, mod
+    return None
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")

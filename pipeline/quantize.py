@@ -1,0 +1,100 @@
+"""Quantize the target Linears of a model according to a per-layer plan.
+
+A plan maps a Linear's name to {"format": name, "spec": {...}} (plus optional context tensors such as
+an FGMP `mask`); `plan_from_recipe` builds the uniform plan of a recipe. Fused groups (q/k/v, gate/up)
+share one global amax so engines can fuse them.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from lpc.formats import QTensor, get_format
+from lpc.pipeline.model_io import fuse_groups
+from lpc.pipeline.progress import Progress, track
+from lpc.recipes.schema import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def plan_from_recipe(recipe: Recipe, names: list[str]) -> dict[str, dict[str, Any] | None]:
+    """Uniform plan: the recipe's weight format for every target, unless an override matches.
+
+    A layer mapped to None stays unquantized.
+    """
+    plan: dict[str, dict[str, Any] | None] = {}
+    for name in names:
+        choice = recipe.quantize.weights
+        for ov in recipe.quantize.overrides:
+            if fnmatch.fnmatchcase(name, ov.match) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], ov.match):
+                choice = ov.weights
+                break
+        plan[name] = None if choice is None else {"format": choice.format, "spec": dict(choice.spec)}
+    return plan
+
+
+def group_amax(targets: dict[str, nn.Linear], plan: dict[str, Any], groups: list[list[str]]) -> dict[str, torch.Tensor]:
+    """Global amax per layer: the max over its fused group (layers of one format only)."""
+    out = {}
+    for group in fuse_groups([n for n in targets if plan.get(n)], groups):
+        fmts = {plan[n]["format"] for n in group}
+        members = group if len(fmts) == 1 else None
+        for n in group:
+            sel = members or [n]
+            out[n] = torch.stack([targets[m].weight.detach().abs().amax().float() for m in sel]).amax()
+    return out
+
+
+def layer_errors(w: torch.Tensor, wq: torch.Tensor, cov: torch.Tensor | None) -> dict[str, float]:
+    """Weight SQNR (dB) and, with an input covariance C, relative output error tr(E C E^T)/tr(W C W^T)."""
+    w, e = w.float(), (w.float() - wq.float())
+    err = e.square().sum().item()
+    out = {"sqnr_db": 10 * torch.log10(torch.tensor(w.square().sum().item() / max(err, 1e-30))).item()}
+    if cov is not None:
+        num = ((e @ cov) * e).sum().item()
+        den = ((w @ cov) * w).sum().item()
+        out["rel_output_error"] = num / max(den, 1e-30)
+    return out
+
+
+def quantize_layers(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any] | None],
+                    stats: dict[str, dict[str, torch.Tensor]] | None = None,
+                    fuse: list[list[str]] | None = None, use_importance: bool = True,
+                    progress: Progress | None = None) -> tuple[dict[str, QTensor], dict[str, dict[str, Any]]]:
+    """Quantize each planned Linear's weight; returns QTensors and per-layer records.
+
+    stats: per layer {"act_cov": (in, in), ...} from calibration; the diagonal of act_cov (the
+    input second moment) weighs each input channel in scale selection when `use_importance`.
+    Extra plan keys other than format/spec (e.g. `mask`) are passed to the format as context.
+    """
+    amax = group_amax(targets, plan, fuse or [])
+    qtensors, records = {}, {}
+    for name in track([n for n in targets if plan.get(n)], "quantize", progress):
+        entry, w = plan[name], targets[name].weight.detach()
+        fmt = get_format(entry["format"])
+        ctx = {k: v for k, v in entry.items() if k not in ("format", "spec")}
+        cov = stats[name]["act_cov"] if stats and name in stats else None
+        if "global_amax" in fmt.context_keys:
+            ctx.setdefault("global_amax", amax[name])
+        if use_importance and cov is not None and "importance" in fmt.context_keys:
+            ctx.setdefault("importance", torch.diagonal(cov).clamp_min(0))
+        q = fmt.quantize(w, **entry["spec"], **ctx)
+        wq = fmt.dequantize(q)
+        qtensors[name] = q
+        records[name] = {**q.meta(), "bits_per_weight": q.bits_per_weight(), **layer_errors(w, wq, cov)}
+    return qtensors, records
+
+
+def bits_summary(model: nn.Module, qtensors: dict[str, QTensor], targets: dict[str, nn.Linear]) -> dict[str, float]:
+    """Average bits per weight over target Linear weights (unquantized targets count 16/32 bits)."""
+    bits = numel = 0
+    for name, mod in targets.items():
+        n = mod.weight.numel()
+        numel += n
+        bits += qtensors[name].storage_bits() if name in qtensors else n * mod.weight.element_size() * 8
+    return {"bits_per_weight": bits / max(numel, 1), "quantized_layers": len(qtensors),
+            "target_layers": len(targets), "target_params": numel}
