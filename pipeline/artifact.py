@@ -55,7 +55,10 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write tensors to safetensors (contiguous, sorted names: byte-identical for equal inputs)."""
+    """Write tensors to safetensors (contiguous, sorted names: byte-identical for equal inputs).
+
+    Give at most one metadata key: safetensors orders a larger metadata map at random.
+    """
     ordered = {k: tensors[k].detach().contiguous().cpu() for k in sorted(tensors)}
     save_file(ordered, str(path), metadata=metadata or {"format": "pt"})
     with open(path, "rb+") as fh:

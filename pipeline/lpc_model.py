@@ -58,7 +58,8 @@ def write_lpc_model(directory: Path, model: nn.Module, qtensors: dict[str, QTens
     config.pop("quantization_config", None)
     config["quantization_config"] = qconfig
     write_json(directory / "config.json", config)
-    save_tensors(tensors, directory / WEIGHTS, metadata={"format": "pt", "quant_method": QUANT_METHOD})
+    # One metadata key only: safetensors writes a multi-key metadata map in random order.
+    save_tensors(tensors, directory / WEIGHTS, metadata={"format": "pt"})
     return qconfig
 
 

@@ -1,0 +1,37 @@
+# lpc: `make demo` compresses and evaluates the real model; `make test` runs the test suite.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+ASSETS ?= ../shared/assets
+MODEL  ?= $(ASSETS)/models/stories260K
+DATA   ?= $(ASSETS)/data/tinystories/calib.jsonl
+EVAL   ?= $(ASSETS)/data/tinystories/heldout.jsonl
+RECIPE ?= nvfp4
+OUT    ?= runs/demo-$(RECIPE)
+OFFLINE ?= 1
+
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := $(OFFLINE)
+export HF_DATASETS_OFFLINE := $(OFFLINE)
+export LPC_ASSETS := $(abspath $(ASSETS))
+
+.PHONY: demo test bench clean
+
+$(BIN)/lpc: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"   # pinned first: an unpinned torch pulls CUDA wheels
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(BIN)/lpc
+	$(BIN)/lpc compress $(MODEL) --recipe $(RECIPE) --data $(DATA) --ppl $(EVAL) -o $(OUT) --overwrite
+
+test: $(BIN)/lpc
+	$(BIN)/python -m pytest tests -q
+
+bench: $(BIN)/lpc
+	$(BIN)/python bench/formats.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny random Llama with its own small tokenizer, text files, the real assets."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("LPC_ASSETS", REPO.parent / "shared" / "assets")).resolve()
+STORIES = ASSETS / "models" / "stories260K"
+
+SENTENCES = [
+    "once upon a time there was a little girl who liked to play in the park with her dog",
+    "the sun was warm and the birds sang in the tall green trees near the river",
+    "tom found a shiny red ball under the bed and showed it to his mom",
+    "they ate cake and laughed together until it was time to go to sleep",
+    "a small cat climbed the fence to look at the big blue sky above the town",
+    "the boy said thank you and gave his friend a hug before going home",
+]
+
+
+def build_tokenizer(path: Path):
+    """A small byte-level BPE tokenizer trained on SENTENCES, adding BOS like Llama's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(SENTENCES * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def build_tiny_llama(path: Path, seed: int = 0, intermediate: int = 40, layers: int = 2):
+    """A random LlamaForCausalLM (hidden 32, intermediate 40: not a multiple of 16) saved to `path`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer(path)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=1,
+                         eos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(str(path), safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_llama(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("text")
+    jsonl = d / "calib.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES))
+    txt = d / "calib.txt"
+    txt.write_text(" ".join(SENTENCES * 3))
+    return {"jsonl": jsonl, "txt": txt}
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    if not (STORIES / "model.safetensors").is_file():
+        pytest.skip(f"real model assets not present at {STORIES} (set LPC_ASSETS)")
+    return STORIES
+
+
+@pytest.fixture(scope="session")
+def assets_dir() -> Path:
+    if not ASSETS.is_dir():
+        pytest.skip(f"assets not present at {ASSETS} (set LPC_ASSETS)")
+    return ASSETS
