@@ -62,8 +62,35 @@ class QuantizeConfig(Section):
     overrides: list[LayerOverride] = Field(default_factory=list)
 
 
+class AllocateConfig(Section):
+    """Precision allocation: FGMP block policy (and its baselines) or a VaPr-style format search."""
+
+    policy: Literal["fgmp", "random", "magnitude", "vapr"] = "fgmp"
+    fraction: float = Field(0.3, ge=0, le=1, description="FGMP: share of blocks kept in FP8 (model-wide)")
+    clip: Literal["none", "mse", "sensitivity"] = Field("sensitivity", description="clipping of the NVFP4 blocks")
+    activations: bool = Field(False, description="FGMP: also mix activation blocks (simulated at eval)")
+    budget_bits: float | None = Field(None, gt=0, description="VaPr: average bits per weight allowed")
+    candidates: list[TensorQuant] = Field(default_factory=list, description="VaPr: formats to choose from")
+    predictor: Literal["fisher", "measured"] = Field("fisher", description="VaPr: sensitivity estimate")
+    refine: bool = Field(False, description="VaPr: refine the knapsack choice with measured loss")
+    pareto_budgets: list[float] = Field(default_factory=list, description="VaPr: also solve at these budgets")
+    seed: int = 0
+
+
+class CompensateConfig(Section):
+    """Low-rank paths: EoRA, plain SVD, or ESPACE projections."""
+
+    method: Literal["eora", "svd", "espace"] = "eora"
+    rank: int = Field(8, gt=0, description="rank of every layer (unless a budget is given)")
+    budget_params: int | None = Field(None, gt=0, description="total extra parameters, spread over layers")
+    espace_stat: Literal["act", "weight", "grad"] = Field("act", description="ESPACE statistic")
+    normalize_rows: bool = Field(False, description="ESPACE: normalize the statistic per input channel")
+    mode: Literal["residual", "compress"] = Field("residual", description="ESPACE: residual path or layer compression")
+    factor_format: Literal["bf16", "fp32", "fp8_e4m3", "nvfp4"] = Field("bf16", description="storage of the factors")
+
+
 class ExportConfig(Section):
-    format: Literal["lpc", "dense"] = "lpc"
+    format: Literal["lpc", "dense", "peft"] = "lpc"
 
 
 class EvalConfig(Section):
@@ -83,5 +110,7 @@ class Recipe(Section):
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="globs of Linear names to skip")
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
     quantize: QuantizeConfig
+    allocate: AllocateConfig | None = None
+    compensate: CompensateConfig | None = None
     export: ExportConfig = Field(default_factory=ExportConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
