@@ -71,6 +71,7 @@ def _stage_rows(summary: dict[str, Any]) -> list[list[Any]]:
 
 
 from lpc.cli import commands  # noqa: E402,F401  (registers the subcommands on `app`)
+from lpc.cli import cmd_compensate  # noqa: E402,F401  (registers `lpc compensate`)
 
 
 def main() -> None:

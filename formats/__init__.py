@@ -12,6 +12,13 @@ from lpc.formats.registry import Format, FormatSpec, get_format, list_formats, r
 # One import line per format: importing registers it.
 from lpc.formats import nvfp4  # noqa: E402,F401
 from lpc.formats import fp8_e4m3  # noqa: E402,F401
+from lpc.formats import bf16  # noqa: E402,F401
+from lpc.formats import fp8_e5m2  # noqa: E402,F401
+from lpc.formats import fgmp  # noqa: E402,F401
+from lpc.formats import mxfp4  # noqa: E402,F401
+from lpc.formats import mxfp8  # noqa: E402,F401
+from lpc.formats import bcq  # noqa: E402,F401
+from lpc.formats import int  # noqa: E402,F401  (shadows the builtin in this namespace only)
 
 __all__ = ["Format", "FormatError", "FormatSpec", "LpcError", "QTensor", "get_format",
            "list_formats", "register"]

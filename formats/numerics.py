@@ -69,8 +69,62 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).to(torch.float32)
 
 
+def amax_of(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as a 0-d float32, read in x's own dtype (exact, and no float32 copy of x)."""
+    return x.abs().amax().to(torch.float32)
+
+
+def blocks_of(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x: (..., K) in its own dtype -> (R, Kp/block, block), zero-padded (a view when aligned)."""
+    rows = x.reshape(-1, x.shape[-1])
+    xp = pad_last(rows, block)
+    return xp.view(rows.shape[0], -1, block)
+
+
 def row_chunks(rows: int, cols: int, budget: int = 1 << 22):
     """Yield row slices so that one chunk holds about `budget` elements (bounded temporaries)."""
     step = max(1, budget // max(cols, 1))
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))
+
+
+def pack_bits(values: torch.Tensor, nbits: int) -> torch.Tensor:
+    """uint8 values (R, n) each < 2**nbits -> bytes (R, ceil(n*nbits/8)), little-endian bit order.
+
+    Bit b of value j lands at stream position j*nbits + b; byte i holds positions 8i..8i+7.
+    """
+    shifts = torch.arange(nbits, dtype=torch.uint8, device=values.device)
+    bits = ((values.unsqueeze(-1) >> shifts) & 1).reshape(values.shape[0], -1)
+    bits = pad_last(bits, 8).reshape(values.shape[0], -1, 8)
+    weights = (1 << torch.arange(8, device=values.device)).to(torch.uint8)
+    return (bits * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, nbits: int, n: int) -> torch.Tensor:
+    """bytes (R, m) -> uint8 values (R, n); inverse of `pack_bits`."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(packed.shape[0], -1)[:, : n * nbits]
+    weights = (1 << torch.arange(nbits, device=packed.device)).to(torch.uint8)
+    return (bits.reshape(packed.shape[0], n, nbits) * weights).sum(-1, dtype=torch.uint8)
+
+
+def importance_rows(importance: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Importance (K,) or `shape` -> float32 (R, K) rows matching `as_rows` of a tensor of `shape`."""
+    from lpc.formats.errors import FormatError  # numerics stays import-light
+
+    k = shape[-1]
+    imp = torch.as_tensor(importance).to(torch.float32)
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    if tuple(imp.shape) == (k,):
+        out = imp.expand(rows, k)
+    elif tuple(imp.shape) == tuple(shape):
+        out = imp.reshape(rows, k)
+    else:
+        raise FormatError(f"importance of shape {tuple(imp.shape)} does not fit a tensor of shape "
+                          f"{tuple(shape)}", f"give ({k},) per input channel or the tensor's own shape")
+    if not torch.isfinite(imp).all() or (imp < 0).any():
+        raise FormatError("importance holds negative, NaN or inf values",
+                          "give finite non-negative weights (e.g. a Fisher diagonal)")
+    return out

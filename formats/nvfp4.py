@@ -11,18 +11,20 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from lpc.formats import fast, kernels
+from lpc.formats.clipping import search_block_scales
 from lpc.formats.numerics import (
-    E2M1_MAX, E4M3_MAX, as_rows, e2m1_decode, e2m1_encode, pack_nibbles, pad_last, padded,
-    round_e4m3, row_chunks, unpack_nibbles,
+    E2M1_MAX, E4M3_MAX, amax_of, as_rows, blocks_of, e2m1_decode, e2m1_encode, importance_rows,
+    pack_nibbles, pad_last, padded, round_e4m3, row_chunks, unpack_nibbles,
 )
 from lpc.formats.qtensor import QTensor
-from lpc.formats.registry import Format, FormatSpec, register
+from lpc.formats.registry import BlockSpec, Format, register
 
 BLOCK = 16
 _E4M3_MAX_CODE = 0x7E  # 448; 0x7F is NaN in float8_e4m3fn
 
 
-class NVFP4Spec(FormatSpec):
+class NVFP4Spec(BlockSpec):
     scale_search: int = Field(0, ge=0, le=8, description=(
         "try this many neighbouring E4M3 values on each side of every block scale and keep the "
         "one with the least (importance-weighted) squared error; 0 = plain amax scaling"))
@@ -42,31 +44,34 @@ class NVFP4(Format):
         global_amax: amax to derive s2 from (shared by a fused group); default x's own amax.
         importance: (K,) or x's shape, non-negative weights of the squared error in scale search.
         """
+        s2 = global_scale_for(amax_of(x) if global_amax is None else torch.as_tensor(global_amax))
+        weight = None if importance is None else importance_rows(importance, tuple(x.shape))
+        if spec.clip == "none" and not spec.scale_search:
+            packed, sb = fast.run(kernels.nvfp4, blocks_of(x, BLOCK), s2.to(x.device))
+            return QTensor(self.name, tuple(x.shape), spec.model_dump(),
+                           {"qdata": packed.view(packed.shape[0], -1),
+                            "scale": sb.to(torch.float8_e4m3fn), "global_scale": s2.reshape(1)})
         rows = as_rows(x)
         n_rows, k = rows.shape
         kp = padded(k, BLOCK)
-        s2 = global_scale_for(rows.abs().amax() if global_amax is None else torch.as_tensor(global_amax))
         qdata = torch.empty(n_rows, kp // 2, dtype=torch.uint8, device=x.device)
         scale = torch.empty(n_rows, kp // BLOCK, dtype=torch.float8_e4m3fn, device=x.device)
-        weight = None if importance is None else _rows_like(importance, x, k)
         for sl in row_chunks(n_rows, kp):
             xb = pad_last(rows[sl], BLOCK).view(-1, kp // BLOCK, BLOCK)
-            sb = block_scales(xb, s2)
-            if spec.scale_search:
-                wb = None if weight is None else pad_last(weight[sl], BLOCK).view_as(xb)
-                sb = search_scales(xb, sb, s2, spec.scale_search, wb)
+            wb = None if weight is None else pad_last(weight[sl], BLOCK).view_as(xb)
+            sb = choose_scales(xb, s2, spec, wb)
             codes = e2m1_encode(xb / (sb * s2).unsqueeze(-1))
             qdata[sl] = pack_nibbles(codes.view(-1, kp))
             scale[sl] = sb.to(torch.float8_e4m3fn)
         return QTensor(self.name, tuple(x.shape), spec.model_dump(),
                        {"qdata": qdata, "scale": scale, "global_scale": s2.reshape(1)})
 
-    def dequantize(self, q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def _dequantize(self, q: QTensor) -> torch.Tensor:
         qdata, scale = q.data["qdata"], q.data["scale"]
         s2 = q.data["global_scale"].to(torch.float32)
         vals = e2m1_decode(unpack_nibbles(qdata)).view(qdata.shape[0], -1, BLOCK)
         x = (vals * (scale.to(torch.float32) * s2).unsqueeze(-1)).view(qdata.shape[0], -1)
-        return x[:, : q.shape[-1]].reshape(q.shape).to(dtype)
+        return x[:, : q.shape[-1]].reshape(q.shape)
 
     def fields(self, meta: dict[str, Any]) -> tuple[str, ...]:
         return ("qdata", "scale", "global_scale")
@@ -83,8 +88,33 @@ def global_scale_for(amax: torch.Tensor) -> torch.Tensor:
 
 def block_scales(xb: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
     """xb: (R, B, 16) float32 -> E4M3-rounded block scales (R, B) as float32 (0 -> 1)."""
-    sb = round_e4m3(xb.abs().amax(-1) / (E2M1_MAX * s2))
+    return scale_from_amax(xb.abs().amax(-1), s2)
+
+
+def scale_from_amax(amax: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """Block amax (R, B) float32 -> E4M3 block scale e4m3(amax / (6 * s2)) as float32 (0 -> 1)."""
+    sb = round_e4m3(amax / (E2M1_MAX * s2))
     return torch.where(sb > 0, sb, torch.ones_like(sb))
+
+
+def fake_blocks(xb: torch.Tensor, sb: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """xb: (R, B, 16) float32, block scales (R, B) -> NVFP4-dequantized blocks (R, B, 16)."""
+    step = (sb * s2).unsqueeze(-1)
+    return e2m1_decode(e2m1_encode(xb / step)) * step
+
+
+def choose_scales(xb: torch.Tensor, s2: torch.Tensor, spec: NVFP4Spec,
+                  weight: torch.Tensor | None) -> torch.Tensor:
+    """Block scales (R, B) float32 for blocks xb (R, B, 16): amax, clip search, then scale search."""
+    if spec.clip == "none":
+        sb = block_scales(xb, s2)
+    else:
+        wb = weight if spec.clip == "sensitivity" else None
+        sb = search_block_scales(xb, xb.abs().amax(-1), lambda a: scale_from_amax(a, s2),
+                                 lambda v, s: fake_blocks(v, s, s2), wb, spec.clip_grid, spec.clip_min)
+    if spec.scale_search:
+        sb = search_scales(xb, sb, s2, spec.scale_search, weight)
+    return sb
 
 
 def search_scales(xb: torch.Tensor, sb: torch.Tensor, s2: torch.Tensor, radius: int,
@@ -107,14 +137,3 @@ def search_scales(xb: torch.Tensor, sb: torch.Tensor, s2: torch.Tensor, radius: 
         best = torch.where(better, cand, best)
         best_err = torch.where(better, err, best_err)
     return best
-
-
-def _rows_like(importance: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
-    imp = importance.to(torch.float32)
-    if imp.shape == (k,):
-        return imp.expand(x.numel() // k, k)
-    if tuple(imp.shape) == tuple(x.shape):
-        return imp.reshape(-1, k)
-    from lpc.formats.errors import FormatError
-    raise FormatError(f"importance of shape {tuple(imp.shape)} does not fit a tensor of shape "
-                      f"{tuple(x.shape)}", f"give ({k},) per input channel or the tensor's own shape")

@@ -1,12 +1,14 @@
 """Format registry: a format is a `Format` subclass registered under its file's name."""
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lpc.formats import rotation
 from lpc.formats.errors import FormatError
 from lpc.formats.qtensor import QTensor
 
@@ -17,6 +19,22 @@ class FormatSpec(BaseModel):
     """Base of every format's spec: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+ClipMethod = Literal["none", "mse", "octav", "sensitivity"]
+
+
+class BlockSpec(FormatSpec):
+    """Spec fields shared by every format with scales: clipping and an optional rotation."""
+
+    clip: ClipMethod = Field("none", description=(
+        "how scales are chosen: none = amax; mse = best of a grid of scale multipliers per "
+        "block; octav = OCTAV fixed point (integer grids only); sensitivity = best multiplier "
+        "under importance-weighted squared error (needs importance=)"))
+    clip_grid: int = Field(16, ge=2, le=64, description="multipliers tried by mse/sensitivity")
+    clip_min: float = Field(0.5, gt=0.0, lt=1.0, description="smallest multiplier tried")
+    rotate: bool = Field(False, description="random Hadamard rotation of 16-element blocks first")
+    rotate_seed: int = Field(0, ge=0, description="seed of the rotation's sign vector")
 
 
 class Format(ABC):
@@ -31,28 +49,58 @@ class Format(ABC):
     Spec: ClassVar[type[FormatSpec]] = FormatSpec
     description: ClassVar[str] = ""
 
+    # Clip methods this format accepts; OCTAV's noise model holds for uniform integer grids only.
+    clip_methods: ClassVar[tuple[str, ...]] = ("none", "mse", "sensitivity")
+
     def spec(self, **spec: Any) -> FormatSpec:
         """Validate a spec dict; raise `FormatError` naming the bad key or value."""
         try:
-            return self.Spec(**spec)
+            s = self.Spec(**spec)
         except ValidationError as err:
             raise FormatError(_describe(self.name, err, self.Spec)) from None
+        clip = getattr(s, "clip", "none")
+        if clip not in self.clip_methods:
+            why = " (OCTAV assumes a uniform integer grid; this format's grid is not)" if clip == "octav" else ""
+            raise FormatError(f"{self.name} does not support clip='{clip}'{why}",
+                              f"use clip in {list(self.clip_methods)}")
+        return s
 
     def quantize(self, x: torch.Tensor, **spec: Any) -> QTensor:
-        """x: (..., K) float -> QTensor. Context tensors (`importance`, `global_amax`) ride in spec."""
+        """x: (..., K) float -> QTensor. Context tensors (`importance`, `global_amax`) ride in spec.
+
+        Does not modify x. With `rotate=True` the blocks of 16 are rotated first (importance is
+        replaced by its block mean, the diagonal of the rotated weighting) and `global_amax`, if
+        given, must be the amax of the rotated tensor.
+        """
         context = {k: spec.pop(k) for k in list(spec) if k in self.context_keys}
         s = self.spec(**spec)
         _check_tensor(self.name, x)
-        return self._quantize(x, s, **context)
+        if getattr(s, "clip", "none") == "sensitivity" and context.get("importance") is None:
+            raise FormatError(f"{self.name}: clip='sensitivity' needs importance=",
+                              "pass importance (per input channel (K,) or x's shape) or use clip='mse'")
+        if not getattr(s, "rotate", False):
+            return self._quantize(x, s, **context)
+        if context.get("importance") is not None:
+            context["importance"] = rotation.block_mean(context["importance"], x.shape)
+        q = self._quantize(rotation.rotate(x, s.rotate_seed), s, **context)
+        return dataclasses.replace(q, shape=tuple(x.shape))
 
     context_keys: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def _quantize(self, x: torch.Tensor, spec: FormatSpec, **context: Any) -> QTensor: ...
 
-    @abstractmethod
     def dequantize(self, q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """QTensor -> tensor of the original shape."""
+        """QTensor -> tensor of the original shape (rotation, if any, undone)."""
+        if not q.spec.get("rotate", False):
+            return self._dequantize(q).to(dtype)
+        inner = rotation.rotated_shape(q.shape)
+        y = self._dequantize(dataclasses.replace(q, shape=inner))
+        return rotation.unrotate(y, int(q.spec.get("rotate_seed", 0)), q.shape[-1]).to(dtype)
+
+    @abstractmethod
+    def _dequantize(self, q: QTensor) -> torch.Tensor:
+        """QTensor (whose `shape` is what `_quantize` saw) -> float32 tensor of that shape."""
 
     def bits_per_weight(self, **spec: Any) -> float:
         """Nominal bits per element for a large tensor, scales included."""

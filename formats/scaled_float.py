@@ -5,11 +5,13 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from lpc.formats.clipping import block_error, multipliers, search_block_scales
+from lpc.formats.numerics import as_rows, importance_rows, row_chunks
 from lpc.formats.qtensor import QTensor
-from lpc.formats.registry import Format, FormatSpec
+from lpc.formats.registry import BlockSpec, Format
 
 
-class ScaledFloatSpec(FormatSpec):
+class ScaledFloatSpec(BlockSpec):
     granularity: Literal["tensor", "channel"] = "channel"
 
 
@@ -24,22 +26,65 @@ class ScaledFloat(Format):
     def _quantize(self, x: torch.Tensor, spec: ScaledFloatSpec, global_amax: Any = None,
                   importance: Any = None) -> QTensor:
         """x: (..., K) -> qdata fp8 x.shape, scale f32 (R, 1) per channel or (1,) per tensor."""
-        rows = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        rows = as_rows(x)
+        weight = None
+        if spec.clip == "sensitivity":
+            weight = importance_rows(importance, tuple(x.shape))
         if spec.granularity == "tensor":
             amax = rows.abs().amax() if global_amax is None else torch.as_tensor(global_amax, dtype=torch.float32)
-            amax = amax.reshape(1)
+            scale = self._tensor_scale(rows, amax.reshape(1), spec, weight)
         else:
-            amax = rows.abs().amax(dim=-1, keepdim=True)
-        scale = torch.where(amax > 0, amax / self.max_value, torch.ones_like(amax))
-        # Clamp before the cast: an out-of-range E4M3 cast gives NaN, not the max.
-        qdata = (rows / scale).clamp(-self.max_value, self.max_value).to(self.dtype)
+            scale = self._row_scales(rows, spec, weight)
+        qdata = torch.empty(rows.shape, dtype=self.dtype, device=x.device)
+        for sl in row_chunks(*rows.shape):
+            qdata[sl] = self.cast(rows[sl] / (scale if scale.numel() == 1 else scale[sl]))
         return QTensor(self.name, tuple(x.shape), spec.model_dump(),
-                       {"qdata": qdata.reshape(x.shape), "scale": scale.to(torch.float32)})
+                       {"qdata": qdata.reshape(x.shape), "scale": scale})
 
-    def dequantize(self, q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def cast(self, y: torch.Tensor) -> torch.Tensor:
+        """Scaled values -> `dtype`; clamped first because an out-of-range E4M3 cast gives NaN."""
+        return y.clamp(-self.max_value, self.max_value).to(self.dtype)
+
+    def scale_of(self, amax: torch.Tensor) -> torch.Tensor:
+        """amax -> FP32 scale amax / max (an all-zero tensor or row gets 1)."""
+        return torch.where(amax > 0, amax / self.max_value, torch.ones_like(amax))
+
+    def fake(self, v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Blocks (R, B, L) with scales (R, B) -> quantized-dequantized blocks."""
+        s = scale.unsqueeze(-1)
+        return self.cast(v / s).to(torch.float32) * s
+
+    def _row_scales(self, rows: torch.Tensor, spec: ScaledFloatSpec,
+                    weight: torch.Tensor | None) -> torch.Tensor:
+        out = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
+        for sl in row_chunks(*rows.shape):
+            amax = rows[sl].abs().amax(-1, keepdim=True)
+            if spec.clip == "none":
+                out[sl] = self.scale_of(amax)
+                continue
+            wb = None if weight is None else weight[sl].unsqueeze(1)
+            out[sl] = search_block_scales(rows[sl].unsqueeze(1), amax, self.scale_of, self.fake,
+                                          wb, spec.clip_grid, spec.clip_min)
+        return out
+
+    def _tensor_scale(self, rows: torch.Tensor, amax: torch.Tensor, spec: ScaledFloatSpec,
+                      weight: torch.Tensor | None) -> torch.Tensor:
+        if spec.clip == "none":
+            return self.scale_of(amax)
+        cands = [self.scale_of(amax * m) for m in multipliers(spec.clip_grid, spec.clip_min)]
+        errs = torch.zeros(len(cands), dtype=torch.float64)
+        for sl in row_chunks(*rows.shape):
+            v = rows[sl].unsqueeze(1)
+            wb = None if weight is None else weight[sl].unsqueeze(1)
+            for i, s in enumerate(cands):
+                errs[i] += block_error(v, self.fake(v, s.expand(v.shape[0], 1)), wb).sum().double()
+        # argmin returns the first minimum, so ties keep the larger multiplier.
+        return cands[int(torch.argmin(errs))]
+
+    def _dequantize(self, q: QTensor) -> torch.Tensor:
         qdata = q.data["qdata"]
         rows = qdata.reshape(-1, qdata.shape[-1]).to(torch.float32) * q.data["scale"].to(torch.float32)
-        return rows.reshape(q.shape).to(dtype)
+        return rows.reshape(q.shape)
 
     def fields(self, meta: dict[str, Any]) -> tuple[str, ...]:
         return ("qdata", "scale")

@@ -162,8 +162,11 @@ def staging(out: Path) -> Iterator[Path]:
 
 
 def finish_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Hash every file of `directory` into the manifest and write it (last, so it marks completion)."""
-    files = {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    """Hash every file of `directory` into the manifest and write it (last, so it marks completion).
+
+    Files in subdirectories (e.g. a PEFT export's `adapter/`) are named by their relative POSIX path."""
+    found = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    files = {name: sha256_file(directory / name) for name in found if name != MANIFEST}
     full = {"lpc_version": lpc_version(), "schema_version": SCHEMA_VERSION, **manifest, "files": files}
     write_json(directory / MANIFEST, full)
     return full

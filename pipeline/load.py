@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lpc.formats import get_format
+from lpc.formats import LpcError, get_format
 from lpc.pipeline.errors import ArtifactError
 from lpc.pipeline.lpc_model import AUX_PREFIX, WEIGHTS, read_qconfig, read_qtensors
 from lpc.pipeline.model_io import load_hf_model, load_tokenizer, resolve_model
@@ -47,7 +47,7 @@ def build_from_lpc(directory: Path, qconfig: dict[str, Any], dtype: torch.dtype 
     state = dict(plain)
     for name, q in qtensors.items():
         state[f"{name}.weight"] = get_format(q.format).dequantize(q)
-    lowrank = {k: state.pop(k) for k in [k for k in state if k.endswith((".lora_A", ".lora_B"))]}
+    lowrank = pop_lowrank(state, qconfig)
     aux = {k: state.pop(k) for k in [k for k in state if k.startswith(AUX_PREFIX)]}
     if merge_lowrank:
         for key in [k for k in lowrank if k.endswith(".lora_A")]:
@@ -84,6 +84,36 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], qconfig: dict[
                             "the artifact does not match its config.json")
     if qconfig.get("tied"):
         model.tie_weights()
+
+
+def pop_lowrank(state: dict[str, torch.Tensor], qconfig: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Remove the low-rank factors from `state`; return them dequantized as fp32 tensors.
+
+    Returns {"<m>.lora_A": (r, in) fp32, "<m>.lora_B": (out, r) fp32}. A factor is stored either
+    as a plain `<m>.lora_A` tensor (bf16/fp32) or, when `qconfig["lowrank"]["layers"][m]["factors"]`
+    gives its QTensor meta, as packed fields `<m>.lora_A.<field>` of that format. A layer in
+    "compress" mode (ESPACE y = (W P)(P^T x)) has no base weight: W_q is zero, so it is given a
+    zero `<m>.weight` here and computes y = B (A x) through the same hook or merge.
+    """
+    layers = (qconfig.get("lowrank") or {}).get("layers", {})
+    out = {k: state.pop(k).float() for k in [k for k in state if k.endswith((".lora_A", ".lora_B"))]}
+    for name, entry in layers.items():
+        for part, meta in (entry.get("factors") or {}).items():
+            prefix = f"{name}.{part}."
+            fields = {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+            try:
+                out[f"{name}.{part}"] = get_format(meta["format"]).dequantize(
+                    get_format(meta["format"]).unpack(fields, meta))
+            except LpcError as err:
+                raise ArtifactError(f"low-rank factor {name}.{part}: {err}",
+                                    "the artifact is incomplete; re-run lpc compensate") from None
+        missing = [p for p in ("lora_A", "lora_B") if f"{name}.{p}" not in out]
+        if missing:
+            raise ArtifactError(f"layer {name} has no {missing[0]} factor", "re-run lpc compensate")
+        if entry.get("mode") == "compress" and f"{name}.weight" not in state:
+            b, a = out[f"{name}.lora_B"], out[f"{name}.lora_A"]
+            state[f"{name}.weight"] = torch.zeros(b.shape[0], a.shape[1])
+    return out
 
 
 def attach_lowrank(model: nn.Module, tensors: dict[str, torch.Tensor]) -> list[Any]:

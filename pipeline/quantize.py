@@ -40,7 +40,7 @@ def plan_from_recipe(recipe: Recipe, names: list[str]) -> dict[str, dict[str, An
 def group_amax(targets: dict[str, nn.Linear], plan: dict[str, Any], groups: list[list[str]]) -> dict[str, torch.Tensor]:
     """Global amax per layer: the max over its fused group (layers of one format only)."""
     out = {}
-    for group in fuse_groups([n for n in targets if plan.get(n)], groups):
+    for group in fuse_groups([n for n in targets if isinstance(plan.get(n), dict)], groups):
         fmts = {plan[n]["format"] for n in group}
         members = group if len(fmts) == 1 else None
         for n in group:
@@ -69,14 +69,14 @@ def quantize_layers(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any
 
     stats: per layer {"act_cov": (in, in), ...} from calibration; the diagonal of act_cov (the
     input second moment) weighs each input channel in scale selection when `use_importance`.
-    Extra plan keys other than format/spec (e.g. `mask`) are passed to the format as context.
+    An entry's "context" (e.g. an FGMP `mask`, a Fisher `importance`) is passed to the format.
     """
     amax = group_amax(targets, plan, fuse or [])
     qtensors, records = {}, {}
-    for name in track([n for n in targets if plan.get(n)], "quantize", progress):
+    for name in track([n for n in targets if isinstance(plan.get(n), dict)], "quantize", progress):
         entry, w = plan[name], targets[name].weight.detach()
         fmt = get_format(entry["format"])
-        ctx = {k: v for k, v in entry.items() if k not in ("format", "spec")}
+        ctx = dict(entry.get("context", {}))
         cov = stats[name]["act_cov"] if stats and name in stats else None
         if "global_amax" in fmt.context_keys:
             ctx.setdefault("global_amax", amax[name])

@@ -28,7 +28,7 @@ from lpc.recipes.schema import Recipe
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("lpc", "dense")
+EXPORT_FORMATS = ("lpc", "dense", "peft")
 
 
 @dataclass
@@ -113,7 +113,7 @@ def quantize(model: str, recipe: Recipe, out: Path, calib: Path | None = None,
         layer_plan = plan if plan is not None else plan_from_recipe(recipe, list(targets))
         qtensors, records = quantize_layers(targets, layer_plan, stats, recipe.quantize.fuse_groups,
                                             recipe.quantize.importance != "none", progress)
-        acts, aux = activation_config(recipe, qtensors, stats)
+        acts, aux = activation_config(recipe, qtensors, stats, layer_plan)
         write_lpc_model(tmp, m, qtensors, extra_tensors=aux, extra_config={"activations": acts} if acts else None)
         copy_tokenizer_files(src, tmp)
         summary = bits_summary(m, qtensors, targets)
@@ -124,8 +124,17 @@ def quantize(model: str, recipe: Recipe, out: Path, calib: Path | None = None,
     return _run("quantize", out, model_files(src) + stats_path + list(plan_inputs or []), config, overwrite, body)
 
 
-def activation_config(recipe: Recipe, qtensors: dict[str, Any], stats) -> tuple[dict | None, dict]:
-    """Activation quantization plan for every quantized layer (global amax from calibration)."""
+def activation_config(recipe: Recipe, qtensors: dict[str, Any], stats, plan: dict[str, Any] | None = None
+                      ) -> tuple[dict | None, dict]:
+    """Activation quantization plan per quantized layer, and the tensors it refers to.
+
+    An allocation plan's per-layer "activation" entries (FGMP mixing) win; otherwise the recipe's
+    `quantize.activations` format applies to every quantized layer, its global amax calibrated.
+    """
+    plan = plan or {}
+    from_plan = {n: e["activation"] for n, e in plan.items() if isinstance(e, dict) and e.get("activation")}
+    if from_plan:
+        return {"layers": {n: from_plan[n] for n in sorted(from_plan)}}, dict(plan.get("__aux__", {}))
     act = recipe.quantize.activations
     if act is None:
         return None, {}
@@ -140,7 +149,8 @@ def activation_config(recipe: Recipe, qtensors: dict[str, Any], stats) -> tuple[
 
 def export(src: Path, out: Path, fmt: str = "lpc", overwrite: bool = False,
            progress: Progress | None = None) -> StageResult:
-    """Write a deployable model: `lpc` (packed, as is) or `dense` (dequantized, loadable anywhere)."""
+    """Write a deployable model: `lpc` (packed, as is), `dense` (dequantized, low-rank paths merged,
+    loadable anywhere) or `peft` (dense quantized base + PEFT LoRA adapter in adapter/)."""
     manifest = art.read_manifest(src, ("quantize", "compensate", "export"))
     problems = art.verify_files(src, manifest)
     if problems:
@@ -151,7 +161,11 @@ def export(src: Path, out: Path, fmt: str = "lpc", overwrite: bool = False,
         summary = dict(manifest.get("summary", {}))
         if fmt == "lpc":
             for name in sorted(manifest["files"]):
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / name).write_bytes((Path(src) / name).read_bytes())
+        elif fmt == "peft":
+            from lpc.pipeline.peft_export import write_peft
+            summary.update(write_peft(Path(src), tmp))
         else:
             summary["dropped"] = _write_dense(Path(src), tmp)
         summary["format"] = fmt

@@ -1,0 +1,194 @@
+"""LO-BCQ codebooks (arXiv 2502.05376): normalization, encoding and Lloyd-Max fitting.
+
+Scalars are normalized per block array of 64 (E4M3 scale times a per-tensor FP32 scale) so
+that an array's amax maps to 31; blocks of 8 normalized scalars u each pick one of Nc
+codebooks of 16 INT6 entries, and each scalar the nearest entry of that codebook.
+
+Encoding is a table look-up: entries are integers, so all midpoints between entries are
+multiples of 1/2 and the nearest entry of u depends only on t = ceil(2u). Codebooks are kept
+sorted so that the argmin's tie rule (first index = lower entry) matches the table exactly.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+
+from lpc.formats.errors import FormatError
+from lpc.formats.numerics import E4M3_MAX, as_rows, pad_last, padded, round_e4m3
+
+log = logging.getLogger(__name__)
+
+LB, LA, ENTRIES = 8, 64, 16
+QMAX, QMIN = 31, -32                  # INT6 entries; arrays are normalized to amax 31
+T_MIN, T_MAX = -70, 70                # ceil(2u) range kept by the table (|u| <= 35 after clamp)
+FINE = 16                             # resolution of the first fitting stage (entries in 1/16)
+
+
+@dataclass
+class CodebookFit:
+    """codebook: int8 (Nc, 16) sorted INT6 entries; mse: mean squared error (normalized units)
+    after every assignment step on the INT6 grid, non-increasing; mse_fine: the same for the
+    first stage on the finer grid (rounding to INT6 between the stages may add error)."""
+
+    codebook: torch.Tensor
+    mse: list[float] = field(default_factory=list)
+    mse_fine: list[float] = field(default_factory=list)
+
+
+def global_scale_for(amax: torch.Tensor) -> torch.Tensor:
+    """Per-tensor FP32 scale amax / (31 * 448) so array scales land in E4M3's range (0 -> 1)."""
+    amax = amax.to(torch.float32).reshape(())
+    return torch.where(amax > 0, amax / (QMAX * E4M3_MAX), torch.ones_like(amax))
+
+
+def array_scales(amax: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """Array amax (R, A) -> E4M3 array scales e4m3(amax / (31 * s2)) as float32 (0 -> 1)."""
+    sa = round_e4m3(amax / (QMAX * s2))
+    return torch.where(sa > 0, sa, torch.ones_like(sa))
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """x: (..., K) float -> normalized blocks (N, 8) float32 with amax-scaled arrays of 64."""
+    rows = as_rows(x)
+    s2 = global_scale_for(rows.abs().amax())
+    xa = pad_last(rows, LA).view(rows.shape[0], -1, LA)
+    sa = array_scales(xa.abs().amax(-1), s2)
+    return (xa / (sa * s2).unsqueeze(-1)).reshape(-1, LB)
+
+
+def check_codebook(codebook: torch.Tensor, nc: int) -> torch.Tensor:
+    """Validate a (Nc, 16) integer codebook of INT6 entries; return it sorted per row as int8."""
+    if not isinstance(codebook, torch.Tensor) or codebook.is_floating_point() or codebook.is_complex():
+        raise FormatError(f"bcq codebook must be an integer tensor, got {getattr(codebook, 'dtype', type(codebook))}",
+                          "pass the int8 `codebook` of fit_codebooks(...) or of a saved bcq tensor")
+    if tuple(codebook.shape) != (nc, ENTRIES):
+        raise FormatError(f"bcq codebook of shape {tuple(codebook.shape)} does not match codebooks={nc}",
+                          f"give shape ({nc}, {ENTRIES}) or set codebooks={codebook.shape[0]}")
+    if codebook.min() < QMIN or codebook.max() > QMAX:
+        raise FormatError(f"bcq codebook entries span [{int(codebook.min())}, {int(codebook.max())}]",
+                          f"INT6 entries lie in [{QMIN}, {QMAX}]")
+    return codebook.to(torch.int8).sort(dim=-1).values
+
+
+def tables(codebook: torch.Tensor, res: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted codebook (Nc, 16) of integers in units of 1/res -> look-up tables over
+    t = ceil(2 * res * u): values (T, Nc) float32 (normalized units) and indices (T, Nc) uint8.
+
+    Row t + 70*res holds, per codebook, the nearest entry of any u in ((t-1)/(2res), t/(2res)];
+    a probe inside that interval decides it, ties going to the lower entry.
+    """
+    cb = codebook.to(torch.float32) / res
+    t = torch.arange(T_MIN * res, T_MAX * res + 1, dtype=torch.float32)
+    probe = (t - 0.5) / (2 * res)
+    idx = (probe.view(-1, 1, 1) - cb.unsqueeze(0)).abs().argmin(-1)       # (T, Nc)
+    vals = torch.gather(cb.unsqueeze(0).expand(len(probe), -1, -1), 2, idx.unsqueeze(-1))[..., 0]
+    return vals, idx.to(torch.uint8)
+
+
+def encode(u: torch.Tensor, vals: torch.Tensor, idxs: torch.Tensor, res: int = 1
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """u: (N, 8) float32 -> selector (N,) int64, indices (N, 8) uint8, squared error (N,) float32.
+
+    The error of a block is summed in a fixed pairwise order so that every implementation
+    (eager or compiled) gets the same float32 value and so the same argmin (first on ties).
+    """
+    t = (torch.ceil(u * (2 * res)).clamp(T_MIN * res, T_MAX * res) - T_MIN * res).to(torch.int64)
+    e = [(u[:, i:i + 1] - vals[t[:, i]]).square() for i in range(LB)]      # 8 x (N, Nc)
+    err = ((e[0] + e[1]) + (e[2] + e[3])) + ((e[4] + e[5]) + (e[6] + e[7]))
+    best, sel = err.min(dim=-1)
+    idx = torch.gather(idxs[t], 2, sel.view(-1, 1, 1).expand(-1, LB, 1))[..., 0]
+    return sel, idx, best
+
+
+def decode(sel: torch.Tensor, idx: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """selector (N,), indices (N, 8) -> normalized values (N, 8) float32."""
+    return codebook.to(torch.float32)[sel.long().unsqueeze(-1), idx.long()]
+
+
+def fit_codebooks(tensors: Iterable[torch.Tensor], codebooks: int = 16, max_iters: int = 50,
+                  tol: float = 1e-4, max_blocks: int = 1 << 16, seed: int = 0) -> CodebookFit:
+    """Fit Nc codebooks over the blocks of many tensors (one model-wide codebook).
+
+    tensors: float tensors (..., K); blocks are normalized per tensor as bcq quantizes them.
+    At most `max_blocks` blocks (a seeded sample) take part. Alternates (1) each block to the
+    codebook of least squared error and (2) each entry to the rounded mean of the scalars
+    nearest it (Lloyd-Max), until the mean squared error falls by less than `tol` (relative):
+    first on a grid of 1/16 (integer Lloyd steps stall where a mean moves by under one INT6
+    step), then on the INT6 grid itself starting from the rounded fine codebook.
+    """
+    if codebooks not in (8, 16):
+        raise FormatError(f"codebooks={codebooks} is not supported", "use 8 or 16")
+    parts = [normalize(t) for t in tensors]
+    if not parts:
+        raise FormatError("fit_codebooks got no tensors", "pass at least one weight tensor")
+    u = torch.cat(parts)
+    if u.shape[0] > max_blocks:
+        gen = torch.Generator().manual_seed(seed)
+        u = u[torch.randperm(u.shape[0], generator=gen)[:max_blocks]]
+    fine, fine_mse = lloyd(u, initial_codebooks(u, codebooks) * FINE, FINE, max_iters, tol)
+    book = torch.round(fine.to(torch.float64) / FINE).clamp(QMIN, QMAX).to(torch.int8).sort(-1).values
+    book, mse = lloyd(u, book, 1, max_iters, tol)
+    log.debug("bcq codebooks: fine mse %s -> %s, INT6 mse %s -> %s",
+              fine_mse[0], fine_mse[-1], mse[0], mse[-1])
+    return CodebookFit(book.to(torch.int8), mse, fine_mse)
+
+
+def lloyd(u: torch.Tensor, book: torch.Tensor, res: int, max_iters: int, tol: float
+          ) -> tuple[torch.Tensor, list[float]]:
+    """Alternate assignment and Lloyd-Max updates of integer codebooks in units of 1/res.
+
+    Returns the codebook of least error and the mean squared error of every assignment."""
+    book = book.to(torch.int32)
+    history: list[float] = []
+    best, best_mse = book, float("inf")
+    for step in range(max_iters):
+        sel, idx, err = encode(u, *tables(book, res), res)
+        history.append(float(err.double().sum() / u.numel()))
+        if history[-1] < best_mse:
+            best, best_mse = book, history[-1]
+        if step and history[-1] >= history[-2] * (1 - tol):
+            break
+        book = lloyd_update(u, sel, idx, book, res)
+    return best, history
+
+
+def initial_codebooks(u: torch.Tensor, nc: int) -> torch.Tensor:
+    """Blocks (N, 8) -> (Nc, 16) int32: blocks grouped by amax quantile, entries at the
+    quantiles of each group's scalars (so codebooks start spread over block ranges)."""
+    order = torch.argsort(u.abs().amax(-1), stable=True)
+    groups = torch.tensor_split(order, nc)
+    qs = (torch.arange(ENTRIES, dtype=torch.float32) + 0.5) / ENTRIES
+    books = []
+    for g in groups:
+        vals = u[g].reshape(-1) if g.numel() else u.reshape(-1)
+        vals = vals if vals.numel() <= (1 << 16) else vals[:: vals.numel() // (1 << 16) + 1]
+        books.append(torch.quantile(vals, qs) if vals.numel() else torch.zeros(ENTRIES))
+    return torch.stack(books).round().clamp(QMIN, QMAX).to(torch.int32).sort(-1).values
+
+
+def lloyd_update(u: torch.Tensor, sel: torch.Tensor, idx: torch.Tensor,
+                 codebook: torch.Tensor, res: int = 1) -> torch.Tensor:
+    """One Lloyd-Max step on integer entries in units of 1/res: every entry moves to the
+    rounded mean of the scalars assigned to it (an empty cell keeps its entry). For a fixed
+    assignment the nearest grid point to a cell's mean minimizes its error, so the error
+    never grows."""
+    nc = codebook.shape[0]
+    cell = (sel.view(-1, 1) * ENTRIES + idx.long()).reshape(-1)
+    sums = torch.zeros(nc * ENTRIES, dtype=torch.float64).index_add_(0, cell, u.reshape(-1).double())
+    counts = torch.bincount(cell, minlength=nc * ENTRIES).double()
+    means = (sums * res / counts.clamp(min=1)).round().clamp(QMIN * res, QMAX * res)
+    new = torch.where(counts > 0, means, codebook.reshape(-1).double()).view(nc, ENTRIES)
+    return new.to(torch.int32).sort(-1).values
+
+
+def encode_tensor_blocks(x_rows: torch.Tensor, s2: torch.Tensor, sa: torch.Tensor) -> torch.Tensor:
+    """Rows (R, Kp) and array scales (R, Kp/64) -> normalized blocks (R*Kp/8, 8)."""
+    xa = x_rows.view(x_rows.shape[0], -1, LA)
+    return (xa / (sa * s2).unsqueeze(-1)).reshape(-1, LB)
+
+
+def padded_k(k: int) -> int:
+    return padded(k, LA)

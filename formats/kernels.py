@@ -1,0 +1,142 @@
+"""Fused per-chunk quantization kernels: the plain (amax-scaled) path of every format.
+
+Each kernel takes a chunk of rows already viewed as (rows, blocks, block) in the caller's
+dtype and returns packed fields with `rows` first. `lpc.formats.fast.run` runs them eagerly
+over row chunks or compiled over the whole tensor; both run this code, so they agree bit for
+bit. Written for inductor: branch-free element math along a constant block length.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from lpc.formats.numerics import E2M1_MAX, E4M3_MAX, pack_nibbles
+
+_LITTLE = sys.byteorder == "little"
+
+
+def e2m1_codes(y: torch.Tensor) -> torch.Tensor:
+    """float32 scaled values -> uint8 codes sign<<3 | index; equals numerics.e2m1_encode.
+
+    Counting thresholds passed is the same bucketize with ties to even: '>' where a tie goes
+    down (0.25, 1.25, 2.5, 5) and '>=' where it goes up (0.75, 1.75, 3.5).
+    """
+    a = y.abs()
+    u8 = torch.uint8
+    idx = (((a > 0.25).to(u8) + (a >= 0.75).to(u8)) + ((a > 1.25).to(u8) + (a >= 1.75).to(u8))
+           + (((a > 2.5).to(u8) + (a >= 3.5).to(u8)) + (a > 5.0).to(u8)))
+    return idx | (torch.signbit(y).to(u8) << 3)
+
+
+def pack_pairs(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 nibbles (..., 2n) -> bytes (..., n), element 2j low; equals numerics.pack_nibbles.
+
+    On little-endian machines a pair is one int16 whose low byte is element 2j, so packing is a
+    shift and an or on contiguous data (vectorizes; strided pair loads do not).
+    """
+    if not _LITTLE:
+        return pack_nibbles(codes)
+    v = codes.contiguous().view(torch.int16)
+    return (v | (v >> 4)).to(torch.uint8)
+
+
+def round_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> nearest E4M3 value (RNE, saturating at 448) as float32."""
+    return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
+
+
+def nonzero_or_one(s: torch.Tensor) -> torch.Tensor:
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def nvfp4(xb: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """xb: (r, nb, 16), s2: () float32 -> packed codes (r, nb, 8) uint8, block scales (r, nb) f32."""
+    xf = xb.to(torch.float32)
+    sb = nonzero_or_one(round_e4m3(xf.abs().amax(-1) / (E2M1_MAX * s2)))
+    codes = e2m1_codes(xf / (sb * s2).unsqueeze(-1))
+    return pack_pairs(codes), sb
+
+
+def fgmp(xb: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """xb: (r, nb, 16) -> NVFP4 packed (r, nb, 8) and scales (r, nb) plus FP8 (r, nb, 16) of
+    every block; the caller keeps the kind its mask chooses."""
+    packed, sb = nvfp4(xb, s2)
+    hi = (xb.to(torch.float32) / (E2M1_MAX * s2)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return packed, sb, hi
+
+
+def scaled_rows(xb: torch.Tensor, max_value: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """xb: (r, nb, 16) rows in blocks -> per-row FP8 `dtype` (r, nb, 16) and scales (r, 1) f32."""
+    xf = xb.to(torch.float32)
+    amax = xf.abs().amax(-1).amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / max_value, torch.ones_like(amax))
+    q = (xf / scale.unsqueeze(-1)).clamp(-max_value, max_value).to(dtype)
+    return q, scale
+
+
+def floor_log2(a: torch.Tensor) -> torch.Tensor:
+    """Non-negative float32 -> int32 floor(log2 a), exact, subnormals included (0 -> -191).
+
+    Read from the exponent bits; a subnormal is first scaled by 2^64 (exact) to be normal.
+    """
+    small = a < 2.0 ** -126
+    an = torch.where(small, a * 2.0 ** 64, a)
+    biased = (an.view(torch.int32) >> 23) & 0xFF
+    return biased - 127 - torch.where(small, 64, 0).to(torch.int32)
+
+
+def pow2(e: torch.Tensor) -> torch.Tensor:
+    """int32 exponents in [-127, 127] -> float32 2^e, exact (2^-127 is the subnormal 0x00400000)."""
+    bits = torch.where(e >= -126, (e + 127) << 23, torch.full_like(e, 0x00400000))
+    return bits.to(torch.int32).view(torch.float32)
+
+
+def mx_exponent(amax: torch.Tensor, emax: int) -> torch.Tensor:
+    """Block amax (float32) -> int32 E8M0 exponent floor(log2 amax) - emax in [-127, 127] (0 -> 0)."""
+    e = (floor_log2(amax) - emax).clamp(-127, 127)
+    return torch.where(amax > 0, e, torch.zeros_like(e))
+
+
+def mxfp4(xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """xb: (r, nb, 32) -> packed E2M1 codes (r, nb, 16) uint8, biased exponents (r, nb) uint8."""
+    xf = xb.to(torch.float32)
+    e = mx_exponent(xf.abs().amax(-1), 2)
+    codes = e2m1_codes(xf / pow2(e).unsqueeze(-1))
+    return pack_pairs(codes), (e + 127).to(torch.uint8)
+
+
+def mxfp8(xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """xb: (r, nb, 32) -> E4M3 elements (r, nb, 32), biased exponents (r, nb) uint8."""
+    xf = xb.to(torch.float32)
+    e = mx_exponent(xf.abs().amax(-1), 8)
+    q = (xf / pow2(e).unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, (e + 127).to(torch.uint8)
+
+
+def int_codes(xf: torch.Tensor, step: torch.Tensor, qmax: int, bits: int) -> torch.Tensor:
+    """Values (r, nv, V) / step (r, nv) -> int8 codes, or packed two's-complement nibbles."""
+    codes = torch.round(xf / step.unsqueeze(-1)).clamp(-qmax, qmax).to(torch.int8)
+    return pack_pairs((codes & 0x0F).to(torch.uint8)) if bits == 4 else codes
+
+
+def int_two_level(xb: torch.Tensor, bits: int, scale_bits: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """xb: (r, nv, V) -> codes, stored M-bit scales (r, nv) f32 (integers), gamma (r, 1) f32."""
+    qmax, top = 2 ** (bits - 1) - 1, 2 ** scale_bits - 1
+    xf = xb.to(torch.float32)
+    amax = xf.abs().amax(-1)
+    smax = amax.amax(-1, keepdim=True) / qmax
+    gamma = torch.where(smax > 0, smax / top, torch.ones_like(smax))
+    st = torch.round(amax / (qmax * gamma)).clamp(1, top)
+    return int_codes(xf, st * gamma, qmax, bits), st, gamma
+
+
+def int_float_scale(xb: torch.Tensor, unit: torch.Tensor, bits: int, e4m3: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """xb: (r, nv, V), unit () f32 -> codes, stored E4M3 or BF16 scales (r, nv) as float32."""
+    qmax = 2 ** (bits - 1) - 1
+    xf = xb.to(torch.float32)
+    s = xf.abs().amax(-1) / (qmax * unit)
+    st = nonzero_or_one(round_e4m3(s) if e4m3 else s.to(torch.bfloat16).to(torch.float32))
+    return int_codes(xf, st * unit, qmax, bits), st

@@ -1,0 +1,275 @@
+"""FGMP precision policy (arXiv 2504.14152): which blocks of 16 stay FP8, which go NVFP4.
+
+Weights: every block b of every target Linear gets the score
+I_b = sum_{i in b} F_i [(w_i - Q_lo(w_i))^2 - (w_i - Q_hi(w_i))^2] (`lpc.formats.fgmp.block_scores`
+with the weight Fisher as F); the round(p * total) highest-scoring blocks of the whole model are
+kept high. Activations: the same score with the per-channel activation Fisher; a threshold fixed
+offline on calibration activations sends fraction p of blocks high, and at run time each block is
+compared with it on the fly.
+
+Baselines at the same fraction: `random_high_blocks` (seeded) and `magnitude_high_blocks`
+(largest block L2 norm or amax). All policies return {layer name: bool (R, nb)}, True = FP8, in the
+layout of the `fgmp` format's mask (R rows of the weight, nb = ceil(K / 16) blocks per row).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lpc.formats.fgmp import block_scores
+from lpc.pipeline.errors import InputError, RecipeError
+from lpc.pipeline.progress import Progress, track
+
+logger = logging.getLogger(__name__)
+
+BLOCK = 16
+
+
+def _count_high(fraction: float, total: int) -> int:
+    """round(fraction * total), halves rounded up (not Python's banker's rounding)."""
+    if not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0 or math.isnan(fraction):
+        raise RecipeError(f"high-precision fraction must be in [0, 1], got {fraction!r}",
+                          "set e.g. fraction: 0.1 for 10% of blocks in FP8")
+    return min(total, int(math.floor(fraction * total + 0.5)))
+
+
+def select_high_blocks(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
+    """Keep the round(fraction * total_blocks) highest-scoring blocks of all layers together.
+
+    scores: layer name -> float (R, nb) block scores; the dict order is the layer order.
+    Ties at the cut are broken by (layer order, row-major block index): earlier blocks win.
+    Returns layer name -> bool (R, nb) on CPU, True = high precision; exactly the rounded count.
+    """
+    flat = _flat_scores(scores)
+    k = _count_high(fraction, flat.numel())
+    if k == 0 or k == flat.numel():
+        return {name: torch.full(tuple(s.shape), k > 0, dtype=torch.bool) for name, s in scores.items()}
+    # The k-th largest score v: everything above v is in, then the first (k - #above) equal to v.
+    cut = flat.kthvalue(flat.numel() - k + 1).values
+    need = k - int((flat > cut).sum())
+    masks, taken = {}, 0
+    for name, s in scores.items():
+        s = s.detach().to("cpu", torch.float32)
+        eq = s.reshape(-1) == cut
+        rank = torch.cumsum(eq, 0) + taken  # 1-based rank of each tie in model order
+        masks[name] = ((s.reshape(-1) > cut) | (eq & (rank <= need))).view(s.shape)
+        taken += int(eq.sum())
+    return masks
+
+
+def _flat_scores(scores: dict[str, torch.Tensor]) -> torch.Tensor:
+    for name, s in scores.items():
+        if not isinstance(s, torch.Tensor) or s.ndim != 2 or not s.is_floating_point():
+            raise InputError(f"block scores of '{name}' must be a float (R, nb) tensor, got "
+                             f"{getattr(s, 'dtype', type(s).__name__)} {tuple(getattr(s, 'shape', ()))}",
+                             "compute them with lpc.formats.fgmp.block_scores")
+        if not torch.isfinite(s).all():
+            raise InputError(f"block scores of '{name}' hold NaN or inf",
+                             "check the Fisher statistics and weights of that layer")
+    if not scores:
+        return torch.zeros(0)
+    return torch.cat([s.detach().to("cpu", torch.float32).reshape(-1) for s in scores.values()])
+
+
+def random_high_blocks(shapes: dict[str, tuple[int, int]], fraction: float,
+                       seed: int = 0) -> dict[str, torch.Tensor]:
+    """Baseline: round(fraction * total) blocks drawn uniformly without replacement, model-wide.
+
+    shapes: layer name -> (R, nb) mask shape. Same seed and shapes -> same masks.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    scores = {name: torch.rand(tuple(shape), generator=gen) for name, shape in shapes.items()}
+    return select_high_blocks(scores, fraction)
+
+
+def magnitude_high_blocks(weights: dict[str, torch.Tensor], fraction: float,
+                          norm: Literal["l2", "amax"] = "l2") -> dict[str, torch.Tensor]:
+    """Baseline: keep the blocks of largest magnitude (L2 norm or amax over the block of 16).
+
+    weights: layer name -> (R, K) float; K is zero-padded to a multiple of 16 as the formats do.
+    """
+    if norm not in ("l2", "amax"):
+        raise RecipeError(f"unknown magnitude norm {norm!r}", "use norm='l2' or norm='amax'")
+    scores = {}
+    for name, w in weights.items():
+        blocks = _blocks(w.detach().to(torch.float32))
+        scores[name] = blocks.square().sum(-1).sqrt() if norm == "l2" else blocks.abs().amax(-1)
+    return select_high_blocks(scores, fraction)
+
+
+def _blocks(x: torch.Tensor) -> torch.Tensor:
+    """(R, K) -> (R, ceil(K/16), 16), zero-padded."""
+    k = x.shape[-1]
+    return F.pad(x, (0, -k % BLOCK)).view(x.shape[0], -1, BLOCK)
+
+
+def weight_block_scores(weights: dict[str, torch.Tensor], fishers: dict[str, torch.Tensor],
+                        global_amax: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """FGMP weight scores: layer -> float32 (R, nb) = block_scores(W, importance=weight Fisher).
+
+    weights: (R, K) float; fishers: (R, K) (or (K,)) non-negative; global_amax: amax behind a
+    layer's shared NVFP4 scale when it is fused with others (default: the weight's own).
+    """
+    missing = [n for n in weights if n not in fishers]
+    if missing:
+        raise InputError(f"no Fisher statistics for layers {missing[:5]}",
+                         "run `lpc calibrate --fisher` with the same target layers")
+    amax = global_amax or {}
+    return {name: block_scores(w.detach(), fishers[name], amax.get(name)) for name, w in weights.items()}
+
+
+def activation_threshold(score_samples: torch.Tensor, fraction: float) -> float:
+    """Threshold t with "block goes high iff score > t" sending fraction p of samples high.
+
+    Quantile rule: n samples, k = round(p * n) (halves up), sorted descending s_1 >= ... >= s_n.
+    0 < k < n: t = s_{k+1}, the largest score that stays low, so exactly k samples are above t
+    unless s_k == s_{k+1}, in which case the tied samples all stay low (fewer than k go high).
+    k = 0: t = s_1 (nothing is strictly above). k = n: t = the float32 just below s_n (all above).
+    score_samples: any shape, float; returns a Python float exactly representable in float32.
+    """
+    flat = score_samples.detach().reshape(-1).to("cpu", torch.float32)
+    if flat.numel() == 0:
+        raise InputError("activation_threshold got no score samples",
+                         "collect activation block scores on calibration data first")
+    if not torch.isfinite(flat).all():
+        raise InputError("activation block scores hold NaN or inf",
+                         "check the activation Fisher and calibration activations")
+    n = flat.numel()
+    k = _count_high(fraction, n)
+    if k == n:
+        return float(torch.nextafter(flat.min(), torch.tensor(-math.inf)))
+    return float(flat.kthvalue(n - k).values)
+
+
+def collect_activation_scores(model: nn.Module, batches: Iterable[torch.Tensor],
+                              targets: dict[str, nn.Linear], act_fisher: dict[str, torch.Tensor],
+                              act_amax: dict[str, float] | None = None,
+                              max_blocks_per_layer: int | None = None, seed: int = 0,
+                              progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """Activation block scores of each target Linear's input on calibration batches.
+
+    batches: LongTensor (B, T) token ids. act_fisher: layer -> (in,) per-channel activation Fisher.
+    act_amax: layer -> calibrated activation amax behind the NVFP4 tensor scale (default: the
+    amax of each batch's own activation). max_blocks_per_layer: keep a uniform random subset of at
+    most this many scores per layer (bottom-k of seeded random keys: memory stays bounded and the
+    subset is the same for the same seed and batches).
+    Returns layer -> float32 (n,) scores on CPU. The model is run in eval mode under no_grad and
+    its modes are restored.
+    """
+    missing = [n for n in targets if n not in act_fisher]
+    if missing:
+        raise InputError(f"no activation Fisher for layers {missing[:5]}",
+                         "run `lpc calibrate --fisher` with the same target layers")
+    pools = {name: _Pool(max_blocks_per_layer, seed + i) for i, name in enumerate(targets)}
+    amax = act_amax or {}
+
+    def hook(name: str) -> Callable:
+        def on_forward(_m: nn.Module, inp: tuple, _out: Any) -> None:
+            x = inp[0].detach()
+            scores = block_scores(x.reshape(-1, x.shape[-1]), act_fisher[name], amax.get(name))
+            pools[name].add(scores.reshape(-1).cpu())
+        return on_forward
+
+    with _eval_no_grad(model), _forward_hooks(targets, hook):
+        for batch in track(batches, "activation scores", progress):
+            model(input_ids=batch.reshape(-1, batch.shape[-1]), use_cache=False)
+    return {name: pool.result() for name, pool in pools.items()}
+
+
+class _Pool:
+    """All scores, or a uniform subset of at most `cap`: each score draws a random key and the
+    `cap` smallest keys are kept (streaming sampling without replacement)."""
+
+    def __init__(self, cap: int | None, seed: int):
+        if cap is not None and cap < 1:
+            raise RecipeError(f"max_blocks_per_layer must be >= 1, got {cap}", "use e.g. 1_000_000 or None")
+        self.cap, self.gen = cap, torch.Generator().manual_seed(seed)
+        self.values: list[torch.Tensor] = []
+        self.keys: list[torch.Tensor] = []
+
+    def add(self, scores: torch.Tensor) -> None:
+        self.values.append(scores)
+        if self.cap is None:
+            return
+        self.keys.append(torch.rand(scores.numel(), generator=self.gen))
+        values, keys = torch.cat(self.values), torch.cat(self.keys)
+        if values.numel() > self.cap:
+            keep = torch.sort(torch.topk(keys, self.cap, largest=False).indices).values
+            values, keys = values[keep], keys[keep]
+        self.values, self.keys = [values], [keys]
+
+    def result(self) -> torch.Tensor:
+        return torch.cat(self.values) if self.values else torch.zeros(0)
+
+
+@contextmanager
+def _eval_no_grad(model: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextmanager
+def _forward_hooks(targets: dict[str, nn.Linear], make: Callable[[str], Callable]) -> Iterator[None]:
+    handles = [mod.register_forward_hook(make(name)) for name, mod in targets.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def fgmp_layer_bits(mask: torch.Tensor, in_features: int | None = None) -> int:
+    """Bits the `fgmp` format stores for one weight with this mask (R, nb).
+
+    Per low (NVFP4) block: 16 x 4-bit codes + an 8-bit E4M3 block scale = 72 bits. Per high (FP8)
+    block: 16 x 8-bit E4M3 = 128 bits; high blocks share the per-tensor scale and carry no block
+    scale. Mask: 1 bit per block, each row padded to whole bytes: R * 8 * ceil(nb / 8) bits.
+    Plus one FP32 per-tensor scale (32 bits). This equals `QTensor.storage_bits()` of the format.
+    in_features: the unpadded K, only checked against nb.
+    """
+    rows, nb = mask.shape
+    if in_features is not None and -(-in_features // BLOCK) != nb:
+        raise InputError(f"mask has {nb} blocks per row but in_features={in_features} needs "
+                         f"{-(-in_features // BLOCK)}", "pass the mask made for this weight")
+    n_high = int(mask.sum())
+    n_low = rows * nb - n_high
+    return n_low * 72 + n_high * 128 + rows * 8 * (-(-nb // 8)) + 32
+
+
+def plan_bits_per_weight(masks: dict[str, torch.Tensor], in_features: dict[str, int]) -> float:
+    """Average stored bits per original weight of a plan: sum of `fgmp_layer_bits` over layers
+    divided by sum of R * K (unpadded weights; padding and scales count as overhead).
+
+    Asymptotically 4.5 + 3.5 p + 1/16 for a fraction p of high blocks, K a multiple of 128.
+    """
+    bits = sum(fgmp_layer_bits(m, in_features[n]) for n, m in masks.items())
+    numel = sum(m.shape[0] * in_features[n] for n, m in masks.items())
+    if numel == 0:
+        raise InputError("plan_bits_per_weight got no layers", "pass at least one layer mask")
+    return bits / numel
+
+
+def high_fraction_by_group(masks: dict[str, torch.Tensor],
+                           group: Callable[[str], str]) -> dict[str, float]:
+    """Fraction of high blocks per group of layers, e.g. group=lambda n: n.rsplit('.', 1)[-1]
+    gives one figure per projection kind (q_proj, k_proj, ...). Groups in first-seen order."""
+    high: dict[str, int] = defaultdict(int)
+    total: dict[str, int] = defaultdict(int)
+    for name, m in masks.items():
+        key = group(name)
+        high[key] += int(m.sum())
+        total[key] += m.numel()
+    return {key: high[key] / total[key] if total[key] else 0.0 for key in total}

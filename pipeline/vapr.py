@@ -1,0 +1,116 @@
+"""VaPr-style format search (arXiv 2310.07854, here one format per Linear layer).
+
+Each layer gets candidate options (format, exact stored bits, predicted loss increase); an exact
+multiple-choice knapsack picks the least total predicted loss under an average bits budget.
+Predicted loss is the Fisher-weighted perturbation sum F (w - Q(w))^2 (cheap) or the measured
+calibration-loss change of quantizing that layer alone (exact, slower). Optional refinement
+measures the loss of the knapsack optimum and of its Lagrangian neighbours under the budget and
+keeps the best measured one. The Pareto front (bits vs predicted and measured loss) goes to JSON/PNG.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lpc.pipeline import artifact as art
+from lpc.pipeline.errors import InputError, RecipeError
+from lpc.pipeline.knapsack import Layer, Option, Solution, lagrangian_hull, pareto_front, solve
+from lpc.pipeline.measure import mean_loss, swapped_weights
+from lpc.pipeline.progress import track
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CANDIDATES = [
+    {"format": "bf16", "spec": {}}, {"format": "fp8_e4m3", "spec": {}}, {"format": "mxfp8", "spec": {}},
+    {"format": "nvfp4", "spec": {"scale_search": 2}}, {"format": "mxfp4", "spec": {}},
+]
+
+
+def _labels(cands: list[dict[str, Any]]) -> list[str]:
+    labels = []
+    for c in cands:
+        label = c["format"] if sum(d["format"] == c["format"] for d in cands) == 1 else \
+            f"{c['format']}{json.dumps(c['spec'], sort_keys=True, separators=(',', ':'))}"
+        labels.append(label)
+    return labels
+
+
+def search(ctx, tmp: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """Run the search for a recipe's allocate section; returns (plan, tensors, summary)."""
+    from lpc.formats import get_format
+
+    a = ctx.recipe.allocate
+    if a.budget_bits is None:
+        raise RecipeError("the vapr policy needs a budget", "set allocate.budget_bits, e.g. --set allocate.budget_bits=5.5")
+    cands = [c.model_dump() for c in a.candidates] or DEFAULT_CANDIDATES
+    labels = _labels(cands)
+    need_loss = a.predictor == "measured" or a.refine or bool(a.pareto_budgets)
+    batches = ctx.batches() if need_loss else []
+    base = mean_loss(ctx.model, batches) if need_loss else None
+    layers, deq = [], {}
+    for name, mod in track(list(ctx.targets.items()), "format search", ctx.progress):
+        w = mod.weight.detach().float()
+        fisher = ctx.fisher(name) if a.predictor == "fisher" else None
+        cov = ctx.stats.get(name, {}).get("act_cov")
+        options = []
+        for label, c in zip(labels, cands):
+            fmt = get_format(c["format"])
+            extra = {"importance": torch.diagonal(cov).clamp_min(0)} if cov is not None and "importance" in fmt.context_keys else {}
+            q = fmt.quantize(w, **c["spec"], **extra)
+            wq = fmt.dequantize(q)
+            deq[(name, label)] = wq
+            if fisher is not None:
+                loss = float(((w - wq).double().square() * fisher.double()).sum())
+            else:
+                with swapped_weights(ctx.model, {name: wq}):
+                    loss = mean_loss(ctx.model, batches) - base
+            options.append(Option(label, q.bits_per_weight(), loss))
+        layers.append(Layer(name, w.numel(), tuple(options)))
+    best = solve(layers, a.budget_bits)
+    if a.refine:
+        best = _refine(ctx, layers, best, deq, batches, a.budget_bits)
+    front = _pareto(ctx, layers, deq, batches, sorted(set(a.pareto_budgets) | {a.budget_bits}), base) if a.pareto_budgets else []
+    if front:
+        art.write_json(tmp / "pareto.json", {"baseline_loss": base, "points": front})
+        from lpc.pipeline.plots import plot_pareto
+        plot_pareto(front, tmp / "pareto.png")
+    by_label = dict(zip(labels, cands))
+    plan_layers = {n: {"format": by_label[l]["format"], "spec": by_label[l]["spec"], "label": l}
+                   for n, l in best.choice.items()}
+    plan = {"policy": "vapr", "budget_bits": a.budget_bits, "layers": plan_layers}
+    summary = {"bits_per_weight": best.bits_per_weight, "predicted_loss": best.predicted_loss,
+               "measured_loss": best.measured_loss, "baseline_loss": base, "exact": best.exact,
+               "formats": {l: sum(1 for v in best.choice.values() if v == l) for l in labels}}
+    return plan, {}, summary
+
+
+def _plan_loss(ctx, sol: Solution, deq, batches) -> float:
+    with swapped_weights(ctx.model, {n: deq[(n, l)] for n, l in sol.choice.items()}):
+        return mean_loss(ctx.model, batches)
+
+
+def _refine(ctx, layers, best: Solution, deq, batches, budget: float, neighbours: int = 4) -> Solution:
+    """Measure the optimum and its nearest Lagrangian-hull neighbours under the budget; keep the best."""
+    hull = [s for s in lagrangian_hull(layers) if s.bits_per_weight <= budget + 1e-12]
+    hull = sorted(hull, key=lambda s: -s.bits_per_weight)[:neighbours]
+    scored = []
+    for i, sol in enumerate([best] + hull):
+        scored.append((_plan_loss(ctx, sol, deq, batches), i, sol))
+    loss, _, chosen = min(scored, key=lambda t: (t[0], t[1]))
+    log.info("refinement: measured loss %.5f (knapsack optimum %.5f)", loss, scored[0][0])
+    return Solution(**{**chosen.to_dict(), "measured_loss": loss, "budget_bits_per_weight": budget})
+
+
+def _pareto(ctx, layers, deq, batches, budgets: list[float], base: float | None) -> list[dict[str, Any]]:
+    points = []
+    for b, sol in zip(budgets, pareto_front(layers, budgets)):
+        measured = _plan_loss(ctx, sol, deq, batches)
+        points.append({"budget_bits_per_weight": b, "bits_per_weight": sol.bits_per_weight,
+                       "predicted_loss": sol.predicted_loss, "measured_loss": measured,
+                       "measured_loss_increase": None if base is None else measured - base,
+                       "choice": sol.choice})
+    return points
