@@ -42,13 +42,13 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes (..., 2n) in [0, 16) -> bytes (..., n); element 2j goes in the low nibble."""
     if codes.shape[-1] % 2:
         raise ValueError("pack_nibbles needs an even last dimension")
-    pairs = codes.reshape(*codes.shape[:-1], -1, 2)
+    pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
     return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """bytes (..., n) -> uint8 codes (..., 2n); inverse of `pack_nibbles`."""
-    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
 
 
 def pad_last(x: torch.Tensor, block: int) -> torch.Tensor:

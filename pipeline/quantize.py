@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lpc.formats import QTensor, get_format
+from lpc.pipeline.gptq import gptq_quantize, group_width
 from lpc.pipeline.model_io import fuse_groups
 from lpc.pipeline.progress import Progress, track
 from lpc.recipes.schema import Recipe
@@ -64,12 +65,13 @@ def layer_errors(w: torch.Tensor, wq: torch.Tensor, cov: torch.Tensor | None) ->
 def quantize_layers(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any] | None],
                     stats: dict[str, dict[str, torch.Tensor]] | None = None,
                     fuse: list[list[str]] | None = None, use_importance: bool = True,
-                    progress: Progress | None = None) -> tuple[dict[str, QTensor], dict[str, dict[str, Any]]]:
+                    progress: Progress | None = None, method: str = "rtn") -> tuple[dict[str, QTensor], dict[str, dict[str, Any]]]:
     """Quantize each planned Linear's weight; returns QTensors and per-layer records.
 
     stats: per layer {"act_cov": (in, in), ...} from calibration; the diagonal of act_cov (the
     input second moment) weighs each input channel in scale selection when `use_importance`.
     An entry's "context" (e.g. an FGMP `mask`, a Fisher `importance`) is passed to the format.
+    method "gptq" adds second-order error feedback (needs act_cov) for block formats.
     """
     amax = group_amax(targets, plan, fuse or [])
     qtensors, records = {}, {}
@@ -82,7 +84,11 @@ def quantize_layers(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any
             ctx.setdefault("global_amax", amax[name])
         if use_importance and cov is not None and "importance" in fmt.context_keys:
             ctx.setdefault("importance", torch.diagonal(cov).clamp_min(0))
-        q = fmt.quantize(w, **entry["spec"], **ctx)
+        if method == "gptq" and cov is not None and group_width(entry["format"], entry["spec"]):
+            ctx.setdefault("global_amax", w.abs().amax())
+            q = gptq_quantize(w, cov, entry["format"], entry["spec"], ctx)
+        else:
+            q = fmt.quantize(w, **entry["spec"], **ctx)
         wq = fmt.dequantize(q)
         qtensors[name] = q
         records[name] = {**q.meta(), "bits_per_weight": q.bits_per_weight(), **layer_errors(w, wq, cov)}

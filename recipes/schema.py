@@ -60,6 +60,9 @@ class QuantizeConfig(Section):
     importance: Literal["none", "act_second_moment"] = Field(
         "act_second_moment", description="weight of each input channel in scale selection")
     overrides: list[LayerOverride] = Field(default_factory=list)
+    method: Literal["rtn", "gptq"] = Field(
+        "rtn", description="rtn: round each weight; gptq: second-order error feedback over the "
+                           "calibrated X^T X (block formats; needs a calibration)")
 
 
 class AllocateConfig(Section):

@@ -1,0 +1,80 @@
+"""Second-order error feedback (GPTQ, arXiv 2210.17323) for any block format.
+
+Columns are taken in groups of the format's scale block (16 for NVFP4/FGMP, 32 for MX, V for
+VS-Quant, 64 for LO-BCQ arrays). When a group is reached, its current (already corrected) values are
+quantized with the format as they are, and the error e_S is pushed onto the remaining columns R by
+the optimal update dW_R = -e_S U_SS^-1 U_SR, U the upper Cholesky factor of H^-1 (H = X^T X / n,
+dampened). The values each group had when it was quantized form W~; quantizing W~ with the format in
+one call gives exactly the per-group result (block scales depend on their block only and the
+global scale is fixed), so the artifact stores an ordinary QTensor of the format.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lpc.formats import QTensor, get_format
+from lpc.pipeline.errors import InputError
+
+# Scale-group width along the input dimension of each format that GPTQ can drive.
+GROUP = {"nvfp4": 16, "fgmp": 16, "mxfp4": 32, "mxfp8": 32, "bcq": 64}
+
+
+def group_width(fmt: str, spec: dict[str, Any]) -> int | None:
+    if fmt == "int":
+        return int(spec.get("vector", 16))
+    return GROUP.get(fmt)
+
+
+def gptq_quantize(w: torch.Tensor, cov: torch.Tensor, fmt_name: str, spec: dict[str, Any],
+                  context: dict[str, Any], damp: float = 0.01) -> QTensor:
+    """w: (out, in) float, cov: (in, in) X^T X / n -> QTensor of `fmt_name` with error feedback.
+
+    context: the format's context tensors (global_amax is required so every group shares the
+    tensor scale; an FGMP `mask` (out, nb) and an `importance` (in,) or (out, in) are sliced per group).
+    """
+    width = group_width(fmt_name, spec)
+    if width is None:
+        raise InputError(f"GPTQ needs a block format, not {fmt_name}",
+                         "use quantize.method: rtn for per-channel/per-tensor formats")
+    fmt = get_format(fmt_name)
+    W = w.detach().to(torch.float64).clone()
+    out_f, k = W.shape
+    U = _inverse_cholesky(cov.to(torch.float64), W, damp)
+    frozen = torch.empty_like(W)
+    for start in range(0, k, width):
+        stop = min(k, start + width)
+        block = W[:, start:stop]
+        frozen[:, start:stop] = block
+        q = fmt.fake_quantize(block.float(), **spec, **_slice_context(context, start, stop, width, k)).double()
+        err = block - q
+        if stop < k:
+            # dW_R = -e_S U_SS^-1 U_SR, solved without forming the inverse.
+            coef = torch.linalg.solve_triangular(U[start:stop, start:stop], U[start:stop, stop:], upper=True)
+            W[:, stop:] -= err @ coef
+    return fmt.quantize(frozen.to(w.dtype if w.is_floating_point() else torch.float32), **spec, **context)
+
+
+def _inverse_cholesky(H: torch.Tensor, W: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1; dead inputs get H_ii = 1."""
+    H = H.clone()
+    dead = torch.diagonal(H) <= 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0  # an input that never fires contributes nothing; zero is exact for it
+    H += damp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    return torch.linalg.cholesky(Hinv, upper=True)
+
+
+def _slice_context(context: dict[str, Any], start: int, stop: int, width: int, k: int) -> dict[str, Any]:
+    out = {}
+    for key, val in context.items():
+        if key == "mask":
+            out[key] = val[:, start // 16: -(-stop // 16)]
+        elif key == "importance" and isinstance(val, torch.Tensor):
+            out[key] = val[..., start:stop]
+        else:
+            out[key] = val
+    return out

@@ -1,0 +1,109 @@
+"""The allocate stage on the tiny Llama: FGMP plans, baselines, activation mixing, VaPr search; GPTQ."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lpc.formats import get_format
+from lpc.pipeline import stages
+from lpc.pipeline.allocate import allocate, read_plan
+from lpc.pipeline.errors import InputError, RecipeError
+from lpc.pipeline.gptq import gptq_quantize
+from lpc.pipeline.load import load
+from lpc.recipes import load_recipe
+
+SMALL = ["calibrate.samples=4", "calibrate.seq_len=24"]
+
+
+@pytest.fixture(scope="module")
+def fisher_calib(tmp_path_factory, tiny_model_dir, text_files):
+    d = tmp_path_factory.mktemp("alloc")
+    stages.calibrate(str(tiny_model_dir), str(text_files["jsonl"]), d / "calib", load_recipe("fgmp_nvfp4", SMALL))
+    return d
+
+
+def _quantize_with(plan_dir, recipe, tiny_model_dir, out):
+    r, plan, inputs = read_plan(plan_dir, recipe)
+    return stages.quantize(str(tiny_model_dir), r, out, plan=plan, plan_inputs=inputs,
+                           calib=plan_dir.parent / "calib")
+
+
+@pytest.mark.parametrize("policy", ["fgmp", "random", "magnitude"])
+def test_block_policies_keep_exactly_the_fraction(fisher_calib, tiny_model_dir, policy):
+    recipe = load_recipe("fgmp_nvfp4a16", SMALL + [f"allocate.policy={policy}", "allocate.fraction=0.25"])
+    res = allocate(fisher_calib / "calib", recipe, fisher_calib / f"a-{policy}")
+    plan = json.loads((fisher_calib / f"a-{policy}" / "plan.json").read_text())
+    assert res.manifest["summary"]["high_fraction"] == pytest.approx(0.25, abs=1e-3)
+    assert all(e["format"] == "fgmp" for e in plan["layers"].values())
+    q = _quantize_with(fisher_calib / f"a-{policy}", recipe, tiny_model_dir, fisher_calib / f"q-{policy}")
+    assert q.manifest["bits_per_weight"] == pytest.approx(res.manifest["bits_per_weight"], rel=1e-9)
+    assert q.manifest["bits_per_weight"] > 4.5 + 3.5 * 0.25  # plus mask bits and padding of odd widths
+
+
+def test_fgmp_differs_from_baselines_and_is_deterministic(fisher_calib):
+    masks = {}
+    for policy in ("fgmp", "magnitude"):
+        recipe = load_recipe("fgmp_nvfp4a16", SMALL + [f"allocate.policy={policy}", "allocate.fraction=0.25"])
+        allocate(fisher_calib / "calib", recipe, fisher_calib / f"d-{policy}")
+        masks[policy] = (fisher_calib / f"d-{policy}" / "masks.safetensors").read_bytes()
+    assert masks["fgmp"] != masks["magnitude"]
+    recipe = load_recipe("fgmp_nvfp4a16", SMALL + ["allocate.fraction=0.25"])
+    allocate(fisher_calib / "calib", recipe, fisher_calib / "d-again")
+    assert (fisher_calib / "d-again" / "masks.safetensors").read_bytes() == masks["fgmp"]
+
+
+def test_fgmp_with_activations_attaches_mixing_hooks(fisher_calib, tiny_model_dir, text_files):
+    recipe = load_recipe("fgmp_nvfp4", SMALL)
+    res = allocate(fisher_calib / "calib", recipe, fisher_calib / "a-act")
+    assert res.manifest["summary"]["activation_threshold"] is not None
+    _quantize_with(fisher_calib / "a-act", recipe, tiny_model_dir, fisher_calib / "q-act")
+    with_acts, tok = load(fisher_calib / "q-act")
+    weights_only, _ = load(fisher_calib / "q-act", activations=False)
+    ids = tok("the sun was warm and the birds sang", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = with_acts(ids).logits, weights_only(ids).logits
+    assert not torch.equal(a, b) and torch.isfinite(a).all()
+
+
+def test_fgmp_needs_fisher(tmp_path, tiny_model_dir, text_files):
+    recipe = load_recipe("fgmp_nvfp4a16", SMALL + ["calibrate.fisher=false"])
+    stages.calibrate(str(tiny_model_dir), str(text_files["jsonl"]), tmp_path / "calib", recipe)
+    with pytest.raises(InputError, match="calibrate with --fisher"):
+        allocate(tmp_path / "calib", recipe, tmp_path / "a")
+
+
+def test_vapr_respects_budget_and_writes_pareto(fisher_calib, tiny_model_dir):
+    recipe = load_recipe("vapr", SMALL + ["allocate.budget_bits=6.0", "allocate.pareto_budgets=[5.0,6.0,8.0]"])
+    res = allocate(fisher_calib / "calib", recipe, fisher_calib / "a-vapr")
+    assert res.manifest["bits_per_weight"] <= 6.0
+    front = json.loads((fisher_calib / "a-vapr" / "pareto.json").read_text())["points"]
+    assert [p["budget_bits_per_weight"] for p in front] == [5.0, 6.0, 8.0]
+    assert front[0]["predicted_loss"] >= front[1]["predicted_loss"] >= front[2]["predicted_loss"]
+    assert (fisher_calib / "a-vapr" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    q = _quantize_with(fisher_calib / "a-vapr", recipe, tiny_model_dir, fisher_calib / "q-vapr")
+    assert q.manifest["bits_per_weight"] == pytest.approx(res.manifest["bits_per_weight"], rel=1e-9)
+    with pytest.raises(RecipeError):
+        allocate(fisher_calib / "calib", load_recipe("vapr", SMALL + ["allocate.budget_bits=2.0"]),
+                 fisher_calib / "a-vapr-low")
+
+
+def test_gptq_lowers_output_error_and_stores_a_plain_qtensor():
+    torch.manual_seed(0)
+    mix = torch.randn(48, 48)
+    x = torch.randn(2000, 48) @ mix                   # strongly correlated inputs
+    cov = x.T @ x / x.shape[0]
+    w = torch.randn(40, 48)
+    fmt = get_format("nvfp4")
+    amax = w.abs().amax()
+    rtn = fmt.dequantize(fmt.quantize(w, global_amax=amax))
+    q = gptq_quantize(w, cov, "nvfp4", {}, {"global_amax": amax})
+    g = fmt.dequantize(q)
+
+    def out_err(wq):
+        e = w - wq
+        return float(((e @ cov) * e).sum())
+
+    assert q.format == "nvfp4" and q.data["qdata"].shape == (40, 24)
+    assert out_err(g) < 0.8 * out_err(rtn)
