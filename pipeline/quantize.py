@@ -50,6 +50,22 @@ def group_amax(targets: dict[str, nn.Linear], plan: dict[str, Any], groups: list
     return out
 
 
+def shared_codebooks(targets: dict[str, nn.Linear], plan: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """LO-BCQ: one codebook set fitted over all bcq layers of the model (per Nc), by layer name."""
+    from lpc.formats.codebooks import fit_codebooks
+
+    by_nc: dict[int, list[str]] = {}
+    for name in targets:
+        entry = plan.get(name)
+        if isinstance(entry, dict) and entry["format"] == "bcq" and "codebook" not in entry.get("context", {}):
+            by_nc.setdefault(int(entry["spec"].get("codebooks", 16)), []).append(name)
+    out = {}
+    for nc, names in by_nc.items():
+        book = fit_codebooks([targets[n].weight.detach().float() for n in names], codebooks=nc).codebook
+        out.update({n: book for n in names})
+    return out
+
+
 def layer_errors(w: torch.Tensor, wq: torch.Tensor, cov: torch.Tensor | None) -> dict[str, float]:
     """Weight SQNR (dB) and, with an input covariance C, relative output error tr(E C E^T)/tr(W C W^T)."""
     w, e = w.float(), (w.float() - wq.float())
@@ -65,7 +81,8 @@ def layer_errors(w: torch.Tensor, wq: torch.Tensor, cov: torch.Tensor | None) ->
 def quantize_layers(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any] | None],
                     stats: dict[str, dict[str, torch.Tensor]] | None = None,
                     fuse: list[list[str]] | None = None, use_importance: bool = True,
-                    progress: Progress | None = None, method: str = "rtn") -> tuple[dict[str, QTensor], dict[str, dict[str, Any]]]:
+                    progress: Progress | None = None, method: str = "rtn",
+                    codebook_scope: str = "model") -> tuple[dict[str, QTensor], dict[str, dict[str, Any]]]:
     """Quantize each planned Linear's weight; returns QTensors and per-layer records.
 
     stats: per layer {"act_cov": (in, in), ...} from calibration; the diagonal of act_cov (the
@@ -74,11 +91,14 @@ def quantize_layers(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any
     method "gptq" adds second-order error feedback (needs act_cov) for block formats.
     """
     amax = group_amax(targets, plan, fuse or [])
+    shared = shared_codebooks(targets, plan) if codebook_scope == "model" else {}
     qtensors, records = {}, {}
     for name in track([n for n in targets if isinstance(plan.get(n), dict)], "quantize", progress):
         entry, w = plan[name], targets[name].weight.detach()
         fmt = get_format(entry["format"])
         ctx = dict(entry.get("context", {}))
+        if name in shared:
+            ctx.setdefault("codebook", shared[name])
         cov = stats[name]["act_cov"] if stats and name in stats else None
         if "global_amax" in fmt.context_keys:
             ctx.setdefault("global_amax", amax[name])

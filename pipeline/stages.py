@@ -113,7 +113,8 @@ def quantize(model: str, recipe: Recipe, out: Path, calib: Path | None = None,
         layer_plan = plan if plan is not None else plan_from_recipe(recipe, list(targets))
         qtensors, records = quantize_layers(targets, layer_plan, stats, recipe.quantize.fuse_groups,
                                             recipe.quantize.importance != "none", progress,
-                                            method=recipe.quantize.method)
+                                            method=recipe.quantize.method,
+                                            codebook_scope=recipe.quantize.codebook_scope)
         acts, aux = activation_config(recipe, qtensors, stats, layer_plan)
         write_lpc_model(tmp, m, qtensors, extra_tensors=aux, extra_config={"activations": acts} if acts else None)
         copy_tokenizer_files(src, tmp)

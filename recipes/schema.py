@@ -60,6 +60,8 @@ class QuantizeConfig(Section):
     importance: Literal["none", "act_second_moment"] = Field(
         "act_second_moment", description="weight of each input channel in scale selection")
     overrides: list[LayerOverride] = Field(default_factory=list)
+    codebook_scope: Literal["model", "tensor"] = Field(
+        "model", description="LO-BCQ: fit one codebook set over all bcq layers, or one per tensor")
     method: Literal["rtn", "gptq"] = Field(
         "rtn", description="rtn: round each weight; gptq: second-order error feedback over the "
                            "calibrated X^T X (block formats; needs a calibration)")
