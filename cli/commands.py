@@ -91,6 +91,8 @@ def eval_cmd(path: Annotated[str, typer.Argument(help="artifact or model directo
              tasks: Annotated[Optional[str], typer.Option("--tasks", help="comma-separated lm-eval tasks")] = None,
              tasks_dir: Annotated[Optional[str], typer.Option("--tasks-dir", help="folder of task YAMLs")] = None,
              limit: Annotated[Optional[int], typer.Option("--limit", help="documents per task")] = None,
+             max_length: Annotated[Optional[int], typer.Option("--max-length",
+                                                               help="lm-eval context length (default: the model's)")] = None,
              baseline: Annotated[Optional[str], typer.Option("--baseline", help="model to compare against")] = None,
              fail_under_recovery: Annotated[Optional[float], typer.Option("--fail-under-recovery",
                                                                           help="exit 3 when recovery is lower")] = None,
@@ -105,7 +107,7 @@ def eval_cmd(path: Annotated[str, typer.Argument(help="artifact or model directo
         try:
             result = evaluate(path, baseline=baseline, fail_under_recovery=fail_under_recovery, ppl=ppl,
                               seq_len=seq_len, tasks=task_list, tasks_dir=tasks_dir, limit=limit,
-                              device=device, progress=progress)
+                              device=device, progress=progress, max_length=max_length)
             failed = None
         except GateFailed as err:
             result, failed = err.report, err  # type: ignore[attr-defined]

@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 
 def evaluate_model(path: str | Path, ppl: list[str] | None = None, seq_len: int = 256,
                    tasks: list[str] | None = None, tasks_dir: str | None = None, limit: int | None = None,
-                   device: str = "cpu", progress: Progress | None = None, batch_size: int = 8) -> dict[str, Any]:
+                   device: str = "cpu", progress: Progress | None = None, batch_size: int = 8,
+                   max_length: int | None = None) -> dict[str, Any]:
     """Evaluate one model directory: {"perplexity": {file: value}, "tasks": {...}, "details": ...}."""
     from lpc.pipeline.evaluate import perplexity, run_tasks
     from lpc.pipeline.load import load
@@ -29,7 +30,8 @@ def evaluate_model(path: str | Path, ppl: list[str] | None = None, seq_len: int 
         report["perplexity"][str(f)] = r["perplexity"]
         report["details"][str(f)] = r
     if tasks:
-        report["tasks"] = run_tasks(model, tok, tasks, tasks_dir=tasks_dir, limit=limit, batch_size=batch_size)
+        report["tasks"] = run_tasks(model, tok, tasks, tasks_dir=tasks_dir, limit=limit, batch_size=batch_size,
+                                    max_length=max_length)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     return report
 

@@ -150,12 +150,9 @@ def _score(model: torch.nn.Module, seqs: list[list[int]], batch_size: int,
 
 def _batch_losses(model: torch.nn.Module, rows: list[list[int]], device: torch.device) -> list[float]:
     """Summed next-token loss of each row; rows are right-padded and masked when lengths differ."""
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for k, row in enumerate(rows):
-        ids[k, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[k, : len(row)] = 1
+    seqs = [torch.tensor(row, dtype=torch.long) for row in rows]
+    ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)  # (batch, longest) int64
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(x) for x in seqs], batch_first=True)
     # No mask when nothing is padded: the plain causal path, as when scoring one at a time.
     padded = bool((mask == 0).any())
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device) if padded else None)
@@ -171,7 +168,7 @@ def _batch_losses(model: torch.nn.Module, rows: list[list[int]], device: torch.d
 # ------------------------------------------------------------------------------ lm-eval tasks
 def run_tasks(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str],
               tasks_dir: str | Path | None = None, limit: int | None = None, batch_size: int = 8,
-              num_fewshot: int | None = 0) -> dict:
+              num_fewshot: int | None = 0, max_length: int | None = None) -> dict:
     """Run lm-evaluation-harness `tasks` on the loaded model; returns {task: {metric: value}}.
 
     Names are looked up in `tasks_dir` (the user's YAMLs win a name clash), then in the built-in
@@ -179,23 +176,27 @@ def run_tasks(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str],
     all of them; their ${LPC_ASSETS} is `default_assets_dir()`), then among lm-eval's own tasks
     (hub datasets: network or a filled cache). With only local tasks the hub is switched off.
     A row holds lm-eval's numeric metrics (acc, acc_norm, *_stderr; a filter other than "none"
-    is appended as "metric[filter]") and `samples`, the documents scored.
+    is appended as "metric[filter]") and `samples`, the documents scored. `max_length` overrides
+    the longest request lm-eval allows (default: the model's context).
     """
-    names = _check_task_args(tasks, limit, batch_size, num_fewshot)
+    from lm_eval.models.huggingface import HFLM
+
+    names = _check_task_args(tasks, limit, batch_size, num_fewshot, max_length)
     user_dir = _check_tasks_dir(tasks_dir)
     with _resolved_builtin_dir() as builtin_dir:
         include = [builtin_dir] + ([user_dir] if user_dir else [])
         manager, local = _task_manager(include, names)
-        with _hub_offline(local):
-            results = _simple_evaluate(model, tokenizer, manager, names, limit, batch_size, num_fewshot)
+        # HFLM switches the model to eval mode; _eval_mode restores the caller's flag afterwards.
+        with _hub_offline(local), _eval_mode(model):
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+            results = _simple_evaluate(lm, manager, names, limit, num_fewshot)
     return _compact(results)
 
 
 def default_assets_dir() -> Path:
     """The assets folder: env LPC_ASSETS, else ../shared/assets beside the repository root."""
-    if os.environ.get(ASSETS_ENV):
-        return Path(os.environ[ASSETS_ENV]).expanduser().resolve()
-    return (BUILTIN_TASKS_DIR.parents[1] / ".." / "shared" / "assets").resolve()
+    env = os.environ.get(ASSETS_ENV)
+    return Path(env).expanduser().resolve() if env else (BUILTIN_TASKS_DIR.parents[2] / "shared" / "assets").resolve()
 
 
 def local_tasks(tasks_dir: str | Path | None = None) -> list[str]:
@@ -206,15 +207,17 @@ def local_tasks(tasks_dir: str | Path | None = None) -> list[str]:
     return sorted(TaskManager(include_path=[str(p) for p in paths], include_defaults=False).all_tasks)
 
 
-def _check_task_args(tasks: Sequence[str], limit: Any, batch_size: Any, num_fewshot: Any) -> list[str]:
+def _check_task_args(tasks: Sequence[str], limit: Any, batch_size: Any, num_fewshot: Any,
+                     max_length: Any) -> list[str]:
+    """The stripped task names; a bad argument raises InputError."""
     if isinstance(tasks, str) or not tasks or not all(isinstance(t, str) and t.strip() for t in tasks):
         raise InputError(f"tasks must be a non-empty list of task names, got {tasks!r}",
                          "e.g. ['arc_easy_local']")
-    if limit is not None:
-        _check_int("limit", limit, 1, "use a positive number of documents per task, or None for all")
     _check_int("batch_size", batch_size, 1, "use 1 or more")
-    if num_fewshot is not None:
-        _check_int("num_fewshot", num_fewshot, 0, "use 0 for zero-shot")
+    for name, value, least in (("limit", limit, 1), ("num_fewshot", num_fewshot, 0),
+                               ("max_length", max_length, 2)):
+        if value is not None:
+            _check_int(name, value, least, "or None for the default")
     return [t.strip() for t in tasks]
 
 
@@ -269,17 +272,17 @@ def _hub_offline(offline: bool) -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE = saved
 
 
-def _simple_evaluate(model: torch.nn.Module, tokenizer: Any, manager: Any, names: list[str],
-                     limit: int | None, batch_size: int, num_fewshot: int | None) -> dict:
+def _simple_evaluate(lm: Any, manager: Any, names: list[str], limit: int | None,
+                     num_fewshot: int | None) -> dict:
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
-        with _eval_mode(model):
-            results = lm_eval.simple_evaluate(
-                model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
-                task_manager=manager, log_samples=False, bootstrap_iters=1000)
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, batch_size=lm.batch_size,
+            task_manager=manager, log_samples=False, bootstrap_iters=1000)
+    except AssertionError as err:  # lm-eval checks request lengths with `assert`
+        raise InputError(f"lm-eval refused a request of {names} ({err!r}), most likely one longer than "
+                         f"max_length {lm.max_length}", "pass a larger max_length") from err
     except FileNotFoundError as err:
         raise InputError(f"a task's data file is missing ({err})", f"built-in tasks read data/mc/ in "
                          f"{default_assets_dir()}: set {ASSETS_ENV} to the assets folder") from err
@@ -312,22 +315,19 @@ def _compact(results: Mapping) -> dict:
 def compare(result: Mapping, baseline: Mapping) -> dict:
     """Deltas and recoveries of an evaluation report against the baseline model's report.
 
-    A report is {"perplexity": P, "tasks": run_tasks() dict}, either part optional; P is one
-    perplexity() dict or {label: perplexity() dict} (e.g. per file). Per metric: delta =
-    compressed - baseline; recovery = compressed / baseline where higher is better (acc,
-    acc_norm, ...) and baseline / compressed for perplexities (and LOWER_IS_BETTER task
-    metrics). So 1.0 = no loss, < 1.0 = worse, > 1.0 = better; a zero denominator gives 1.0, a
-    non-finite compressed value 0.0. *_stderr and `samples` are not compared; perplexities must
-    share protocol and token count, tasks their sample count (else InputError).
-
-    Returns {"metrics": {name: {"baseline", "compressed", "delta", "recovery"}}, "recovery":
-    minimum over the metrics, "worst": its name, "unmatched": names in one report only}; names
-    are "perplexity", "perplexity <label>" and "<task>/<metric>".
+    A report is {"perplexity": P, "tasks": run_tasks() dict}, either optional; P is a perplexity()
+    dict or {label: perplexity() dict}. Per metric: delta = compressed - baseline; recovery =
+    compressed / baseline where higher is better (acc, acc_norm, ...), baseline / compressed for
+    perplexities and LOWER_IS_BETTER metrics: 1.0 = no loss, < 1.0 = worse. A zero denominator
+    gives 1.0, a non-finite compressed value 0.0. *_stderr and `samples` are not compared;
+    perplexities must share protocol and token count, tasks their sample count (else InputError).
+    Returns {"metrics": {name: {"baseline", "compressed", "delta", "recovery"}}, "recovery": the
+    minimum, "worst": its name, "unmatched": names in one report only}; names are "perplexity",
+    "perplexity <label>" and "<task>/<metric>".
     """
     pairs, unmatched = _ppl_pairs(result.get("perplexity"), baseline.get("perplexity"))
     task_pairs, task_unmatched = _task_pairs(result.get("tasks") or {}, baseline.get("tasks") or {})
-    pairs.update(task_pairs)
-    unmatched += task_unmatched
+    pairs, unmatched = {**pairs, **task_pairs}, unmatched + task_unmatched
     if not pairs:
         raise InputError(f"nothing to compare: no metric is in both reports (in one only: {unmatched})",
                          "evaluate both models on the same files and tasks")

@@ -147,3 +147,14 @@ def test_nan_weights_are_refused(tmp_path, tiny_model_dir, text_files):
     res = lpc("quantize", bad, "-o", tmp_path / "q", code=1)
     assert "NaN or inf" in one_line(res) and "up_proj" in one_line(res)
     assert not (tmp_path / "q").exists()
+
+
+def test_eval_runs_local_lm_eval_tasks(staged, tiny_model_dir, assets_dir, monkeypatch):
+    monkeypatch.setenv("LPC_ASSETS", str(assets_dir))
+    res = json.loads(lpc("eval", staged["lpc"], "--tasks", "arc_easy_local", "--limit", "6",
+                         "--baseline", tiny_model_dir, "--json").stdout)
+    row = res["tasks"]["arc_easy_local"]
+    assert row["samples"] == 6 and 0.0 <= row["acc"] <= 1.0
+    assert res["baseline"]["tasks"]["arc_easy_local"]["samples"] == 6 and res["recovery"] is not None
+    res = lpc("eval", staged["lpc"], "--tasks", "no_such_task_anywhere", code=1)
+    assert "no_such_task_anywhere" in one_line(res)

@@ -180,9 +180,10 @@ def test_stories260k_reference_figures():
 
 
 # ---------------------------------------------------------------------------------- lm-eval
-ARC_RECORDS = [{"id": f"q{i}", "question": f"Which number is {i}?",
-                "choices": {"text": [str(i), str(i + 1), "cat", "dog"], "label": ["A", "B", "C", "D"]},
-                "answerKey": "ABCD"[i % 4]} for i in range(12)]
+# ARC schema; one long choice so that a tiny max_length is exceeded by a continuation alone.
+ARC_RECORDS = [{"id": f"q{i}", "question": f"Which number is {i}?", "answerKey": "ABCD"[i % 4],
+                "choices": {"text": [str(i), str(i + 1), "a cat sat on the mat", "dog"],
+                            "label": ["A", "B", "C", "D"]}} for i in range(12)]
 
 
 @pytest.fixture
@@ -211,16 +212,32 @@ def test_arc_easy_local_on_tiny_model(tiny_model, tokenizer, assets_env):
     assert row["acc_stderr"] == pytest.approx(math.sqrt(row["acc"] * (1 - row["acc"]) / 9))
 
 
-def test_user_tasks_dir_runs_every_document(tiny_model, tokenizer, tmp_path, assets_env):
+@pytest.fixture
+def user_tasks(tmp_path, assets_env):
+    """A --tasks-dir holding task `my_arc`: the arc_easy_local prompt over 7 of our questions."""
     data = tmp_path / "mine.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in ARC_RECORDS[:7]) + "\n")
     config = yaml.safe_load((BUILTIN_TASKS_DIR / "arc_easy_local.yaml").read_text())
     config.update(task="my_arc", tag=[], dataset_kwargs={"data_files": {"test": str(data)}})
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "my_arc.yaml").write_text(yaml.safe_dump(config))
-    assert "my_arc" in local_tasks(tmp_path / "tasks")
-    out = run_tasks(tiny_model, tokenizer, ["my_arc"], tasks_dir=tmp_path / "tasks")
+    return tmp_path / "tasks"
+
+
+def test_user_tasks_dir_runs_every_document(tiny_model, tokenizer, user_tasks):
+    assert "my_arc" in local_tasks(user_tasks)
+    tiny_model.train()  # HFLM switches to eval mode; run_tasks must hand the model back as it was
+    try:
+        out = run_tasks(tiny_model, tokenizer, ["my_arc"], tasks_dir=user_tasks)
+        assert tiny_model.training
+    finally:
+        tiny_model.eval()
     assert out["my_arc"]["samples"] == 7 and 0.0 <= out["my_arc"]["acc"] <= 1.0
+
+
+def test_request_longer_than_max_length_is_an_input_error(tiny_model, tokenizer, user_tasks):
+    with pytest.raises(InputError, match="longer than max_length 2"):
+        run_tasks(tiny_model, tokenizer, ["my_arc"], tasks_dir=user_tasks, max_length=2)
 
 
 def test_unknown_task_lists_local_tasks(tiny_model, tokenizer, assets_env):
@@ -271,17 +288,19 @@ def test_local_prompts_match_lm_eval(local, upstream):
 
 def test_winogrande_jinja_matches_lm_eval_functions():
     from lm_eval.tasks.winogrande import preprocess_winogrande as ref
-    from lm_eval.utils import apply_template
+    from lm_eval.utils import env  # the Jinja environment lm-eval renders templates with
 
     config = yaml.safe_load((BUILTIN_TASKS_DIR / "winogrande_local.yaml").read_text())
+    text, target, choice = (env.from_string(config[k]) for k in ("doc_to_text", "doc_to_target",
+                                                                  "doc_to_choice"))
     path = ASSETS / "data" / "mc" / "winogrande_dev.jsonl"
     docs = ([json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else
             [{"sentence": "Tom gave Bob 'a' book because _ was \"kind\".", "option1": "Tom",
               "option2": "Bob", "answer": "1"}])
     for doc in docs:
-        assert int(apply_template(config["doc_to_text"], doc)) == ref.doc_to_text(doc)
-        assert apply_template(config["doc_to_target"], doc) == ref.doc_to_target(doc)
-        assert ast.literal_eval(apply_template(config["doc_to_choice"], doc)) == ref.doc_to_choice(doc)
+        assert int(text.render(**doc)) == ref.doc_to_text(doc)
+        assert target.render(**doc) == ref.doc_to_target(doc)
+        assert ast.literal_eval(choice.render(**doc)) == ref.doc_to_choice(doc)
 
 
 # ---------------------------------------------------------------------------- compare, gate
