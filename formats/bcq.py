@@ -18,9 +18,10 @@ import torch
 from pydantic import Field
 
 from lpc.formats import codebooks as cbk
+from lpc.formats import fast
 from lpc.formats.clipping import search_block_scales
 from lpc.formats.numerics import (
-    as_rows, importance_rows, pack_bits, pack_nibbles, pad_last, row_chunks, unpack_bits,
+    amax_of, as_rows, blocks_of, importance_rows, pack_bits, pack_nibbles, pad_last, row_chunks, unpack_bits,
     unpack_nibbles,
 )
 from lpc.formats.qtensor import QTensor
@@ -48,14 +49,18 @@ class BCQ(Format):
             codebook = cbk.fit_codebooks([x], spec.codebooks, max_iters=spec.fit_iters).codebook
         cb = cbk.check_codebook(codebook, spec.codebooks)
         vals, idxs = cbk.tables(cb)
+        amax = amax_of(x) if global_amax is None else torch.as_tensor(global_amax)
+        s2 = cbk.global_scale_for(amax).to(x.device)
+        if spec.clip == "none":
+            packed, sel, sa = fast.run(cbk.kernel, blocks_of(x, LA), s2, vals, idxs, chunk=1 << 18)
+            return self._record(x, spec, packed.reshape(packed.shape[0], -1),
+                                sel.reshape(sel.shape[0], -1), sa, s2, cb)
         rows = as_rows(x)
         n_rows, kp = rows.shape[0], cbk.padded_k(rows.shape[1])
-        amax = rows.abs().amax() if global_amax is None else torch.as_tensor(global_amax)
-        s2 = cbk.global_scale_for(amax)
         weight = importance_rows(importance, tuple(x.shape)) if spec.clip == "sensitivity" else None
         qdata = torch.empty(n_rows, kp // 2, dtype=torch.uint8, device=x.device)
         sel_all = torch.empty(n_rows, kp // LB, dtype=torch.uint8, device=x.device)
-        scale = torch.empty(n_rows, kp // LA, dtype=torch.float8_e4m3fn, device=x.device)
+        scale = torch.empty(n_rows, kp // LA, dtype=torch.float32, device=x.device)
         for sl in row_chunks(n_rows, kp, budget=1 << 20):
             xa = pad_last(rows[sl], LA).view(-1, kp // LA, LA)
             wa = None if weight is None else pad_last(weight[sl], LA).view_as(xa)
@@ -63,9 +68,14 @@ class BCQ(Format):
             sel, idx, _ = cbk.encode((xa / (sa * s2).unsqueeze(-1)).reshape(-1, LB), vals, idxs)
             qdata[sl] = pack_nibbles(idx.view(xa.shape[0], -1))
             sel_all[sl] = sel.view(xa.shape[0], -1).to(torch.uint8)
-            scale[sl] = sa.to(torch.float8_e4m3fn)
-        data = {"qdata": qdata, "selector": pack_bits(sel_all, _sel_bits(spec)), "scale": scale,
-                "global_scale": s2.reshape(1), "codebook": cb}
+            scale[sl] = sa
+        return self._record(x, spec, qdata, sel_all, scale, s2, cb)
+
+    def _record(self, x: torch.Tensor, spec: BCQSpec, qdata: torch.Tensor, sel: torch.Tensor,
+                sa: torch.Tensor, s2: torch.Tensor, cb: torch.Tensor) -> QTensor:
+        """Selectors (R, Kp/8) uint8 and array scales (R, Kp/64) float32 -> the packed QTensor."""
+        data = {"qdata": qdata, "selector": pack_bits(sel, _sel_bits(spec)),
+                "scale": sa.to(torch.float8_e4m3fn), "global_scale": s2.reshape(1), "codebook": cb}
         return QTensor(self.name, tuple(x.shape), spec.model_dump(), data)
 
     def _array_scales(self, xa: torch.Tensor, s2: torch.Tensor, spec: BCQSpec,

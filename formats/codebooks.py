@@ -16,6 +16,7 @@ from typing import Iterable
 
 import torch
 
+from lpc.formats import kernels
 from lpc.formats.errors import FormatError
 from lpc.formats.numerics import E4M3_MAX, as_rows, pad_last, padded, round_e4m3
 
@@ -90,17 +91,17 @@ def tables(codebook: torch.Tensor, res: int = 1) -> tuple[torch.Tensor, torch.Te
 
 def encode(u: torch.Tensor, vals: torch.Tensor, idxs: torch.Tensor, res: int = 1
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """u: (N, 8) float32 -> selector (N,) int64, indices (N, 8) uint8, squared error (N,) float32.
+    """u: (..., 8) float32 blocks -> selector (...) int64, indices (..., 8) uint8, squared error (...).
 
     The error of a block is summed in a fixed pairwise order so that every implementation
     (eager or compiled) gets the same float32 value and so the same argmin (first on ties).
     """
-    t = (torch.ceil(u * (2 * res)).clamp(T_MIN * res, T_MAX * res) - T_MIN * res).to(torch.int64)
-    e = [(u[:, i:i + 1] - vals[t[:, i]]).square() for i in range(LB)]      # 8 x (N, Nc)
-    err = ((e[0] + e[1]) + (e[2] + e[3])) + ((e[4] + e[5]) + (e[6] + e[7]))
-    best, sel = err.min(dim=-1)
-    idx = torch.gather(idxs[t], 2, sel.view(-1, 1, 1).expand(-1, LB, 1))[..., 0]
-    return sel, idx, best
+    t = (torch.ceil(u * (2 * res)).clamp(T_MIN * res, T_MAX * res) - T_MIN * res).to(torch.int32)
+    e = (u.unsqueeze(-1) - vals[t]).square()                             # (..., 8, Nc)
+    e = e[..., 0::2, :] + e[..., 1::2, :]                                  # e0+e1, e2+e3, ...
+    e = e[..., 0::2, :] + e[..., 1::2, :]                                  # (e0+e1)+(e2+e3), ...
+    best, sel = (e[..., 0, :] + e[..., 1, :]).min(dim=-1)
+    return sel, idxs[t, sel.unsqueeze(-1)], best
 
 
 def decode(sel: torch.Tensor, idx: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -109,31 +110,39 @@ def decode(sel: torch.Tensor, idx: torch.Tensor, codebook: torch.Tensor) -> torc
 
 
 def fit_codebooks(tensors: Iterable[torch.Tensor], codebooks: int = 16, max_iters: int = 50,
-                  tol: float = 1e-4, max_blocks: int = 1 << 16, seed: int = 0) -> CodebookFit:
+                  tol: float = 1e-4, max_blocks: int = 1 << 16, fine_blocks: int = 1 << 13,
+                  seed: int = 0) -> CodebookFit:
     """Fit Nc codebooks over the blocks of many tensors (one model-wide codebook).
 
     tensors: float tensors (..., K); blocks are normalized per tensor as bcq quantizes them.
     At most `max_blocks` blocks (a seeded sample) take part. Alternates (1) each block to the
     codebook of least squared error and (2) each entry to the rounded mean of the scalars
     nearest it (Lloyd-Max), until the mean squared error falls by less than `tol` (relative):
-    first on a grid of 1/16 (integer Lloyd steps stall where a mean moves by under one INT6
-    step), then on the INT6 grid itself starting from the rounded fine codebook.
+    first on a grid of 1/16 over a sample of `fine_blocks` blocks (integer Lloyd steps stall
+    where a mean moves by under one INT6 step), then on the INT6 grid over all blocks,
+    starting from the rounded fine codebook. Deterministic for a given seed.
     """
     if codebooks not in (8, 16):
         raise FormatError(f"codebooks={codebooks} is not supported", "use 8 or 16")
     parts = [normalize(t) for t in tensors]
     if not parts:
         raise FormatError("fit_codebooks got no tensors", "pass at least one weight tensor")
-    u = torch.cat(parts)
-    if u.shape[0] > max_blocks:
-        gen = torch.Generator().manual_seed(seed)
-        u = u[torch.randperm(u.shape[0], generator=gen)[:max_blocks]]
-    fine, fine_mse = lloyd(u, initial_codebooks(u, codebooks) * FINE, FINE, max_iters, tol)
-    book = torch.round(fine.to(torch.float64) / FINE).clamp(QMIN, QMAX).to(torch.int8).sort(-1).values
+    u = _sample(torch.cat(parts), max_blocks, seed)
+    fine_u = _sample(u, fine_blocks, seed + 1)
+    fine, fine_mse = lloyd(fine_u, initial_codebooks(fine_u, codebooks) * FINE, FINE, max_iters, tol)
+    book = torch.round(fine.to(torch.float64) / FINE).clamp(QMIN, QMAX).to(torch.int32).sort(-1).values
     book, mse = lloyd(u, book, 1, max_iters, tol)
     log.debug("bcq codebooks: fine mse %s -> %s, INT6 mse %s -> %s",
               fine_mse[0], fine_mse[-1], mse[0], mse[-1])
     return CodebookFit(book.to(torch.int8), mse, fine_mse)
+
+
+def _sample(u: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """At most n rows of u, a seeded random subset in random order."""
+    if u.shape[0] <= n:
+        return u
+    gen = torch.Generator().manual_seed(seed)
+    return u[torch.randperm(u.shape[0], generator=gen)[:n]]
 
 
 def lloyd(u: torch.Tensor, book: torch.Tensor, res: int, max_iters: int, tol: float
@@ -184,10 +193,24 @@ def lloyd_update(u: torch.Tensor, sel: torch.Tensor, idx: torch.Tensor,
     return new.to(torch.int32).sort(-1).values
 
 
-def encode_tensor_blocks(x_rows: torch.Tensor, s2: torch.Tensor, sa: torch.Tensor) -> torch.Tensor:
-    """Rows (R, Kp) and array scales (R, Kp/64) -> normalized blocks (R*Kp/8, 8)."""
-    xa = x_rows.view(x_rows.shape[0], -1, LA)
-    return (xa / (sa * s2).unsqueeze(-1)).reshape(-1, LB)
+def kernel(xa: torch.Tensor, s2: torch.Tensor, vals: torch.Tensor, idxs: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Amax-scaled encoding of arrays xa (r, A, 64), any float dtype, with tables of `tables`.
+
+    Returns packed indices (r, A, 32) uint8, selectors (r, A, 8) uint8, array scales (r, A) f32.
+    """
+    r, na = xa.shape[0], xa.shape[1]
+    xf = xa.to(torch.float32)
+    sa = array_scales(xf.abs().amax(-1), s2)
+    u = (xf / (sa * s2).unsqueeze(-1)).view(r, na, LA // LB, LB)  # static inner dims: no modulo
+    sel, idx, _ = encode(u, vals, idxs)
+    return kernels.pack_pairs(idx.view(r, na, LA)), sel.to(torch.uint8), sa
+
+
+# Keep the 16 codebook errors of a block in registers: with the default thresholds inductor
+# stores partial sums of all (blocks, 16) errors to memory and reads them back.
+kernel.inductor_options = {"realize_opcount_threshold": 1000, "realize_reads_threshold": 64,
+                           "realize_acc_reads_threshold": 64}
 
 
 def padded_k(k: int) -> int:

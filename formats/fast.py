@@ -7,6 +7,7 @@ element-wise math, so temporaries stay in registers). Both run the very same fun
 compiled code keeps IEEE float32 semantics (no reassociation, no reciprocal tricks), so the
 outputs are equal bit for bit; tests/formats/test_fast.py checks it.
 
+A kernel may carry an `inductor_options` dict (inductor config for its compilation only).
 Compilation costs seconds once per kernel, so only tensors of at least `MIN_NUMEL` elements
 take the compiled path. Set LPC_COMPILE=0 to never compile. Any failure to compile (no C++
 compiler, an unsupported platform) is logged once and that kernel stays eager from then on.
@@ -31,10 +32,12 @@ def enabled() -> bool:
     return os.environ.get("LPC_COMPILE", "1") != "0"
 
 
-def run(kernel: Callable, xb: torch.Tensor, *args: Any, compiled: bool | None = None) -> tuple:
+def run(kernel: Callable, xb: torch.Tensor, *args: Any, compiled: bool | None = None,
+        chunk: int = CHUNK) -> tuple:
     """kernel(xb, *args) -> tuple of tensors with xb.shape[0] rows.
 
     compiled: True/False forces the path; None chooses compiled for large tensors.
+    chunk: elements per eager chunk (smaller for kernels with wide temporaries).
     """
     if compiled is None:
         compiled = enabled() and xb.numel() >= MIN_NUMEL
@@ -42,13 +45,13 @@ def run(kernel: Callable, xb: torch.Tensor, *args: Any, compiled: bool | None = 
         out = _run_compiled(kernel, xb, *args)
         if out is not None:
             return out
-    return run_eager(kernel, xb, *args)
+    return run_eager(kernel, xb, *args, chunk=chunk)
 
 
-def run_eager(kernel: Callable, xb: torch.Tensor, *args: Any) -> tuple:
-    """The reference: the kernel over row chunks of about CHUNK elements, outputs concatenated."""
+def run_eager(kernel: Callable, xb: torch.Tensor, *args: Any, chunk: int = CHUNK) -> tuple:
+    """The reference: the kernel over row chunks of about `chunk` elements, outputs concatenated."""
     per_row = max(1, xb[0].numel()) if xb.shape[0] else 1
-    step = max(1, CHUNK // per_row)
+    step = max(1, chunk // per_row)
     if xb.shape[0] <= step:
         return kernel(xb, *args)
     parts = [kernel(xb[i:i + step], *args) for i in range(0, xb.shape[0], step)]
@@ -61,7 +64,8 @@ def _run_compiled(kernel: Callable, xb: torch.Tensor, *args: Any) -> tuple | Non
         return None
     try:
         if fn is False:
-            fn = _compiled[kernel] = torch.compile(kernel, dynamic=False, fullgraph=True)
+            options = getattr(kernel, "inductor_options", None)
+            fn = _compiled[kernel] = torch.compile(kernel, dynamic=False, fullgraph=True, options=options)
         # Rows and blocks vary between tensors; the block length stays a constant so that
         # inductor vectorizes along it.
         for dim in range(xb.ndim - 1):

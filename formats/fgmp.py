@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from lpc.formats import nvfp4
+from lpc.formats import fast, kernels, nvfp4
 from lpc.formats.errors import FormatError
 from lpc.formats.numerics import (
-    E2M1_MAX, as_rows, e2m1_decode, e2m1_encode, importance_rows, pack_bits, pack_nibbles,
+    E2M1_MAX, amax_of, as_rows, blocks_of, e2m1_decode, e2m1_encode, importance_rows, pack_bits, pack_nibbles,
     pad_last, padded, round_e4m3, row_chunks, unpack_bits, unpack_nibbles,
 )
 from lpc.formats.qtensor import QTensor
@@ -84,20 +84,17 @@ class FGMP(Format):
     def _quantize(self, x: torch.Tensor, spec: FGMPSpec, mask: torch.Tensor | None = None,
                   importance: Any = None, global_amax: Any = None) -> QTensor:
         """x: (..., K); mask: bool (R, Kp/16) True = FP8 (default: top high_fraction by score)."""
-        rows = as_rows(x)
-        n_rows, k = rows.shape
-        nb = padded(k, BLOCK) // BLOCK
+        n_rows, nb = x.numel() // x.shape[-1], padded(x.shape[-1], BLOCK) // BLOCK
         if mask is None:
             mask = top_fraction_mask(block_scores(x, importance, global_amax), spec.high_fraction)
         mask = _check_mask(mask, n_rows, nb)
-        s2 = _global_scale(rows, global_amax)
-        weight = None if importance is None else importance_rows(importance, tuple(x.shape))
-        parts: dict[str, list[torch.Tensor]] = {"qdata": [], "scale": [], "qdata_hi": []}
-        for sl in row_chunks(n_rows, nb * BLOCK):
-            xb = pad_last(rows[sl], BLOCK).view(-1, nb, BLOCK)
-            wb = None if weight is None else pad_last(weight[sl], BLOCK).view_as(xb)
-            _encode_chunk(xb, mask[sl], s2, spec, wb, parts)
-        data = {key: torch.cat(val) for key, val in parts.items()}
+        s2 = _global_scale(x, global_amax)
+        if spec.clip == "none" and not spec.scale_search:
+            packed, sb, hi = fast.run(kernels.fgmp, blocks_of(x, BLOCK), s2.to(x.device))
+            low = ~mask
+            data = {"qdata": packed[low], "scale": sb[low].to(torch.float8_e4m3fn), "qdata_hi": hi[mask]}
+        else:
+            data = _encode_general(as_rows(x), mask, s2, spec, importance, tuple(x.shape))
         data["mask"] = pack_bits(mask.to(torch.uint8), 1)
         data["global_scale"] = s2.reshape(1)
         record = spec.model_dump()
@@ -123,6 +120,19 @@ class FGMP(Format):
         return p * 8.0 + (1.0 - p) * (4.0 + 8.0 / BLOCK) + 1.0 / BLOCK
 
 
+def _encode_general(rows: torch.Tensor, mask: torch.Tensor, s2: torch.Tensor, spec: FGMPSpec,
+                    importance: Any, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Rows (R, K) float32 with clipping or scale search, chunk by chunk -> the three streams."""
+    nb = mask.shape[1]
+    weight = None if importance is None else importance_rows(importance, shape)
+    parts: dict[str, list[torch.Tensor]] = {"qdata": [], "scale": [], "qdata_hi": []}
+    for sl in row_chunks(rows.shape[0], nb * BLOCK):
+        xb = pad_last(rows[sl], BLOCK).view(-1, nb, BLOCK)
+        wb = None if weight is None else pad_last(weight[sl], BLOCK).view_as(xb)
+        _encode_chunk(xb, mask[sl], s2, spec, wb, parts)
+    return {key: torch.cat(val) for key, val in parts.items()}
+
+
 def _encode_chunk(xb: torch.Tensor, mask: torch.Tensor, s2: torch.Tensor, spec: FGMPSpec,
                   wb: torch.Tensor | None, parts: dict[str, list[torch.Tensor]]) -> None:
     """Blocks xb (r, B, 16) with mask (r, B): append low and high streams to `parts`."""
@@ -136,8 +146,8 @@ def _encode_chunk(xb: torch.Tensor, mask: torch.Tensor, s2: torch.Tensor, spec: 
     parts["qdata_hi"].append((hi / step).clamp(-448.0, 448.0).to(torch.float8_e4m3fn))
 
 
-def _global_scale(rows: torch.Tensor, global_amax: Any) -> torch.Tensor:
-    amax = rows.abs().amax() if global_amax is None else torch.as_tensor(global_amax)
+def _global_scale(x: torch.Tensor, global_amax: Any) -> torch.Tensor:
+    amax = amax_of(x) if global_amax is None else torch.as_tensor(global_amax)
     return nvfp4.global_scale_for(amax)
 
 

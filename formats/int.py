@@ -15,9 +15,10 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from lpc.formats import fast, kernels
 from lpc.formats.clipping import octav_clip, search_block_scales
 from lpc.formats.numerics import (
-    as_rows, importance_rows, pack_bits, pack_nibbles, pad_last, padded, round_e4m3, row_chunks,
+    amax_of, as_rows, blocks_of, importance_rows, pack_bits, pack_nibbles, pad_last, padded, round_e4m3, row_chunks,
     unpack_bits, unpack_nibbles,
 )
 from lpc.formats.qtensor import QTensor
@@ -43,6 +44,8 @@ class Int(Format):
     def _quantize(self, x: torch.Tensor, spec: IntSpec, importance: Any = None,
                   global_amax: Any = None) -> QTensor:
         """x: (..., K) -> qdata (R, Kp/2) uint8 or (R, Kp) int8, scale (R, Kp/V) + unit fields."""
+        if spec.clip == "none":
+            return self._quantize_plain(x, spec, global_amax)
         rows = as_rows(x)
         n_rows, k = rows.shape
         kp, v = padded(k, spec.vector), spec.vector
@@ -61,6 +64,19 @@ class Int(Format):
             qdata[sl] = pack_nibbles((codes & 0x0F).to(torch.uint8)) if spec.bits == 4 else codes
             stored[sl] = st
         data = {"qdata": qdata, **_store_scales(stored, unit, spec)}
+        return QTensor(self.name, tuple(x.shape), spec.model_dump(), data)
+
+    def _quantize_plain(self, x: torch.Tensor, spec: IntSpec, global_amax: Any) -> QTensor:
+        """Amax scaling through the fused kernels of lpc.formats.kernels."""
+        xb = blocks_of(x, spec.vector)
+        if spec.scale_format == "two_level":
+            codes, stored, unit = fast.run(kernels.int_two_level, xb, spec.bits, spec.scale_bits)
+        else:
+            qmax = 2 ** (spec.bits - 1) - 1
+            unit = _units(x.reshape(-1, x.shape[-1]), spec, qmax, global_amax).reshape(())
+            codes, stored = fast.run(kernels.int_float_scale, xb, unit, spec.bits,
+                                     spec.scale_format == "e4m3")
+        data = {"qdata": codes.reshape(codes.shape[0], -1), **_store_scales(stored, unit, spec)}
         return QTensor(self.name, tuple(x.shape), spec.model_dump(), data)
 
     def _dequantize(self, q: QTensor) -> torch.Tensor:
@@ -103,7 +119,7 @@ def _units(rows: torch.Tensor, spec: IntSpec, qmax: int, global_amax: Any) -> to
     if spec.scale_format == "bf16":
         return torch.ones(1, device=rows.device)
     if spec.scale_format == "e4m3":
-        amax = rows.abs().amax() if global_amax is None else torch.as_tensor(global_amax, dtype=torch.float32)
+        amax = amax_of(rows) if global_amax is None else torch.as_tensor(global_amax, dtype=torch.float32)
         amax = amax.reshape(1).to(rows.device)
         return torch.where(amax > 0, amax / (qmax * 448.0), torch.ones_like(amax))
     top = max(2 ** spec.scale_bits - 1, 1)

@@ -20,25 +20,28 @@ def e2m1_codes(y: torch.Tensor) -> torch.Tensor:
     """float32 scaled values -> uint8 codes sign<<3 | index; equals numerics.e2m1_encode.
 
     Counting thresholds passed is the same bucketize with ties to even: '>' where a tie goes
-    down (0.25, 1.25, 2.5, 5) and '>=' where it goes up (0.75, 1.75, 3.5).
+    down (0.25, 1.25, 2.5, 5) and '>=' where it goes up (0.75, 1.75, 3.5). The sign comes
+    from the float's top bit (so -0.0 -> 8). Counting in int32 keeps every lane the width of
+    a float lane, which is what lets inductor vectorize it.
     """
-    a = y.abs()
-    u8 = torch.uint8
-    idx = (((a > 0.25).to(u8) + (a >= 0.75).to(u8)) + ((a > 1.25).to(u8) + (a >= 1.75).to(u8))
-           + (((a > 2.5).to(u8) + (a >= 3.5).to(u8)) + (a > 5.0).to(u8)))
-    return idx | (torch.signbit(y).to(u8) << 3)
+    a, i32 = y.abs(), torch.int32
+    idx = (((a > 0.25).to(i32) + (a >= 0.75).to(i32)) + ((a > 1.25).to(i32) + (a >= 1.75).to(i32))
+           + (((a > 2.5).to(i32) + (a >= 3.5).to(i32)) + (a > 5.0).to(i32)))
+    return (idx | ((y.contiguous().view(i32) >> 28) & 8)).to(torch.uint8)
 
 
 def pack_pairs(codes: torch.Tensor) -> torch.Tensor:
     """uint8 nibbles (..., 2n) -> bytes (..., n), element 2j low; equals numerics.pack_nibbles.
 
-    On little-endian machines a pair is one int16 whose low byte is element 2j, so packing is a
-    shift and an or on contiguous data (vectorizes; strided pair loads do not).
+    On little-endian machines four codes are one int32 c0 | c1<<8 | c2<<16 | c3<<24; t = v | v>>4
+    holds c0 | c1<<4 in byte 0 and c2 | c3<<4 in byte 2, which are gathered into an int16.
+    Contiguous int32 math vectorizes; strided pair loads do not.
     """
-    if not _LITTLE:
+    if not _LITTLE or codes.shape[-1] % 4:
         return pack_nibbles(codes)
-    v = codes.contiguous().view(torch.int16)
-    return (v | (v >> 4)).to(torch.uint8)
+    v = codes.contiguous().view(torch.int32)
+    t = v | (v >> 4)
+    return ((t & 0xFF) | ((t >> 8) & 0xFF00)).to(torch.int16).view(torch.uint8)
 
 
 def round_e4m3(x: torch.Tensor) -> torch.Tensor:
@@ -71,8 +74,18 @@ def scaled_rows(xb: torch.Tensor, max_value: float, dtype: torch.dtype) -> tuple
     xf = xb.to(torch.float32)
     amax = xf.abs().amax(-1).amax(-1, keepdim=True)
     scale = torch.where(amax > 0, amax / max_value, torch.ones_like(amax))
-    q = (xf / scale.unsqueeze(-1)).clamp(-max_value, max_value).to(dtype)
-    return q, scale
+    return scaled_cast(xf, scale, max_value, dtype), scale
+
+
+def scaled_given(xb: torch.Tensor, scale: torch.Tensor, max_value: float, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor]:
+    """xb: (r, nb, 16), scale () f32 -> FP8 `dtype` (r, nb, 16) (one per-tensor scale)."""
+    return (scaled_cast(xb.to(torch.float32), scale.reshape(1, 1), max_value, dtype),)
+
+
+def scaled_cast(xf: torch.Tensor, scale: torch.Tensor, max_value: float, dtype: torch.dtype) -> torch.Tensor:
+    """(r, nb, 16) float32 / scale (r, 1) -> `dtype`, clamped first (an E4M3 cast of 480 is NaN)."""
+    return (xf / scale.unsqueeze(-1)).clamp(-max_value, max_value).to(dtype)
 
 
 def floor_log2(a: torch.Tensor) -> torch.Tensor:

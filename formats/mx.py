@@ -8,14 +8,15 @@ below the OCP choice per block (clip_grid/clip_min do not apply: the scale is a 
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
+from lpc.formats import fast, kernels
 from lpc.formats.clipping import search_block_scales
 from lpc.formats.numerics import (
-    as_rows, e2m1_decode, e2m1_encode, importance_rows, pack_nibbles, pad_last, padded,
-    round_e4m3, row_chunks, unpack_nibbles,
+    as_rows, blocks_of, e2m1_decode, e2m1_encode, importance_rows, pack_nibbles, pad_last, padded,
+    row_chunks, unpack_nibbles,
 )
 from lpc.formats.qtensor import QTensor
 from lpc.formats.registry import BlockSpec, Format
@@ -32,19 +33,14 @@ class MXSpec(BlockSpec):
 
 
 def scale_exponent(amax: torch.Tensor, emax: int) -> torch.Tensor:
-    """amax (any shape) float32 -> int32 exponent floor(log2 amax) - emax in [-127, 127] (0 -> 0).
-
-    frexp gives amax = m * 2^e with m in [0.5, 1), so floor(log2 amax) = e - 1 exactly (a
-    float log2 could round up just below a power of two).
-    """
-    _, e = torch.frexp(amax)
-    exp = (e.to(torch.int32) - 1 - emax).clamp(-E8M0_BIAS, E8M0_BIAS)
-    return torch.where(amax > 0, exp, torch.zeros_like(exp))
+    """amax (any shape) float32 -> int32 exponent floor(log2 amax) - emax in [-127, 127] (0 -> 0),
+    read exactly from the float's bits (a float log2 could round up just below a power of two)."""
+    return kernels.mx_exponent(amax, emax)
 
 
 def exp2(exp: torch.Tensor) -> torch.Tensor:
-    """int32 exponents -> float32 powers of two (exact, subnormal 2^-127 included)."""
-    return torch.ldexp(torch.ones_like(exp, dtype=torch.float32), exp)
+    """int32 exponents in [-127, 127] -> float32 powers of two (exact, 2^-127 included)."""
+    return kernels.pow2(exp.to(torch.int32))
 
 
 class MXFormat(Format):
@@ -53,10 +49,17 @@ class MXFormat(Format):
     Spec = MXSpec
     emax: ClassVar[int]
     elem_bits: ClassVar[int]
-    context_keys = ("importance",)
+    kernel: ClassVar[Callable]  # the fused amax-scaled path (lpc.formats.kernels)
+    # MX has no per-tensor scale: a global_amax (sent to every block format) is accepted, unused.
+    context_keys = ("importance", "global_amax")
 
-    def _quantize(self, x: torch.Tensor, spec: MXSpec, importance: Any = None) -> QTensor:
+    def _quantize(self, x: torch.Tensor, spec: MXSpec, importance: Any = None,
+                  global_amax: Any = None) -> QTensor:
         """x: (..., K) -> qdata (R, Kp*bits/8), scale uint8 (R, Kp/32) biased exponents."""
+        if spec.clip == "none":
+            qdata, scale = fast.run(self.kernel, blocks_of(x, BLOCK))
+            return QTensor(self.name, tuple(x.shape), spec.model_dump(),
+                           {"qdata": qdata.reshape(qdata.shape[0], -1), "scale": scale})
         rows = as_rows(x)
         n_rows, k = rows.shape
         kp = padded(k, BLOCK)
@@ -108,6 +111,7 @@ class MXFormat(Format):
 class MXFP4Base(MXFormat):
     emax = 2
     elem_bits = 4
+    kernel = staticmethod(kernels.mxfp4)
 
     def _encode(self, y: torch.Tensor) -> torch.Tensor:
         """Scaled values (..., 2n) -> packed E2M1 codes (..., n) uint8."""
@@ -120,6 +124,7 @@ class MXFP4Base(MXFormat):
 class MXFP8Base(MXFormat):
     emax = 8
     elem_bits = 8
+    kernel = staticmethod(kernels.mxfp8)
 
     def _encode(self, y: torch.Tensor) -> torch.Tensor:
         """Scaled values -> float8_e4m3fn, saturating at 448 (the cast alone would give NaN)."""

@@ -70,8 +70,9 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def amax_of(x: torch.Tensor) -> torch.Tensor:
-    """max |x| as a 0-d float32, read in x's own dtype (exact, and no float32 copy of x)."""
-    return x.abs().amax().to(torch.float32)
+    """max |x| as a 0-d float32: one pass in x's own dtype (exact; no |x| or float32 copy)."""
+    lo, hi = torch.aminmax(x)
+    return torch.maximum(-lo, hi).to(torch.float32)
 
 
 def blocks_of(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -93,6 +94,10 @@ def pack_bits(values: torch.Tensor, nbits: int) -> torch.Tensor:
 
     Bit b of value j lands at stream position j*nbits + b; byte i holds positions 8i..8i+7.
     """
+    if nbits == 8:
+        return values.to(torch.uint8)
+    if nbits == 4 and values.shape[-1] % 2 == 0:
+        return pack_nibbles(values)  # the same bytes, without a tensor of bits
     shifts = torch.arange(nbits, dtype=torch.uint8, device=values.device)
     bits = ((values.unsqueeze(-1) >> shifts) & 1).reshape(values.shape[0], -1)
     bits = pad_last(bits, 8).reshape(values.shape[0], -1, 8)
@@ -102,6 +107,10 @@ def pack_bits(values: torch.Tensor, nbits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, nbits: int, n: int) -> torch.Tensor:
     """bytes (R, m) -> uint8 values (R, n); inverse of `pack_bits`."""
+    if nbits == 8:
+        return packed[:, :n]
+    if nbits == 4 and n % 2 == 0:
+        return unpack_nibbles(packed)[:, :n]
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     bits = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(packed.shape[0], -1)[:, : n * nbits]
     weights = (1 << torch.arange(nbits, device=packed.device)).to(torch.uint8)

@@ -40,8 +40,9 @@ class BlockSpec(FormatSpec):
 class Format(ABC):
     """A number format: pure tensor -> tensor numerics.
 
-    Subclasses set `name`, `Spec` (a `FormatSpec` subclass) and implement `_quantize`,
-    `dequantize` and `_bits_per_weight`. Fields in a `QTensor.data` are already packed, so
+    Subclasses set `name`, `Spec` (a `FormatSpec` subclass; `BlockSpec` adds clipping and
+    rotation) and implement `_quantize`, `_dequantize` and `_bits_per_weight`; `quantize` and
+    `dequantize` here validate, rotate and unrotate around them. Fields in a `QTensor.data` are already packed, so
     `pack`/`unpack` move them to and from a flat dict of named tensors for safetensors.
     """
 
@@ -137,7 +138,8 @@ def _check_tensor(name: str, x: torch.Tensor) -> None:
     if x.ndim == 0 or x.shape[-1] == 0 or x.numel() == 0:
         raise FormatError(f"{name} cannot quantize a tensor of shape {tuple(x.shape)}",
                           "give a tensor with at least one element along the last dimension")
-    if not torch.isfinite(x).all():
+    lo, hi = torch.aminmax(x)  # NaN and inf reach the extremes: one pass, no temporaries
+    if not (torch.isfinite(lo) and torch.isfinite(hi)):
         raise FormatError(f"{name}: the tensor holds NaN or inf values",
                           "fix the weights before quantizing (they are broken upstream)")
 

@@ -5,8 +5,9 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from lpc.formats import fast, kernels
 from lpc.formats.clipping import block_error, multipliers, search_block_scales
-from lpc.formats.numerics import as_rows, importance_rows, row_chunks
+from lpc.formats.numerics import amax_of, as_rows, blocks_of, importance_rows, row_chunks
 from lpc.formats.qtensor import QTensor
 from lpc.formats.registry import BlockSpec, Format
 
@@ -26,6 +27,8 @@ class ScaledFloat(Format):
     def _quantize(self, x: torch.Tensor, spec: ScaledFloatSpec, global_amax: Any = None,
                   importance: Any = None) -> QTensor:
         """x: (..., K) -> qdata fp8 x.shape, scale f32 (R, 1) per channel or (1,) per tensor."""
+        if spec.clip == "none" and x.shape[-1] % 16 == 0:
+            return self._quantize_plain(x, spec, global_amax)
         rows = as_rows(x)
         weight = None
         if spec.clip == "sensitivity":
@@ -38,6 +41,18 @@ class ScaledFloat(Format):
         qdata = torch.empty(rows.shape, dtype=self.dtype, device=x.device)
         for sl in row_chunks(*rows.shape):
             qdata[sl] = self.cast(rows[sl] / (scale if scale.numel() == 1 else scale[sl]))
+        return QTensor(self.name, tuple(x.shape), spec.model_dump(),
+                       {"qdata": qdata.reshape(x.shape), "scale": scale})
+
+    def _quantize_plain(self, x: torch.Tensor, spec: ScaledFloatSpec, global_amax: Any) -> QTensor:
+        """Amax scaling through the fused kernels (K a multiple of 16, so rows split in blocks)."""
+        xb = blocks_of(x, 16)
+        if spec.granularity == "tensor":
+            amax = amax_of(x) if global_amax is None else torch.as_tensor(global_amax, dtype=torch.float32)
+            scale = self.scale_of(amax.reshape(1)).to(x.device)
+            (qdata,) = fast.run(kernels.scaled_given, xb, scale, self.max_value, self.dtype)
+        else:
+            qdata, scale = fast.run(kernels.scaled_rows, xb, self.max_value, self.dtype)
         return QTensor(self.name, tuple(x.shape), spec.model_dump(),
                        {"qdata": qdata.reshape(x.shape), "scale": scale})
 

@@ -51,12 +51,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LayerInputs:
-    """One layer's inputs, fp32 on the compute device: W and W_q (out, in), C (in, in), g (in,) or None."""
+    """One layer's inputs, fp32 on the compute device: W and W_q (out, in), C (in, in), and with Fisher
+    calibration g_in (in,) = E[(dL/dx)^2] (act_fisher), g_out (out,) ~ E[(dL/dy)^2] (see `_fisher_inputs`)."""
 
     W: torch.Tensor
     Wq: torch.Tensor
     C: torch.Tensor
-    g: torch.Tensor | None
+    g_in: torch.Tensor | None = None
+    g_out: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,9 @@ def _check_stats(names: list[str], stats: dict[str, dict[str, torch.Tensor]], cf
         if "act_cov" not in stats.get(name, {}):
             raise InputError(f"calibration {calib_dir} has no act_cov for layer {name}",
                              "calibrate the same model with the same targets (lpc calibrate MODEL --data ...)")
-        if cfg.method == "espace" and cfg.espace_stat == "grad" and "act_fisher" not in stats[name]:
-            raise InputError(f"compensate.espace_stat=grad needs act_fisher, and calibration {calib_dir} "
+        need = "act_fisher" if cfg.mode == "compress" else "weight_fisher"
+        if cfg.method == "espace" and cfg.espace_stat == "grad" and need not in stats[name]:
+            raise InputError(f"compensate.espace_stat=grad needs {need}, and calibration {calib_dir} "
                              f"has none for layer {name}", "recalibrate with --fisher (calibrate.fisher=true)")
 
 
@@ -172,11 +175,21 @@ def _layer_reader(src: str, qtensors: dict[str, QTensor], stats: dict, device: s
         if tuple(W.shape) != tuple(q.shape):
             raise ArtifactError(f"layer {name}: the original weight is {tuple(W.shape)} but the quantized one "
                                 f"is {tuple(q.shape)}", "the quant artifact was made from another model")
-        g = stats[name].get("act_fisher")
         return LayerInputs(W.to(device), get_format(q.format).dequantize(q).to(device),
-                           stats[name]["act_cov"].float().to(device), None if g is None else g.to(device))
+                           stats[name]["act_cov"].float().to(device), **_fisher_inputs(stats[name], device))
 
     return fetch
+
+
+def _fisher_inputs(stat: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    """g_in = act_fisher (in,); g_out (out,) = sum_i weight_fisher[o, i], which is E[(dL/dy_o)^2] up to
+    one constant factor: with gradients and inputs independent, weight_fisher[o, i] ~ E[g_o^2] C_ii."""
+    out = {}
+    if "act_fisher" in stat:
+        out["g_in"] = stat["act_fisher"].float().to(device)
+    if "weight_fisher" in stat:
+        out["g_out"] = stat["weight_fisher"].double().sum(1).to(device)
+    return out
 
 
 def _original_weights(src: str) -> Callable[[str], torch.Tensor]:
@@ -214,10 +227,27 @@ def _path(cfg: CompensateConfig, x: LayerInputs) -> LowRankPath:
     target = x.W if cfg.mode == "compress" else dW
     cap = min(x.W.shape)
     # The weight statistic models the output error of what is projected: dW for a residual path.
-    P = espace_projection(cfg.espace_stat, cap, x.C, W=target, C_g=x.g, normalize_rows=cfg.normalize_rows)
+    P = espace_projection(cfg.espace_stat, cap, x.C, W=target, C_g=_gradient_stat(cfg, x, dW),
+                          normalize_rows=cfg.normalize_rows)
     split = espace_compress if cfg.mode == "compress" else espace_residual
     return LowRankPath(lambda top: _projection_curve(target, P[:, :top], x.C),
                        lambda r: split(target, P[:, :r]))
+
+
+def _gradient_stat(cfg: CompensateConfig, x: LayerInputs, dW: torch.Tensor) -> torch.Tensor | None:
+    """C_G of ESPACE's gradient statistic, the autocorrelation of the loss gradient seen by P^T x.
+
+    compress: the input x itself is projected, so C_G = diag(act_fisher) (in,).
+    residual: what is left out is the output error dW Pi x, whose first-order loss change is
+    g_y^T dW Pi x; so C_G = dW^T diag(g_out) dW (in, in), the output gradient pulled back through dW
+    (act_fisher is the gradient pulled back through W, which says nothing about where dW errs)."""
+    if cfg.espace_stat != "grad":
+        return None
+    if cfg.mode == "compress":
+        return x.g_in
+    d64 = dW.double()
+    G = d64.T @ (x.g_out[:, None] * d64)
+    return (G + G.T) / 2
 
 
 def _svd_curve(dec: LowRankDecomposition, C: torch.Tensor, cap: int) -> list[float]:
@@ -274,9 +304,9 @@ def _store(cfg: CompensateConfig, recipe: Recipe, B: torch.Tensor, A: torch.Tens
     s = quantize_factors(B.cpu(), A.cpu(), cfg.factor_format)
     if cfg.mode != "compress":
         return {"B": s.B, "A": s.A, "bits": s.bits, "packed": dict(s.packed)}
-    qb = _quantize_projected(B.cpu(), A.cpu(), C.cpu(), recipe)
-    return {"B": get_format(qb.format).dequantize(qb), "A": s.A, "bits": qb.storage_bits() + _stored_bits(s.packed["lora_A"]),
-            "packed": {"lora_B": qb, "lora_A": s.packed["lora_A"]}}
+    qb, a_packed = _quantize_projected(B.cpu(), A.cpu(), C.cpu(), recipe), s.packed["lora_A"]
+    return {"B": get_format(qb.format).dequantize(qb), "A": s.A, "bits": qb.storage_bits() + _stored_bits(a_packed),
+            "packed": {"lora_B": qb, "lora_A": a_packed}}
 
 
 def _stored_bits(v: torch.Tensor | QTensor) -> int:

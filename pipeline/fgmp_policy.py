@@ -25,6 +25,7 @@ from torch import nn
 
 from lpc.formats.fgmp import block_scores
 from lpc.pipeline.errors import InputError, RecipeError
+from lpc.pipeline.fisher import input_device
 from lpc.pipeline.progress import Progress, track
 
 logger = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ def collect_activation_scores(model: nn.Module, batches: Iterable[torch.Tensor],
 
     with _eval_no_grad(model), _forward_hooks(targets, hook):
         for batch in track(batches, "activation scores", progress):
-            model(input_ids=batch.reshape(-1, batch.shape[-1]), use_cache=False)
+            model(input_ids=batch.reshape(-1, batch.shape[-1]).to(input_device(model)), use_cache=False)
     return {name: pool.result() for name, pool in pools.items()}
 
 

@@ -98,9 +98,17 @@ def fisher_statistics(model: nn.Module, batches: Iterable[torch.Tensor],
 
 def _backward_one(model: nn.Module, ids: torch.Tensor) -> None:
     """ids: (1, T) -> one backward of the sample's mean next-token loss (hooks collect)."""
+    ids = ids.to(input_device(model))
     logits = model(input_ids=ids, use_cache=False).logits
     loss = F.cross_entropy(logits[0, :-1].to(torch.float32), ids[0, 1:])
     loss.backward()
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Device of the model's input embeddings (where token ids must go)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    param = emb.weight if emb is not None else next(model.parameters())
+    return param.device
 
 
 def _rows(batch: torch.Tensor) -> Iterator[torch.Tensor]:

@@ -11,7 +11,10 @@ from lpc.pipeline.errors import ArtifactError
 
 
 def inspect_artifact(path: Path, plot: Path | None = None) -> dict[str, Any]:
-    """Per-layer format, shape, bits, errors (and rank) from an artifact's manifest."""
+    """Per-layer format, shape, bits, errors (and rank) from an artifact's manifest.
+
+    For a compensate artifact each row also has `rank`, `method` and `rel_output_error_before`
+    (the relative output error of the quantized weight alone; `rel_output_error` is with the path)."""
     m = art.read_manifest(path)
     rows = []
     for name, rec in sorted(m.get("layers", {}).items()):
@@ -21,6 +24,8 @@ def inspect_artifact(path: Path, plot: Path | None = None) -> dict[str, Any]:
                      "shape": "x".join(str(d) for d in rec.get("shape", [])) or "-",
                      "bits": rec.get("bits_per_weight"), "sqnr_db": rec.get("sqnr_db"),
                      "rel_output_error": rec.get("rel_output_error"), "rank": rec.get("rank"),
+                     # compensate artifacts: the error before the low-rank path (rel_output_error is after)
+                     "rel_output_error_before": rec.get("rel_output_error_before"), "method": rec.get("method"),
                      "high_fraction": rec.get("high_fraction")})
     info = {"stage": m.get("stage"), "bits_per_weight": m.get("bits_per_weight", m.get("summary", {}).get("bits_per_weight")),
             "summary": m.get("summary", {}), "layers": rows, "has_rank": any(r["rank"] is not None for r in rows)}

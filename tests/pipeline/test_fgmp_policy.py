@@ -164,7 +164,7 @@ def test_activation_threshold_quantile_rule():
         activation_threshold(s, 2.0)
 
 
-@pytest.mark.parametrize("shape, p", [((8, 64), 0.3), ((5, 40), 0.5), ((3, 200), 0.0), ((16, 16), 0.9)])
+@pytest.mark.parametrize("shape, p", [((8, 64), 0.3), ((5, 40), 0.5), ((3, 200), 0.0), ((16, 16), 0.9), ((16, 24), 1.0)])
 def test_layer_bits_equal_stored_bits(shape, p):
     g = torch.Generator().manual_seed(shape[1])
     w = torch.randn(shape, generator=g)
