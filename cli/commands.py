@@ -182,9 +182,10 @@ def inspect(path: Annotated[Path, typer.Argument(help="any lpc artifact director
     if json_out:
         render.print_json(info)
         return
-    cols = ["layer", "format", "shape", "bits", "sqnr dB", "rel out err"] + (["rank"] if info["has_rank"] else [])
+    cols = ["layer", "format", "shape", "bits", "sqnr dB", "rel out err"]
+    cols += ["rank", "err before"] if info["has_rank"] else []
     rows = [[r["layer"], r["format"], r["shape"], r["bits"], r.get("sqnr_db"), r.get("rel_output_error")]
-            + ([r.get("rank")] if info["has_rank"] else []) for r in info["layers"]]
+            + ([r.get("rank"), r.get("rel_output_error_before")] if info["has_rank"] else []) for r in info["layers"]]
     render.out_console.print(render.table(f"{info['stage']} artifact {path}", cols, rows))
     render.out_console.print(f"bits per weight: {render.fmt(info.get('bits_per_weight'))}")
 
