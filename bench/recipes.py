@@ -45,7 +45,7 @@ ROWS = {
 def run_row(label: str, recipe: str, sets: list[str], work: Path) -> dict:
     model = ASSETS / "models" / "stories260K"
     heldout = ASSETS / "data" / "tinystories" / "heldout.jsonl"
-    cmd = [sys.executable, "-m", "lpc.cli.main", "compress", str(model), "--recipe", recipe,
+    cmd = [sys.executable, "-m", "lpc.cli", "compress", str(model), "--recipe", recipe,
            "--data", str(ASSETS / "data" / "tinystories" / "calib.jsonl"), "--ppl", str(heldout),
            "-o", str(work / label.replace(" ", "_").replace("/", "_")), "--overwrite", "--json"]
     for s in sets:

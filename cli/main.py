@@ -77,6 +77,3 @@ from lpc.cli import cmd_compensate  # noqa: E402,F401  (registers `lpc compensat
 def main() -> None:
     app()
 
-
-if __name__ == "__main__":
-    main()
