@@ -32,6 +32,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = kwargs.get("debug", False) or os.environ.get("LPC_DEBUG", "") not in ("", "0")
         logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        _quiet_libraries(debug)
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
@@ -52,6 +53,23 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _quiet_libraries(debug: bool) -> None:
+    """lpc draws its own progress; the libraries' tqdm bars and info chatter would interleave."""
+    if debug:
+        return
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:  # transformers is a dependency; this only guards odd environments
+        pass
+    for name in ("lm-eval", "lm_eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _recipe(recipe: str, sets: list[str] | None):
