@@ -107,3 +107,15 @@ def test_gptq_lowers_output_error_and_stores_a_plain_qtensor():
 
     assert q.format == "nvfp4" and q.data["qdata"].shape == (40, 24)
     assert out_err(g) < 0.8 * out_err(rtn)
+
+
+def test_inspect_reports_mix_and_draws_precision_map(fisher_calib, tiny_model_dir, tmp_path):
+    from lpc.pipeline.inspect import inspect_artifact
+
+    recipe = load_recipe("fgmp_nvfp4a16", SMALL + ["allocate.fraction=0.5"])
+    allocate(fisher_calib / "calib", recipe, fisher_calib / "a-inspect")
+    _quantize_with(fisher_calib / "a-inspect", recipe, tiny_model_dir, fisher_calib / "q-inspect")
+    info = inspect_artifact(fisher_calib / "q-inspect", plot=tmp_path / "map.png")
+    assert {r["format"] for r in info["layers"]} == {"fgmp"} and len(info["layers"]) == 14
+    assert all(r["bits"] > 4.5 for r in info["layers"]) and info["bits_per_weight"] > 6.0
+    assert (tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"
