@@ -6,6 +6,7 @@ Linear `<m>` (its `<m>.weight` is absent), every other tensor unchanged.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -26,6 +27,9 @@ QUANT_METHOD = "lpc"
 PATH_FIELDS = ("bias", "weight", "lora_A", "lora_B")
 # Auxiliary tensors (activation-plan statistics and the like) live under this key prefix.
 AUX_PREFIX = "lpc."
+# Format fields that many layers may hold identically (LO-BCQ's model-wide codebooks): stored once.
+SHARED_FIELDS = ("codebook",)
+SHARED_PREFIX = AUX_PREFIX + "shared."
 
 
 def dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -42,18 +46,56 @@ def dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[st
     return out, dropped
 
 
+def share_fields(qtensors: dict[str, QTensor]) -> tuple[dict[str, dict[str, str]], dict[str, torch.Tensor]]:
+    """Fields in SHARED_FIELDS that two or more layers hold bit for bit, to be stored once.
+
+    Returns (refs: layer -> {field: key}, shared: key -> tensor); keys are `lpc.shared.<field>.<i>`
+    in first-use order over sorted layer names (deterministic).
+    """
+    groups: dict[tuple[str, str], list[str]] = {}
+    tensors: dict[tuple[str, str], torch.Tensor] = {}
+    for name in sorted(qtensors):
+        for field in SHARED_FIELDS:
+            t = qtensors[name].data.get(field)
+            if t is None:
+                continue
+            digest = hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                                    + str((t.dtype, tuple(t.shape))).encode()).hexdigest()
+            groups.setdefault((field, digest), []).append(name)
+            tensors[(field, digest)] = t
+    refs: dict[str, dict[str, str]] = {}
+    shared: dict[str, torch.Tensor] = {}
+    for i, (gk, names) in enumerate(g for g in groups.items() if len(g[1]) > 1):
+        key = f"{SHARED_PREFIX}{gk[0]}.{i}"
+        shared[key] = tensors[gk]
+        for name in names:
+            refs.setdefault(name, {})[gk[0]] = key
+    return refs, shared
+
+
+def shared_bits(qtensors: dict[str, QTensor]) -> tuple[int, dict[str, int]]:
+    """(bits of the shared tensors, counted once; per layer, the bits its shared fields would cost)."""
+    refs, shared = share_fields(qtensors)
+    per_layer = {n: sum(qtensors[n].data[f].numel() * qtensors[n].data[f].element_size() * 8 for f in r)
+                 for n, r in refs.items()}
+    return sum(t.numel() * t.element_size() * 8 for t in shared.values()), per_layer
+
+
 def write_lpc_model(directory: Path, model: nn.Module, qtensors: dict[str, QTensor],
                     extra_tensors: dict[str, torch.Tensor] | None = None,
                     extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write config.json + model.safetensors of an lpc artifact into `directory`; returns the qconfig."""
     state, tied = dedup_state_dict(model)
     tensors = {k: v for k, v in state.items() if k.removesuffix(".weight") not in qtensors or not k.endswith(".weight")}
+    refs, shared = share_fields(qtensors)
     for name, q in qtensors.items():
         for field, t in get_format(q.format).pack(q).items():
-            tensors[f"{name}.{field}"] = t
+            if field not in refs.get(name, {}):
+                tensors[f"{name}.{field}"] = t
+    tensors.update(shared)
     tensors.update(extra_tensors or {})
-    qconfig = {"quant_method": QUANT_METHOD, "layers": {n: q.meta() for n, q in sorted(qtensors.items())},
-               "tied": tied, **(extra_config or {})}
+    layers = {n: {**q.meta(), **({"shared": refs[n]} if n in refs else {})} for n, q in sorted(qtensors.items())}
+    qconfig = {"quant_method": QUANT_METHOD, "layers": layers, "tied": tied, **(extra_config or {})}
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["quantization_config"] = qconfig
@@ -86,10 +128,17 @@ def read_qtensors(directory: Path, qconfig: dict[str, Any],
         fields = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)
                                                               and "." not in k[len(prefix):]]
                   if k[len(prefix):] not in PATH_FIELDS}
+        for field, key in meta.get("shared", {}).items():
+            if key not in tensors:
+                raise ArtifactError(f"layer {name} refers to a missing shared tensor {key}",
+                                    "the artifact is incomplete; re-run the stage that wrote it")
+            fields[field] = tensors[key]
         fmt = get_format(meta["format"])
         q = fmt.unpack(fields, meta)
         _check_fields(name, q)
         qtensors[name] = q
+    for key in [k for k in tensors if k.startswith(SHARED_PREFIX)]:
+        tensors.pop(key)
     return qtensors, tensors
 
 

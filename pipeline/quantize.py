@@ -116,11 +116,18 @@ def quantize_layers(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any
 
 
 def bits_summary(model: nn.Module, qtensors: dict[str, QTensor], targets: dict[str, nn.Linear]) -> dict[str, float]:
-    """Average bits per weight over target Linear weights (unquantized targets count 16/32 bits)."""
-    bits = numel = 0
+    """Average bits per weight over target Linear weights (unquantized targets count 16/32 bits).
+
+    Fields stored once for many layers (a model-wide codebook) count once.
+    """
+    from lpc.pipeline.lpc_model import shared_bits
+
+    bits, per_layer = shared_bits(qtensors)
+    numel = 0
     for name, mod in targets.items():
         n = mod.weight.numel()
         numel += n
-        bits += qtensors[name].storage_bits() if name in qtensors else n * mod.weight.element_size() * 8
+        stored = qtensors[name].storage_bits() - per_layer.get(name, 0) if name in qtensors else None
+        bits += stored if stored is not None else n * mod.weight.element_size() * 8
     return {"bits_per_weight": bits / max(numel, 1), "quantized_layers": len(qtensors),
             "target_layers": len(targets), "target_params": numel}

@@ -18,7 +18,7 @@ from lpc.pipeline import artifact as art
 from lpc.pipeline.calibrate import STATS_FILE, collect_input_stats, data_inputs, read_stats, stats_tensors
 from lpc.pipeline.data import calibration_batches
 from lpc.pipeline.errors import ArtifactError
-from lpc.pipeline.lpc_model import AUX_PREFIX, WEIGHTS, read_qconfig, write_lpc_model
+from lpc.pipeline.lpc_model import AUX_PREFIX, WEIGHTS, read_qconfig, shared_bits, write_lpc_model
 from lpc.pipeline.model_io import (
     copy_tokenizer_files, find_targets, load_hf_model, load_tokenizer, model_files, resolve_model,
 )
@@ -119,6 +119,10 @@ def quantize(model: str, recipe: Recipe, out: Path, calib: Path | None = None,
         write_lpc_model(tmp, m, qtensors, extra_tensors=aux, extra_config={"activations": acts} if acts else None)
         copy_tokenizer_files(src, tmp)
         summary = bits_summary(m, qtensors, targets)
+        _, per_layer = shared_bits(qtensors)
+        for name, own in per_layer.items():  # per-layer bits leave out what is stored once for all
+            records[name]["bits_per_weight"] = (qtensors[name].storage_bits() - own) / qtensors[name].numel
+            records[name]["shared_fields"] = True
         summary["activations"] = recipe.quantize.activations.format if recipe.quantize.activations else None
         return {"recipe": recipe.model_dump(mode="json"), "layers": records, "summary": summary,
                 "bits_per_weight": summary["bits_per_weight"]}

@@ -141,3 +141,20 @@ def test_fuse_groups_partition():
     groups = fuse_groups(names, [["q_proj", "k_proj", "v_proj"]])
     assert sorted(map(sorted, groups)) == [["m.l.0.a.k_proj", "m.l.0.a.q_proj", "m.l.0.a.v_proj"],
                                            ["m.l.0.a.o_proj"], ["m.l.1.a.q_proj"]]
+
+
+def test_model_wide_codebook_is_stored_once(tmp_path, tiny_model_dir):
+    from lpc.pipeline.artifact import load_tensors
+
+    res = stages.quantize(str(tiny_model_dir), load_recipe("bcq"), tmp_path / "q")
+    tensors = load_tensors(tmp_path / "q" / "model.safetensors")
+    books = [k for k in tensors if "codebook" in k]
+    assert books == ["lpc.shared.codebook.0"] and tuple(tensors[books[0]].shape) == (16, 16)
+    qt, plain = read_qtensors(tmp_path / "q", read_qconfig(tmp_path / "q"))
+    assert all(torch.equal(q.data["codebook"], tensors[books[0]]) for q in qt.values())
+    assert not any(k.startswith("lpc.") for k in plain)
+    per_tensor_copies = sum(q.storage_bits() for q in qt.values()) / sum(q.numel for q in qt.values())
+    assert res.manifest["bits_per_weight"] < per_tensor_copies - 0.5  # 2048 bits saved per 32x32..40 layer
+    model, _ = load(tmp_path / "q")
+    layer = model.get_submodule("model.layers.0.mlp.up_proj")
+    torch.testing.assert_close(layer.weight, get_format("bcq").dequantize(qt["model.layers.0.mlp.up_proj"]))
