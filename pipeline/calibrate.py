@@ -22,27 +22,47 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class InputStats:
-    """Running statistics of a Linear's input x (in,): absmax, sum of x x^T (fp64), rows seen."""
+    """Running statistics of a Linear's input x (in,): absmax, sum of x x^T (fp64), rows seen.
 
+    The fp64 sum is allocated on first use and dropped by `finish()`, which keeps only the fp32
+    covariance: layer-by-layer calibration finishes each layer as soon as its pass is done, so
+    only one layer's fp64 buffers exist at a time.
+    """
+
+    in_features: int
     absmax: torch.Tensor
-    xtx: torch.Tensor
+    xtx: torch.Tensor | None = None
     count: int = 0
+    cov: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, in_features: int) -> "InputStats":
-        return cls(torch.zeros(in_features), torch.zeros(in_features, in_features, dtype=torch.float64))
+        return cls(in_features, torch.zeros(in_features))
 
     def update(self, x: torch.Tensor) -> None:
+        if self.cov is not None:
+            raise RuntimeError("statistics were finished; no more updates")
         rows = x.detach().reshape(-1, x.shape[-1])
         self.absmax = torch.maximum(self.absmax, rows.abs().amax(0).float().cpu())
         r64 = rows.double()
+        if self.xtx is None:
+            self.xtx = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
         self.xtx += (r64.T @ r64).cpu()
         self.count += rows.shape[0]
 
     def covariance(self) -> torch.Tensor:
         """X^T X / n as float32 (in, in)."""
+        if self.cov is not None:
+            return self.cov
+        if self.xtx is None:
+            return torch.zeros(self.in_features, self.in_features)
         return (self.xtx / max(self.count, 1)).float()
+
+    def finish(self) -> None:
+        """Keep only the fp32 covariance (frees the fp64 running sum)."""
+        self.cov = self.covariance()
+        self.xtx = None
 
 
 class _Stop(Exception):
@@ -59,13 +79,18 @@ def _attach(targets: dict[str, nn.Linear], stats: dict[str, InputStats]) -> list
 
 @torch.no_grad()
 def collect_input_stats(model: nn.Module, batches: list[torch.Tensor], targets: dict[str, nn.Linear],
-                        progress: Progress | None = None, device: str = "cpu") -> dict[str, InputStats]:
-    """Per target Linear: input absmax (in,), X^T X (fp64), token count, over all `batches`."""
+                        progress: Progress | None = None, device: str = "cpu",
+                        store: Any = None) -> dict[str, InputStats]:
+    """Per target Linear: input absmax (in,), X^T X (fp64), token count, over all `batches`.
+
+    store: a `streaming.WeightStore` when `model` is a meta skeleton: each decoder layer's weights
+    are then loaded for its turn and released after it.
+    """
     stats = {name: InputStats.empty(mod.in_features) for name, mod in targets.items()}
     found = decoder_layers(model)
     inside = {n for n in targets if found and n.startswith(found[0] + ".")}
     if found and inside:
-        _layerwise(model, batches, {n: targets[n] for n in inside}, stats, found, progress, device)
+        _layerwise(model, batches, {n: targets[n] for n in inside}, stats, found, progress, device, store)
     rest = {n: m for n, m in targets.items() if n not in inside}
     if rest:
         if found is None:
@@ -118,13 +143,16 @@ def _outside_layers(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
     return [m for m in model.modules() if id(m) not in inside and not any(True for _ in m.children())]
 
 
-def _layerwise(model, batches, targets, stats, found, progress, device) -> None:
+def _layerwise(model, batches, targets, stats, found, progress, device, store=None) -> None:
     path, layers = found
     states = _capture_layer0(model, layers, batches, device)
     for i, layer in track(list(enumerate(layers)), "calibrate (layer by layer)", progress):
         prefix = f"{path}.{i}."
         mine = {n: m for n, m in targets.items() if n.startswith(prefix)}
         handles = _attach(mine, stats)
+        if store is not None:
+            from lpc.pipeline.streaming import materialize
+            materialize(layer, f"{path}.{i}", store)
         layer.to(device)
         try:
             for j, (args, kwargs) in enumerate(states):
@@ -134,7 +162,12 @@ def _layerwise(model, batches, targets, stats, found, progress, device) -> None:
         finally:
             for h in handles:
                 h.remove()
+            for name in mine:
+                stats[name].finish()
             layer.to("cpu")
+            if store is not None:
+                from lpc.pipeline.streaming import release
+                release(layer)
 
 
 STATS_FILE = "stats.safetensors"

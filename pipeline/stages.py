@@ -23,12 +23,13 @@ from lpc.pipeline.model_io import (
     copy_tokenizer_files, find_targets, load_hf_model, load_tokenizer, model_files, resolve_model,
 )
 from lpc.pipeline.progress import Progress
+from lpc.pipeline.streaming import open_for_calibration
 from lpc.pipeline.quantize import bits_summary, plan_from_recipe, quantize_layers
 from lpc.recipes.schema import Recipe
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("lpc", "dense", "peft")
+EXPORT_FORMATS = ("lpc", "dense", "peft", "compressed-tensors")
 
 
 @dataclass
@@ -71,10 +72,15 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
               "seed": c.seed, "targets": recipe.targets, "ignore": recipe.ignore}
 
     def body(tmp: Path) -> dict[str, Any]:
-        m, tok = load_hf_model(src), load_tokenizer(src)
+        tok = load_tokenizer(src)
+        # Fisher (backward passes) and `--data self` (generation) need the whole model; plain
+        # statistics stream one decoder layer at a time from the checkpoint.
+        opened = None if c.fisher or data == "self" or not Path(src).is_dir() else \
+            open_for_calibration(src, recipe.targets, recipe.ignore)
+        m, store = opened if opened else (load_hf_model(src), None)
         targets = find_targets(m, recipe.targets, recipe.ignore)
         batches = calibration_batches(data, tok, c.samples, c.seq_len, model=m, seed=c.seed)
-        stats = collect_input_stats(m, batches, targets, progress, device)
+        stats = collect_input_stats(m, batches, targets, progress, device, store=store)
         if c.fisher:
             _add_fisher(m, batches, targets, stats, progress, device)
         art.save_tensors(stats_tensors(stats), tmp / STATS_FILE)
@@ -156,7 +162,8 @@ def activation_config(recipe: Recipe, qtensors: dict[str, Any], stats, plan: dic
 def export(src: Path, out: Path, fmt: str = "lpc", overwrite: bool = False,
            progress: Progress | None = None) -> StageResult:
     """Write a deployable model: `lpc` (packed, as is), `dense` (dequantized, low-rank paths merged,
-    loadable anywhere) or `peft` (dense quantized base + PEFT LoRA adapter in adapter/)."""
+    loadable anywhere), `peft` (dense quantized base + PEFT LoRA adapter in adapter/) or
+    `compressed-tensors` (NVFP4/FP8 layers in compressed-tensors' layout, see export_ct)."""
     manifest = art.read_manifest(src, ("quantize", "compensate", "export"))
     problems = art.verify_files(src, manifest)
     if problems:
@@ -172,6 +179,9 @@ def export(src: Path, out: Path, fmt: str = "lpc", overwrite: bool = False,
         elif fmt == "peft":
             from lpc.pipeline.peft_export import write_peft
             summary.update(write_peft(Path(src), tmp))
+        elif fmt == "compressed-tensors":
+            from lpc.pipeline.export_ct import write_compressed_tensors
+            summary.update(write_compressed_tensors(Path(src), tmp))
         else:
             summary["dropped"] = _write_dense(Path(src), tmp)
         summary["format"] = fmt

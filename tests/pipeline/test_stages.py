@@ -32,7 +32,8 @@ def test_layerwise_calibration_equals_whole_model_hooks(model_and_batches):
     _whole_model(model, batches, targets, reference, None, "cpu")
     for name in targets:
         assert layerwise[name].count == reference[name].count == sum(b.shape[1] for b in batches)
-        torch.testing.assert_close(layerwise[name].xtx, reference[name].xtx, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(layerwise[name].covariance(), reference[name].covariance(), rtol=1e-6, atol=1e-9)
+        assert layerwise[name].xtx is None  # finished as soon as its layer was done
         torch.testing.assert_close(layerwise[name].absmax, reference[name].absmax)
 
 
@@ -158,3 +159,30 @@ def test_model_wide_codebook_is_stored_once(tmp_path, tiny_model_dir):
     model, _ = load(tmp_path / "q")
     layer = model.get_submodule("model.layers.0.mlp.up_proj")
     torch.testing.assert_close(layer.weight, get_format("bcq").dequantize(qt["model.layers.0.mlp.up_proj"]))
+
+
+def test_streamed_calibration_equals_whole_model_and_holds_one_layer(tmp_path, text_files):
+    from conftest import build_tiny_llama
+    from lpc.pipeline.model_io import decoder_layers
+    from lpc.pipeline.streaming import open_for_calibration, resident_params
+
+    model_dir = tmp_path / "deep"
+    whole = build_tiny_llama(model_dir, seed=1, layers=4)
+    tok = load_tokenizer(model_dir)
+    batches = calibration_batches(str(text_files["jsonl"]), tok, 4, 24)
+    reference = collect_input_stats(whole, batches, find_targets(whole, ["*"], ["lm_head"]))
+    skel, store = open_for_calibration(model_dir, ["*"], ["lm_head"])
+    _, layers = decoder_layers(skel)
+    outside = resident_params(skel)
+    seen = []
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda m, a: seen.append(resident_params(skel) - outside))
+    streamed = collect_input_stats(skel, batches, find_targets(skel, ["*"], ["lm_head"]), store=store)
+    per_layer = sum(p.numel() for p in whole.model.layers[0].parameters())
+    # The capture of layer 0's inputs runs with no layer loaded; then exactly one layer at a time.
+    assert seen.count(0) == len(batches) and seen.count(per_layer) == len(batches) * len(layers)
+    assert set(seen) == {0, per_layer}
+    assert resident_params(skel) == outside
+    for name, s in reference.items():
+        assert streamed[name].count == s.count
+        torch.testing.assert_close(streamed[name].covariance(), s.covariance(), rtol=1e-6, atol=1e-9)

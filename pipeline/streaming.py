@@ -1,0 +1,150 @@
+"""Weights on demand: a model skeleton whose parameters live on the meta device, filled one module at
+a time from the checkpoint's safetensors files (memory-mapped) and emptied again afterwards.
+
+Calibration walks the decoder layers this way, so peak memory is the embeddings and head plus one
+layer, whatever the depth. Buffers (rotary tables) are built normally by the model's constructor.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from lpc.pipeline.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+class StreamingUnsupported(Exception):
+    """The checkpoint cannot be streamed (no local safetensors, renamed keys); load it whole."""
+
+
+class WeightStore:
+    """Where each tensor of a local safetensors checkpoint lives (single file or sharded index)."""
+
+    def __init__(self, model_dir: str | Path):
+        d = Path(model_dir)
+        index = d / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {k: d / f for k, f in weight_map.items()}
+        elif (d / "model.safetensors").is_file():
+            with safe_open(str(d / "model.safetensors"), framework="pt") as fh:
+                self.files = {k: d / "model.safetensors" for k in fh.keys()}
+        else:
+            raise StreamingUnsupported(f"{d} has no safetensors weights")
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(str(self.files[name]), framework="pt") as fh:
+            return fh.get_tensor(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+
+def skeleton(model_dir: str | Path) -> nn.Module:
+    """The model built from its config with parameters on meta (no weight memory), eval mode."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    return model.eval().requires_grad_(False)
+
+
+def check_streamable(model: nn.Module, store: WeightStore) -> None:
+    """Every parameter must be in the checkpoint under its own name (or be a tied copy)."""
+    tied = _tied_names(model)
+    missing = [n for n, _ in model.named_parameters(remove_duplicate=False) if n not in store and n not in tied]
+    if missing:
+        raise StreamingUnsupported(f"checkpoint keys differ from the model's, e.g. {missing[0]}")
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Parameter names that share storage with an earlier one (tied embeddings)."""
+    out = set()
+    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
+        for n, p in model.named_parameters(remove_duplicate=False):
+            if p is model.get_output_embeddings().weight and n != _input_embedding_name(model):
+                out.add(n)
+    return out
+
+
+def _input_embedding_name(model: nn.Module) -> str:
+    emb = model.get_input_embeddings()
+    return next(f"{n}.weight" for n, m in model.named_modules() if m is emb)
+
+
+def materialize(module: nn.Module, prefix: str, store: WeightStore, device: str = "cpu") -> None:
+    """Load the parameters of `module` (named `prefix` in the model) from the checkpoint."""
+    for local, p in list(module.named_parameters(recurse=True)):
+        full = f"{prefix}.{local}" if prefix else local
+        if full not in store:
+            continue  # a tied copy: filled by `tie`
+        t = store.get(full).to(device=device, dtype=p.dtype)
+        if not torch.isfinite(t).all():
+            raise InputError(f"model has NaN or inf values in {full}", "the checkpoint is broken; re-export it")
+        owner, _, leaf = local.rpartition(".")
+        mod = module.get_submodule(owner) if owner else module
+        mod._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+
+
+def release(module: nn.Module) -> None:
+    """Send the parameters of `module` back to meta, freeing their memory."""
+    for local, p in list(module.named_parameters(recurse=True)):
+        owner, _, leaf = local.rpartition(".")
+        mod = module.get_submodule(owner) if owner else module
+        mod._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+
+def tie(model: nn.Module) -> None:
+    """Point tied output embeddings at the (materialized) input embeddings."""
+    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+
+
+def resident_params(model: nn.Module) -> int:
+    """Number of parameter elements currently holding memory (not on meta)."""
+    return sum(p.numel() for p in model.parameters() if p.device.type != "meta")
+
+
+def materialize_outside(model: nn.Module, layers_path: str, store: WeightStore) -> None:
+    """Load every parameter that is not inside the decoder stack `layers_path` (embeddings, norm, head)."""
+    inside = layers_path + "."
+    for name, module in model.named_modules():
+        if name.startswith(inside) or name == layers_path:
+            continue
+        for leaf, p in list(module.named_parameters(recurse=False)):
+            full = f"{name}.{leaf}" if name else leaf
+            if full in store and p.device.type == "meta":
+                t = store.get(full).to(dtype=p.dtype)
+                if not torch.isfinite(t).all():
+                    raise InputError(f"model has NaN or inf values in {full}", "the checkpoint is broken; re-export it")
+                module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+    tie(model)
+
+
+def open_for_calibration(model_dir: str | Path, targets: list[str], ignore: list[str]):
+    """(skeleton with everything but the decoder layers loaded, store), or None when the model
+    cannot be streamed or a target lies outside the decoder layers (then load it whole)."""
+    from lpc.pipeline.model_io import decoder_layers, find_targets
+
+    try:
+        store = WeightStore(model_dir)
+        model = skeleton(model_dir)
+        check_streamable(model, store)
+    except StreamingUnsupported as err:
+        log.info("%s: calibrating on the whole model", err)
+        return None
+    found = decoder_layers(model)
+    names = find_targets(model, targets, ignore)
+    if found is None or any(not n.startswith(found[0] + ".") for n in names):
+        log.info("targets outside a decoder-layer stack: calibrating on the whole model")
+        return None
+    materialize_outside(model, found[0], store)
+    return model, store
