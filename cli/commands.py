@@ -70,9 +70,9 @@ def layer_plan_calib(plan_dir: Path) -> Path | None:
 @app.command()
 @guarded
 def export(src: Annotated[Path, typer.Argument(help="quantize/compensate artifact")], out: Out,
-           fmt: Annotated[str, typer.Option("--format", help="lpc | dense | peft")] = "lpc",
+           fmt: Annotated[str, typer.Option("--format", help="lpc | dense | peft | compressed-tensors")] = "lpc",
            overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False) -> None:
-    """Write a deployable model: packed lpc, dense (dequantized), or a PEFT adapter."""
+    """Write a deployable model: packed lpc, dense (dequantized), a PEFT adapter, or compressed-tensors."""
     from lpc.pipeline import stages
     from lpc.pipeline.errors import InputError
 

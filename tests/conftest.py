@@ -87,3 +87,9 @@ def assets_dir() -> Path:
     if not ASSETS.is_dir():
         pytest.skip(f"assets not present at {ASSETS} (set LPC_ASSETS)")
     return ASSETS
+
+
+@pytest.fixture(scope="session")
+def build_llama():
+    """The tiny-Llama builder, for tests that need another depth or seed."""
+    return build_tiny_llama

@@ -161,13 +161,12 @@ def test_model_wide_codebook_is_stored_once(tmp_path, tiny_model_dir):
     torch.testing.assert_close(layer.weight, get_format("bcq").dequantize(qt["model.layers.0.mlp.up_proj"]))
 
 
-def test_streamed_calibration_equals_whole_model_and_holds_one_layer(tmp_path, text_files):
-    from conftest import build_tiny_llama
+def test_streamed_calibration_equals_whole_model_and_holds_one_layer(tmp_path, text_files, build_llama):
     from lpc.pipeline.model_io import decoder_layers
     from lpc.pipeline.streaming import open_for_calibration, resident_params
 
     model_dir = tmp_path / "deep"
-    whole = build_tiny_llama(model_dir, seed=1, layers=4)
+    whole = build_llama(model_dir, seed=1, layers=4)
     tok = load_tokenizer(model_dir)
     batches = calibration_batches(str(text_files["jsonl"]), tok, 4, 24)
     reference = collect_input_stats(whole, batches, find_targets(whole, ["*"], ["lm_head"]))
