@@ -8,6 +8,8 @@ below the OCP choice per block (clip_grid/clip_min do not apply: the scale is a 
 """
 from __future__ import annotations
 
+from abc import abstractmethod
+
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -101,11 +103,13 @@ class MXFormat(Format):
     def _bits_per_weight(self, spec: MXSpec) -> float:
         return self.elem_bits + 8.0 / BLOCK
 
+    @abstractmethod
     def _encode(self, y: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Scaled float32 elements -> element codes (the E2M1 or E4M3 grid of the subclass)."""
 
+    @abstractmethod
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Element codes -> float32 values."""
 
 
 class MXFP4Base(MXFormat):
