@@ -25,7 +25,7 @@ from lpc.pipeline.calibrate import STATS_FILE, read_stats
 from lpc.pipeline.data import calibration_batches
 from lpc.pipeline.errors import InputError, RecipeError
 from lpc.pipeline.model_io import find_targets, load_hf_model, load_tokenizer, model_files
-from lpc.pipeline.progress import Progress, track
+from lpc.pipeline.progress import Progress
 from lpc.pipeline.quantize import group_amax
 from lpc.pipeline.stages import StageResult, _run
 from lpc.recipes.schema import Recipe

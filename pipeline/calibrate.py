@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -120,7 +121,6 @@ def _capture_layer0(model, layers: nn.ModuleList, batches, device) -> list[tuple
         raise _Stop
 
     handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    moved = [m for m in model.children() if m is not layers]
     try:
         for m in _outside_layers(model, layers):
             m.to(device)
@@ -133,7 +133,6 @@ def _capture_layer0(model, layers: nn.ModuleList, batches, device) -> list[tuple
         handle.remove()
         for m in _outside_layers(model, layers):
             m.to("cpu")
-    del moved
     return captured
 
 
@@ -175,8 +174,6 @@ STATS_FILE = "stats.safetensors"
 
 def data_inputs(data: str) -> list[str]:
     """Files whose content a calibration depends on (for the manifest's input hashes)."""
-    from pathlib import Path
-
     p = Path(data)
     if p.is_file():
         return [str(p)]
@@ -199,8 +196,6 @@ def stats_tensors(stats: dict[str, InputStats]) -> dict[str, torch.Tensor]:
 
 def read_stats(calib_dir) -> dict[str, dict[str, torch.Tensor]]:
     """stats.safetensors of a calibration artifact -> {layer: {"act_cov": ..., "act_absmax": ...}}."""
-    from pathlib import Path
-
     from lpc.pipeline.artifact import load_tensors, read_manifest
 
     read_manifest(calib_dir, "calibrate")

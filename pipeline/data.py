@@ -78,7 +78,9 @@ def _load_hub(name: str):
 
 
 def _dataset_texts(ds: Any, limit: int | None, source: str) -> list[str]:
-    if hasattr(ds, "keys") and not hasattr(ds, "column_names") or isinstance(getattr(ds, "column_names", None), dict):
+    import datasets
+
+    if isinstance(ds, datasets.DatasetDict):  # a saved dict of splits: take train, else the first
         split = "train" if "train" in ds else next(iter(ds))
         ds = ds[split]
     if "text" not in ds.column_names:

@@ -38,7 +38,7 @@ def inspect_artifact(path: Path, plot: Path | None = None) -> dict[str, Any]:
 
 def verify_artifact(path: Path) -> dict[str, Any]:
     """Raise ArtifactError on the first problem: hashes, missing tensors, NaN/inf, zero scales, shapes."""
-    from lpc.pipeline.lpc_model import WEIGHTS, read_qconfig, read_qtensors
+    from lpc.pipeline.lpc_model import read_qconfig, read_qtensors
 
     m = art.read_manifest(path)
     problems = art.verify_files(path, m)

@@ -12,13 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from lpc.pipeline import artifact as art
 from lpc.pipeline.calibrate import STATS_FILE, collect_input_stats, data_inputs, read_stats, stats_tensors
 from lpc.pipeline.data import calibration_batches
 from lpc.pipeline.errors import ArtifactError
-from lpc.pipeline.lpc_model import AUX_PREFIX, WEIGHTS, read_qconfig, shared_bits, write_lpc_model
+from lpc.pipeline.lpc_model import read_qconfig, shared_bits, write_lpc_model
 from lpc.pipeline.model_io import (
     copy_tokenizer_files, find_targets, load_hf_model, load_tokenizer, model_files, resolve_model,
 )

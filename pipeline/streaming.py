@@ -84,14 +84,19 @@ def materialize(module: nn.Module, prefix: str, store: WeightStore, device: str 
     """Load the parameters of `module` (named `prefix` in the model) from the checkpoint."""
     for local, p in list(module.named_parameters(recurse=True)):
         full = f"{prefix}.{local}" if prefix else local
-        if full not in store:
-            continue  # a tied copy: filled by `tie`
-        t = store.get(full).to(device=device, dtype=p.dtype)
-        if not torch.isfinite(t).all():
-            raise InputError(f"model has NaN or inf values in {full}", "the checkpoint is broken; re-export it")
-        owner, _, leaf = local.rpartition(".")
-        mod = module.get_submodule(owner) if owner else module
-        mod._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+        if full in store:  # else a tied copy, filled by `tie`
+            _load(module, local, full, p.dtype, store, device)
+
+
+def _load(root: nn.Module, local: str, full: str, dtype: torch.dtype, store: WeightStore,
+          device: str = "cpu") -> None:
+    """Replace parameter `local` of `root` by checkpoint tensor `full` (checked finite)."""
+    t = store.get(full).to(device=device, dtype=dtype)
+    if not torch.isfinite(t.float()).all():
+        raise InputError(f"model has NaN or inf values in {full}", "the checkpoint is broken; re-export it")
+    owner, _, leaf = local.rpartition(".")
+    mod = root.get_submodule(owner) if owner else root
+    mod._parameters[leaf] = nn.Parameter(t, requires_grad=False)
 
 
 def release(module: nn.Module) -> None:
@@ -115,17 +120,9 @@ def resident_params(model: nn.Module) -> int:
 
 def materialize_outside(model: nn.Module, layers_path: str, store: WeightStore) -> None:
     """Load every parameter that is not inside the decoder stack `layers_path` (embeddings, norm, head)."""
-    inside = layers_path + "."
-    for name, module in model.named_modules():
-        if name.startswith(inside) or name == layers_path:
-            continue
-        for leaf, p in list(module.named_parameters(recurse=False)):
-            full = f"{name}.{leaf}" if name else leaf
-            if full in store and p.device.type == "meta":
-                t = store.get(full).to(dtype=p.dtype)
-                if not torch.isfinite(t).all():
-                    raise InputError(f"model has NaN or inf values in {full}", "the checkpoint is broken; re-export it")
-                module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+    for name, p in list(model.named_parameters()):
+        if not name.startswith(layers_path + ".") and name in store and p.device.type == "meta":
+            _load(model, name, name, p.dtype, store)
     tie(model)
 
 

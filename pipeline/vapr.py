@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lpc.pipeline import artifact as art
-from lpc.pipeline.errors import InputError, RecipeError
+from lpc.pipeline.errors import RecipeError
 from lpc.pipeline.knapsack import Layer, Option, Solution, lagrangian_hull, pareto_front, solve
 from lpc.pipeline.measure import mean_loss, swapped_weights
 from lpc.pipeline.progress import track

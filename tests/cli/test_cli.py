@@ -136,7 +136,6 @@ def test_broken_artifact_is_refused(tmp_path, staged):
 def test_nan_weights_are_refused(tmp_path, tiny_model_dir, text_files):
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     bad = tmp_path / "nan-model"

@@ -1,9 +1,6 @@
 """Calibration, quantization, artifacts and loading on the tiny Llama (library level)."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
