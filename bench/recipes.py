@@ -34,7 +34,17 @@ ROWS = {
     "random p=0.3": ("fgmp_nvfp4a16", ["allocate.policy=random"]),
     "magnitude p=0.1": ("fgmp_nvfp4a16", ["allocate.fraction=0.1", "allocate.policy=magnitude"]),
     "magnitude p=0.3": ("fgmp_nvfp4a16", ["allocate.policy=magnitude"]),
+    "fgmp weights p=0.1 rtn": ("fgmp_nvfp4a16", ["allocate.fraction=0.1", "quantize.method=rtn"]),
+    "fgmp weights p=0.3 rtn": ("fgmp_nvfp4a16", ["quantize.method=rtn"]),
+    "random p=0.1 rtn": ("fgmp_nvfp4a16", ["allocate.fraction=0.1", "allocate.policy=random", "quantize.method=rtn"]),
+    "random p=0.3 rtn": ("fgmp_nvfp4a16", ["allocate.policy=random", "quantize.method=rtn"]),
+    "magnitude p=0.1 rtn": ("fgmp_nvfp4a16", ["allocate.fraction=0.1", "allocate.policy=magnitude", "quantize.method=rtn"]),
+    "magnitude p=0.3 rtn": ("fgmp_nvfp4a16", ["allocate.policy=magnitude", "quantize.method=rtn"]),
     "fgmp weights+activations p=0.3": ("fgmp_nvfp4", []),
+    "fgmp weights+activations p=0.3 rtn": ("fgmp_nvfp4", ["quantize.method=rtn"]),
+    "nvfp4 + distill": ("nvfp4", ["quantize.method=distill"]),
+    "fp8 per-tensor": ("fp8", ["quantize.weights.spec.granularity=tensor"]),
+    "fp8 per-tensor + distill": ("fp8", ["quantize.weights.spec.granularity=tensor", "quantize.method=distill"]),
     "vapr 4.75 bits": ("vapr", ["allocate.budget_bits=4.75", "allocate.pareto_budgets=[]"]),
     "vapr 5.0 bits": ("vapr", ["allocate.budget_bits=5.0", "allocate.pareto_budgets=[]"]),
     "vapr 5.5 bits": ("vapr", ["allocate.budget_bits=5.5"]),
@@ -58,6 +68,7 @@ def run_row(label: str, recipe: str, sets: list[str], work: Path) -> dict:
     ev = out["eval"]
     return {"row": label, "recipe": recipe, "set": sets, "bits_per_weight": out["bits_per_weight"],
             "perplexity": ev["perplexity"][str(heldout)], "baseline": ev["baseline"]["perplexity"][str(heldout)],
+            "kl_to_original": (ev.get("kl_to_baseline") or {}).get(str(heldout)),
             "compress_seconds": out["compress_seconds"], "peak_rss_mb": out["peak_rss_mb"],
             "stage_seconds": {s["stage"]: s["seconds"] for s in out["stages"]}}
 

@@ -45,7 +45,8 @@ def quantize(model: Annotated[str, typer.Argument(help="model directory or hub i
              recipe: RecipeOpt = "nvfp4",
              calib: Annotated[Optional[Path], typer.Option("--calib", help="calibration artifact (lpc calibrate)")] = None,
              plan: Annotated[Optional[Path], typer.Option("--plan", help="allocation artifact (lpc allocate)")] = None,
-             sets: Sets = None, overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False) -> None:
+             sets: Sets = None, device: Device = "cpu", overwrite: Overwrite = False, json_out: Json = False,
+             debug: Debug = False) -> None:
     """Quantize the recipe's target Linears (or follow an allocation plan)."""
     from lpc.pipeline import stages
 
@@ -57,7 +58,7 @@ def quantize(model: Annotated[str, typer.Argument(help="model directory or hub i
         calib = calib or layer_plan_calib(plan)
     with render.RichProgress(not json_out) as progress:
         result = stages.quantize(model, r, out, calib=calib, plan=layer_plan, plan_inputs=plan_inputs,
-                                 overwrite=overwrite, progress=progress)
+                                 overwrite=overwrite, progress=progress, device=device)
     _stage_done(result, json_out)
 
 
@@ -128,6 +129,8 @@ def show_eval(result: dict, as_json: bool) -> None:
     rows = []
     for f, v in result.get("perplexity", {}).items():
         rows.append([f"perplexity {Path(f).name}", base.get("perplexity", {}).get(f), v])
+    for f, v in (result.get("kl_to_baseline") or {}).items():
+        rows.append([f"KL to baseline {Path(f).name}", 0.0, v])
     for task, metrics in result.get("tasks", {}).items():
         for m, v in metrics.items():
             if "stderr" not in m and m != "samples":

@@ -49,9 +49,13 @@ class ActQuantEntry(BaseModel):
         return self
 
 
-def attach_activation_quant(model: torch.nn.Module, plan: dict[str, dict]) -> list[RemovableHandle]:
+def attach_activation_quant(model: torch.nn.Module, plan: dict[str, dict], straight_through: bool = False,
+                            when: Callable[[], bool] | None = None) -> list[RemovableHandle]:
     """Register one input fake-quantizing pre-hook per planned Linear; returns the handles.
 
+    straight_through: the quantized input keeps the gradient of the original (x + sg(Q(x) - x)),
+    for tuning through simulated activation quantization. when: the hooks act only while it
+    returns True (default always).
     plan: Linear module name -> {"format", "spec", "global_amax"} or, for FGMP activations,
     {"format": "fgmp", "channel_importance": (in,), "threshold": float, "global_amax": ...}.
     Raises InputError for an unknown module, a module that is not a Linear, or a bad entry;
@@ -59,7 +63,23 @@ def attach_activation_quant(model: torch.nn.Module, plan: dict[str, dict]) -> li
     """
     modules = dict(model.named_modules())
     hooks = [(name, _build_hook(name, modules, entry)) for name, entry in plan.items()]
-    return [modules[name].register_forward_pre_hook(hook) for name, hook in hooks]
+    return [modules[name].register_forward_pre_hook(_wrap(hook, straight_through, when)) for name, hook in hooks]
+
+
+def _wrap(hook: Callable, straight_through: bool, when: Callable[[], bool] | None) -> Callable:
+    if not straight_through and when is None:
+        return hook
+
+    def wrapped(module: torch.nn.Module, args: tuple) -> tuple | None:
+        if when is not None and not when():
+            return None
+        out = hook(module, args)
+        if straight_through:
+            x = args[0]
+            out = (x + (out[0] - x).detach(), *out[1:])
+        return out
+
+    return wrapped
 
 
 def _build_hook(name: str, modules: dict[str, torch.nn.Module], raw: dict) -> Callable:

@@ -22,12 +22,11 @@ import torch
 from lpc.pipeline import artifact as art
 from lpc.pipeline import vapr
 from lpc.pipeline.calibrate import STATS_FILE, read_stats
-from lpc.pipeline.data import calibration_batches
 from lpc.pipeline.errors import InputError, RecipeError
-from lpc.pipeline.model_io import find_targets, load_hf_model, load_tokenizer, model_files
+from lpc.pipeline.model_io import find_targets, load_hf_model, model_files
 from lpc.pipeline.progress import Progress
 from lpc.pipeline.quantize import group_amax
-from lpc.pipeline.stages import StageResult, _run
+from lpc.pipeline.stages import StageResult, _run, calibration_batches_of
 from lpc.recipes.schema import Recipe
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ def allocate(calib: Path, recipe: Recipe, out: Path, model: str | None = None, o
         m = load_hf_model(src)
         targets = find_targets(m, recipe.targets, recipe.ignore)
         stats = read_stats(calib)
-        ctx = _Context(m, targets, stats, recipe, cm, src, progress)
+        ctx = _Context(m, targets, stats, recipe, cm, src, progress, Path(calib))
         plan, tensors, extra = (vapr.search(ctx, tmp) if a.policy == "vapr" else _fgmp(ctx))
         art.save_tensors(tensors or {"_empty": torch.zeros(1)}, tmp / MASKS)
         art.write_json(tmp / PLAN, plan)
@@ -61,9 +60,10 @@ def allocate(calib: Path, recipe: Recipe, out: Path, model: str | None = None, o
 
 
 class _Context:
-    def __init__(self, model, targets, stats, recipe, calib_manifest, src, progress):
+    def __init__(self, model, targets, stats, recipe, calib_manifest, src, progress, calib_dir):
         self.model, self.targets, self.stats, self.recipe = model, targets, stats, recipe
         self.calib_manifest, self.src, self.progress = calib_manifest, src, progress
+        self.calib_dir = calib_dir
 
     def fisher(self, name: str) -> torch.Tensor:
         s = self.stats.get(name, {})
@@ -73,9 +73,7 @@ class _Context:
         return s["weight_fisher"]
 
     def batches(self) -> list[torch.Tensor]:
-        c = self.calib_manifest["config"]
-        tok = load_tokenizer(self.src)
-        return calibration_batches(c["data"], tok, c["samples"], c["seq_len"], model=self.model, seed=c["seed"])
+        return calibration_batches_of(self.calib_dir, self.src, self.model)
 
 
 def _fgmp(ctx: _Context) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:

@@ -82,7 +82,7 @@ def _quantize_path(src: str, recipe: Recipe, out: Path, device: str, progress: P
         results.append(allocate(out / "calib", recipe, out / "alloc", model=src, overwrite=True, progress=progress))
         _, plan, plan_inputs = read_plan(out / "alloc", recipe)
     results.append(stages.quantize(src, recipe, out / "quant", calib=out / "calib", plan=plan,
-                                   plan_inputs=plan_inputs, overwrite=True, progress=progress))
+                                   plan_inputs=plan_inputs, overwrite=True, progress=progress, device=device))
     if getattr(recipe, "compensate", None) is not None:
         from lpc.pipeline.compensate import compensate
         results.append(compensate(out / "quant", out / "calib", recipe, out / "comp", overwrite=True,

@@ -55,6 +55,8 @@ def evaluate(path: str | Path, baseline: str | Path | None = None, fail_under_re
         cmp = compare(_as_report(result), _as_report(base))
         out["baseline"] = {"model": str(baseline), "perplexity": base["perplexity"], "tasks": base["tasks"]}
         out["compare"] = cmp
+        if kwargs.get("ppl"):
+            out["kl_to_baseline"] = _kl_to_baseline(path, baseline, **kwargs)
         out["recovery"] = cmp.get("recovery")
         if fail_under_recovery is not None:
             try:
@@ -63,6 +65,19 @@ def evaluate(path: str | Path, baseline: str | Path | None = None, fail_under_re
                 err.report = out  # type: ignore[attr-defined]  # the CLI still shows the numbers
                 raise
     return out
+
+
+def _kl_to_baseline(path: str | Path, baseline: str | Path, ppl: list[str], seq_len: int = 256,
+                    device: str = "cpu", progress: Progress | None = None, batch_size: int = 8,
+                    **_: Any) -> dict[str, float]:
+    """KL(baseline || model) per token on each perplexity file (both models loaded at once)."""
+    from lpc.pipeline.evaluate import kl_divergence
+    from lpc.pipeline.load import load
+
+    model, tok = load(path, device=device)
+    base, _tok = load(baseline, device=device)
+    return {str(f): kl_divergence(model, base, tok, f, seq_len=seq_len, batch_size=batch_size,
+                                  progress=progress)["kl"] for f in ppl}
 
 
 def _as_report(r: dict[str, Any]) -> dict[str, Any]:

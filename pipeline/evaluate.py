@@ -53,6 +53,15 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, path: str | Path, seq_len
     _check_int("batch_size", batch_size, 1, "use 1 or more")
     if max_tokens is not None:
         _check_int("max_tokens", max_tokens, 2, "use at least 2 tokens, or None for all")
+    seqs, how = _sequences(tokenizer, path, seq_len, max_tokens)
+    total, count = _score(model, seqs, batch_size, progress)
+    return {"perplexity": math.exp(total / count), "tokens": count, "sequences": len(seqs),
+            "nll": total / count,
+            "protocol": f"{path.name}: {how}; exp(token-weighted mean next-token loss)"}
+
+
+def _sequences(tokenizer: Any, path: Path, seq_len: int, max_tokens: int | None) -> tuple[list[list[int]], str]:
+    """The token sequences of the perplexity protocol and its description."""
     text = _read_text(path)
     if path.suffix == ".jsonl":
         ids = tokenizer(_jsonl_texts(path, text), verbose=False)["input_ids"]
@@ -65,11 +74,51 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, path: str | Path, seq_len
     seqs = [s for s in _cap_tokens(seqs, max_tokens) if len(s) >= 2]
     if not seqs:
         raise InputError(f"{path} yields no sequence of 2 or more tokens", "give it more text")
-    total, count = _score(model, seqs, batch_size, progress)
     cap = f", first {max_tokens} tokens" if max_tokens is not None else ""
-    return {"perplexity": math.exp(total / count), "tokens": count, "sequences": len(seqs),
-            "nll": total / count,
-            "protocol": f"{path.name}: {how}{cap}; exp(token-weighted mean next-token loss)"}
+    return seqs, how + cap
+
+
+def kl_divergence(model: torch.nn.Module, baseline: torch.nn.Module, tokenizer: Any, path: str | Path,
+                  seq_len: int = 256, batch_size: int = 8, max_tokens: int | None = None,
+                  progress: Progress | None = None) -> dict:
+    """Mean KL(baseline || model) of the next-token distributions over the perplexity protocol's
+    predicted positions of `path` (nats per token, fp32 softmax, summed in fp64).
+
+    Unlike perplexity it does not depend on how well either model fits the text: 0 means the
+    compressed model predicts exactly like the baseline. Both models must share the tokenizer and
+    vocabulary. Returns {"kl": float, "tokens": int, "protocol": str}.
+    """
+    path = Path(path)
+    _check_int("seq_len", seq_len, 2, "use a window of at least 2 tokens, e.g. 256")
+    _check_int("batch_size", batch_size, 1, "use 1 or more")
+    seqs, how = _sequences(tokenizer, path, seq_len, max_tokens)
+    order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    parts = [0.0] * len(seqs)
+    with _eval_mode(model), _eval_mode(baseline), torch.inference_mode():
+        for batch in track(batches, "kl", progress):
+            rows = [seqs[i] for i in batch]
+            q = _batch_logits(model, rows)
+            p = _batch_logits(baseline, rows)
+            if p.shape[-1] != q.shape[-1]:
+                raise InputError(f"the baseline has {p.shape[-1]} output classes, the model {q.shape[-1]}",
+                                 "compare models that share the tokenizer and vocabulary")
+            for k, (i, row) in enumerate(zip(batch, rows)):
+                lp = torch.log_softmax(p[k, : len(row) - 1].float(), -1)
+                lq = torch.log_softmax(q[k, : len(row) - 1].to(lp.device).float(), -1)
+                parts[i] = float((lp.exp() * (lp - lq)).sum(dtype=torch.float64))
+    count = sum(len(s) - 1 for s in seqs)
+    return {"kl": math.fsum(parts) / count, "tokens": count,
+            "protocol": f"{path.name}: {how}; mean KL(baseline || model) per predicted token"}
+
+
+def _batch_logits(model: torch.nn.Module, rows: list[list[int]]) -> torch.Tensor:
+    device = getattr(model, "device", None) or next(model.parameters()).device
+    seqs = [torch.tensor(row, dtype=torch.long) for row in rows]
+    ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(x) for x in seqs], batch_first=True)
+    padded = bool((mask == 0).any())
+    return model(input_ids=ids.to(device), attention_mask=mask.to(device) if padded else None).logits
 
 
 def _check_int(name: str, value: Any, least: int, fix: str) -> None:

@@ -78,23 +78,20 @@ def layer_errors(w: torch.Tensor, wq: torch.Tensor, cov: torch.Tensor | None) ->
     return out
 
 
-def quantize_layers(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any] | None],
-                    stats: dict[str, dict[str, torch.Tensor]] | None = None,
-                    fuse: list[list[str]] | None = None, use_importance: bool = True,
-                    progress: Progress | None = None, method: str = "rtn",
-                    codebook_scope: str = "model") -> tuple[dict[str, QTensor], dict[str, dict[str, Any]]]:
-    """Quantize each planned Linear's weight; returns QTensors and per-layer records.
+def layer_setups(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any] | None],
+                 stats: dict[str, dict[str, torch.Tensor]] | None = None,
+                 fuse: list[list[str]] | None = None, use_importance: bool = True,
+                 codebook_scope: str = "model") -> dict[str, tuple[Any, dict[str, Any], dict[str, Any]]]:
+    """Per planned Linear: (format, spec, context) exactly as `quantize_layers` quantizes it.
 
-    stats: per layer {"act_cov": (in, in), ...} from calibration; the diagonal of act_cov (the
-    input second moment) weighs each input channel in scale selection when `use_importance`.
-    An entry's "context" (e.g. an FGMP `mask`, a Fisher `importance`) is passed to the format.
-    method "gptq" adds second-order error feedback (needs act_cov) for block formats.
+    The context holds the plan entry's tensors (an FGMP `mask`, a Fisher `importance`), the fused
+    group's global amax, a model-wide codebook, and the input second moment as importance.
     """
     amax = group_amax(targets, plan, fuse or [])
     shared = shared_codebooks(targets, plan) if codebook_scope == "model" else {}
-    qtensors, records = {}, {}
-    for name in track([n for n in targets if isinstance(plan.get(n), dict)], "quantize", progress):
-        entry, w = plan[name], targets[name].weight.detach()
+    out = {}
+    for name in [n for n in targets if isinstance(plan.get(n), dict)]:
+        entry = plan[name]
         fmt = get_format(entry["format"])
         ctx = dict(entry.get("context", {}))
         if name in shared:
@@ -104,11 +101,40 @@ def quantize_layers(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any
             ctx.setdefault("global_amax", amax[name])
         if use_importance and cov is not None and "importance" in fmt.context_keys:
             ctx.setdefault("importance", torch.diagonal(cov).clamp_min(0))
-        if method == "gptq" and cov is not None and group_width(entry["format"], entry["spec"]):
+        out[name] = (fmt, dict(entry["spec"]), ctx)
+    return out
+
+
+def quantize_layers(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any] | None],
+                    stats: dict[str, dict[str, torch.Tensor]] | None = None,
+                    fuse: list[list[str]] | None = None, use_importance: bool = True,
+                    progress: Progress | None = None, method: str = "rtn",
+                    codebook_scope: str = "model",
+                    weights: dict[str, torch.Tensor] | None = None
+                    ) -> tuple[dict[str, QTensor], dict[str, dict[str, Any]]]:
+    """Quantize each planned Linear's weight; returns QTensors and per-layer records.
+
+    stats: per layer {"act_cov": (in, in), ...} from calibration; the diagonal of act_cov (the
+    input second moment) weighs each input channel in scale selection when `use_importance`.
+    An entry's "context" (e.g. an FGMP `mask`, a Fisher `importance`) is passed to the format.
+    method "gptq" adds second-order error feedback (needs act_cov) for block formats.
+    weights: layer name -> the weight to quantize instead of the layer's own (tuned weights);
+    scales that depend on the whole tensor (global amax, codebooks) still come from the layers,
+    and errors are measured against the layers' own weights.
+    """
+    setups = layer_setups(targets, plan, stats, fuse, use_importance, codebook_scope)
+    weights = weights or {}
+    qtensors, records = {}, {}
+    for name in track(list(setups), "quantize", progress):
+        fmt, spec, ctx = setups[name]
+        w = targets[name].weight.detach()
+        src = weights[name].to(w.dtype) if name in weights else w
+        cov = stats[name]["act_cov"] if stats and name in stats else None
+        if method == "gptq" and cov is not None and group_width(plan[name]["format"], spec):
             ctx.setdefault("global_amax", w.abs().amax())
-            q = gptq_quantize(w, cov, entry["format"], entry["spec"], ctx)
+            q = gptq_quantize(src, cov, plan[name]["format"], spec, ctx)
         else:
-            q = fmt.quantize(w, **entry["spec"], **ctx)
+            q = fmt.quantize(src, **spec, **ctx)
         wq = fmt.dequantize(q)
         qtensors[name] = q
         records[name] = {**q.meta(), "bits_per_weight": q.bits_per_weight(), **layer_errors(w, wq, cov)}

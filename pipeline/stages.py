@@ -15,7 +15,7 @@ from typing import Any, Callable
 from lpc.pipeline import artifact as art
 from lpc.pipeline.calibrate import STATS_FILE, collect_input_stats, data_inputs, read_stats, stats_tensors
 from lpc.pipeline.data import calibration_batches
-from lpc.pipeline.errors import ArtifactError
+from lpc.pipeline.errors import ArtifactError, RecipeError
 from lpc.pipeline.lpc_model import read_qconfig, shared_bits, write_lpc_model
 from lpc.pipeline.model_io import (
     copy_tokenizer_files, find_targets, load_hf_model, load_tokenizer, model_files, resolve_model,
@@ -104,21 +104,29 @@ def _add_fisher(model, batches, targets, stats, progress, device) -> None:
 
 def quantize(model: str, recipe: Recipe, out: Path, calib: Path | None = None,
              plan: dict[str, Any] | None = None, plan_inputs: list[Path] | None = None,
-             overwrite: bool = False, progress: Progress | None = None) -> StageResult:
-    """Quantize the recipe's targets (or a given per-layer plan) and write an lpc model directory."""
+             overwrite: bool = False, progress: Progress | None = None, device: str = "cpu") -> StageResult:
+    """Quantize the recipe's targets (or a given per-layer plan) and write an lpc model directory.
+
+    device: where `method: distill` tunes (the artifact is the same up to float rounding)."""
     src = resolve_model(model)
     stats_path = [Path(calib) / STATS_FILE] if calib else []
     config = {"model": src, "recipe": recipe.model_dump(mode="json"), "calib": str(calib) if calib else None}
+
+    q = recipe.quantize
+    if q.method == "distill" and calib is None:
+        raise RecipeError("quantize.method=distill tunes on the calibration text, but no calibration was given",
+                          "pass --calib DIR (from `lpc calibrate`), or use `lpc compress`")
 
     def body(tmp: Path) -> dict[str, Any]:
         m = load_hf_model(src)
         stats = read_stats(calib) if calib else None
         targets = find_targets(m, recipe.targets, recipe.ignore)
         layer_plan = plan if plan is not None else plan_from_recipe(recipe, list(targets))
-        qtensors, records = quantize_layers(targets, layer_plan, stats, recipe.quantize.fuse_groups,
-                                            recipe.quantize.importance != "none", progress,
-                                            method=recipe.quantize.method,
-                                            codebook_scope=recipe.quantize.codebook_scope)
+        tuned, report = _distill(m, targets, layer_plan, stats, recipe, Path(calib), src, device, progress) \
+            if q.method == "distill" else (None, None)
+        qtensors, records = quantize_layers(targets, layer_plan, stats, q.fuse_groups, q.importance != "none",
+                                            progress, method="rtn" if q.method == "distill" else q.method,
+                                            codebook_scope=q.codebook_scope, weights=tuned)
         acts, aux = activation_config(recipe, qtensors, stats, layer_plan)
         write_lpc_model(tmp, m, qtensors, extra_tensors=aux, extra_config={"activations": acts} if acts else None)
         copy_tokenizer_files(src, tmp)
@@ -128,10 +136,50 @@ def quantize(model: str, recipe: Recipe, out: Path, calib: Path | None = None,
             records[name]["bits_per_weight"] = (qtensors[name].storage_bits() - own) / qtensors[name].numel
             records[name]["shared_fields"] = True
         summary["activations"] = recipe.quantize.activations.format if recipe.quantize.activations else None
+        if report is not None:
+            summary["distill"] = {k: v for k, v in report.items() if k != "history"}
+            summary["distill"]["history"] = report["history"]
         return {"recipe": recipe.model_dump(mode="json"), "layers": records, "summary": summary,
                 "bits_per_weight": summary["bits_per_weight"]}
 
     return _run("quantize", out, model_files(src) + stats_path + list(plan_inputs or []), config, overwrite, body)
+
+
+def calibration_batches_of(calib: Path, src: str, model: Any) -> list[Any]:
+    """The token sequences a calibration artifact was collected on (rebuilt from its config)."""
+    c = art.read_manifest(calib, "calibrate")["config"]
+    return calibration_batches(c["data"], load_tokenizer(src), c["samples"], c["seq_len"], model=model, seed=c["seed"])
+
+
+def _distill(m, targets, layer_plan, stats, recipe: Recipe, calib: Path, src: str, device: str,
+             progress: Progress | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Tuned weights for `method: distill`, each layer's fake quantizer exactly as quantize_layers
+    will apply it (same format, spec and context), the activations simulated as at eval."""
+    from lpc.pipeline.distill import distill_weights
+    from lpc.pipeline.load import activation_plan
+    from lpc.pipeline.quantize import layer_setups
+
+    q = recipe.quantize
+    setups = layer_setups(targets, layer_plan, stats, q.fuse_groups, q.importance != "none", q.codebook_scope)
+    quantizers = {n: _fake_quantizer(fmt, spec, ctx, targets[n].weight.dtype) for n, (fmt, spec, ctx) in setups.items()}
+    acts, aux = activation_config(recipe, setups, stats, layer_plan)
+    act_plan = activation_plan(acts, aux) if acts else None
+    batches = calibration_batches_of(calib, src, m)
+    d = q.distill
+    m.to(device)
+    try:
+        tuned, report = distill_weights(m, {n: targets[n] for n in setups}, quantizers, batches, d.steps, d.lr,
+                                        d.eval_every, d.patience, d.val_fraction, act_plan, progress=progress)
+    finally:
+        m.to("cpu")
+    return tuned, report
+
+
+def _fake_quantizer(fmt: Any, spec: dict[str, Any], ctx: dict[str, Any], dtype: Any) -> Callable:
+    def fake(w: Any) -> Any:
+        c = {k: (v.to(w.device) if hasattr(v, "to") else v) for k, v in ctx.items()}
+        return fmt.fake_quantize(w.to(dtype), **spec, **c)
+    return fake
 
 
 def activation_config(recipe: Recipe, qtensors: dict[str, Any], stats, plan: dict[str, Any] | None = None

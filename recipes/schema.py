@@ -51,6 +51,16 @@ class LayerOverride(Section):
     weights: TensorQuant | None = Field(None, description="null keeps those layers unquantized")
 
 
+class DistillConfig(Section):
+    """`method: distill`: tune the weights so the quantized model predicts like the original."""
+
+    steps: int = Field(100, ge=0, description="optimizer steps at most (each one pass over the training sequences)")
+    lr: float = Field(1e-3, gt=0, description="Adam step, relative to each layer's weight RMS")
+    eval_every: int = Field(10, ge=1, description="steps between held-out KL measurements")
+    patience: int = Field(3, ge=1, description="stop after this many measurements without improvement")
+    val_fraction: float = Field(0.125, ge=0, lt=1, description="calibration sequences held out to pick the best step")
+
+
 class QuantizeConfig(Section):
     weights: TensorQuant
     activations: TensorQuant | None = Field(None, description="simulated activation quantization")
@@ -62,9 +72,12 @@ class QuantizeConfig(Section):
     overrides: list[LayerOverride] = Field(default_factory=list)
     codebook_scope: Literal["model", "tensor"] = Field(
         "model", description="LO-BCQ: fit one codebook set over all bcq layers, or one per tensor")
-    method: Literal["rtn", "gptq"] = Field(
+    method: Literal["rtn", "gptq", "distill"] = Field(
         "rtn", description="rtn: round each weight; gptq: second-order error feedback over the "
-                           "calibrated X^T X (block formats; needs a calibration)")
+                           "calibrated X^T X (block formats; needs a calibration); distill: tune the "
+                           "weights so the quantized model matches the original's predictions on the "
+                           "calibration text (KL, straight-through; needs a calibration)")
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
 
 class AllocateConfig(Section):

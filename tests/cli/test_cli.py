@@ -58,6 +58,10 @@ def test_eval_inspect_verify(staged, tiny_model_dir, text_files):
                          "--baseline", tiny_model_dir, "--json").stdout)
     ppl, base = res["perplexity"][str(text_files["jsonl"])], res["baseline"]["perplexity"][str(text_files["jsonl"])]
     assert ppl > 1 and base > 1 and res["recovery"] == pytest.approx(min(1.0, base / ppl), rel=0.5)
+    assert res["kl_to_baseline"][str(text_files["jsonl"])] > 0  # NVFP4 moves the predictions
+    same = json.loads(lpc("eval", tiny_model_dir, "--ppl", text_files["jsonl"], "--seq-len", 32,
+                          "--baseline", tiny_model_dir, "--json").stdout)
+    assert same["kl_to_baseline"][str(text_files["jsonl"])] == 0.0
     dense = json.loads(lpc("eval", staged["dense"], "--ppl", text_files["jsonl"], "--seq-len", 32, "--json").stdout)
     assert dense["perplexity"][str(text_files["jsonl"])] == pytest.approx(ppl, rel=1e-5)
     info = json.loads(lpc("inspect", staged["lpc"], "--json").stdout)

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from lpc.pipeline.errors import GateFailed, InputError  # noqa: E402
 from lpc.pipeline.evaluate import (  # noqa: E402
-    BUILTIN_TASKS_DIR, check_gate, compare, local_tasks, perplexity, run_tasks,
+    BUILTIN_TASKS_DIR, check_gate, compare, kl_divergence, local_tasks, perplexity, run_tasks,
 )
 
 ASSETS = Path(os.environ.get("LPC_TEST_ASSETS", Path(__file__).parents[2] / ".." / "shared" / "assets"))
@@ -94,6 +94,39 @@ def test_jsonl_equals_reference_loop(tiny_model, tokenizer, jsonl_file):
     assert got["tokens"] == count
     assert got["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
     assert "truncated to 64" in got["protocol"]
+
+
+def test_kl_to_baseline_equals_reference_loop(tiny_model, tokenizer, jsonl_file):
+    import copy
+
+    path, texts = jsonl_file
+    assert kl_divergence(tiny_model, tiny_model, tokenizer, path, seq_len=64, batch_size=3)["kl"] == 0.0
+    other = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    got = kl_divergence(other, tiny_model, tokenizer, path, seq_len=64, batch_size=3)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for t in texts:
+            seq = tokenizer(t)["input_ids"][:64]
+            if len(seq) < 2:
+                continue
+            x = torch.tensor([seq])
+            lp = torch.log_softmax(tiny_model(x).logits[0, :-1], -1)
+            lq = torch.log_softmax(other(x).logits[0, :-1], -1)
+            total += float((lp.exp() * (lp - lq)).sum())
+            count += len(seq) - 1
+    assert got["tokens"] == count and got["kl"] > 0
+    assert got["kl"] == pytest.approx(total / count, rel=1e-4)
+
+
+def test_kl_needs_the_same_vocabulary(tiny_model, tokenizer, jsonl_file):
+    config = LlamaConfig(vocab_size=len(tokenizer) + 5, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    other = LlamaForCausalLM(config).eval()
+    with pytest.raises(InputError, match="output classes"):
+        kl_divergence(other, tiny_model, tokenizer, jsonl_file[0], seq_len=64)
 
 
 @pytest.mark.parametrize("max_tokens", [None, 150])

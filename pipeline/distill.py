@@ -1,0 +1,287 @@
+"""Distillation-tuned rounding: fit the quantized weights to the original model's predictions.
+
+Plain rounding (or GPTQ) makes each layer close to its original; what matters is the whole model's
+next-token distribution. `distill_weights` tunes a latent copy W~ of every target weight so that
+the model whose Linears use Q(W~) (each layer's own format, spec and context: mask, scales, global
+amax) predicts like the original model on the calibration sequences:
+
+    min_W~  (1 / #tokens) sum_t KL( p_orig(. | x_<t) || p_quant(. | x_<t; Q(W~)) )
+
+Q is not differentiable; its straight-through estimate Q(W~) + (W~ - sg(W~)) passes the gradient
+to W~ unchanged. Adam updates W~ with a per-layer step `lr * rms(W)`, so one `lr` fits layers of
+any scale. The objective is the original model itself (no labels), so the tuned model is pulled
+toward the original, never past it toward the calibration text. Every `eval_every` steps the KL on
+held-out calibration sequences (`val_fraction` of them, every k-th) is measured; the latent with
+the lowest held-out KL is kept and tuning stops after `patience` evaluations without improvement.
+Step 0 (plain rounding) is a candidate, so tuning never returns something worse on held-out data.
+
+Simulated activation quantization (W4A4, FGMP activation blocks) is applied in the tuned model's
+forward with a straight-through estimate as well, so weights adapt to quantized inputs.
+
+Memory: the model plus three fp32 copies of the target weights (latent, Adam's two moments) and
+one of the originals; decoder layers are gradient-checkpointed. Cost per step: one forward of the
+original model and one forward plus backward of the quantized one over the training sequences.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lpc.pipeline.errors import InputError
+from lpc.pipeline.fisher import _eval_with_checkpointing, input_device
+from lpc.pipeline.progress import Progress, track
+
+log = logging.getLogger(__name__)
+
+
+class _Quantized(nn.Module):
+    """Parametrization weight <- Q(latent) with a straight-through gradient, or the original weight
+    while `teacher` is on. The latent is kept in fp32; the result has the original dtype."""
+
+    def __init__(self, original: torch.Tensor, quantizer: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.register_buffer("original", original.detach().clone(), persistent=False)
+        self.quantizer = quantizer
+        self.teacher = False
+        self._cached: tuple[int, torch.Tensor] | None = None
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.teacher:
+            return self.original
+        # Q(latent) is computed once per optimizer step (the step bumps the latent's version), not
+        # once per sequence and again in each checkpoint recompute.
+        if self._cached is None or self._cached[0] != latent._version:
+            with torch.no_grad():
+                self._cached = (latent._version, self.quantizer(latent.detach()).to(latent.dtype))
+        q = self._cached[1]
+        return (latent + (q - latent).detach()).to(self.original.dtype)
+
+
+def distill_weights(model: nn.Module, targets: dict[str, nn.Linear],
+                    quantizers: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+                    batches: list[torch.Tensor], steps: int = 100, lr: float = 1e-3,
+                    eval_every: int = 10, patience: int = 3, val_fraction: float = 0.125,
+                    activation_plan: dict[str, dict] | None = None, checkpointing: bool = True,
+                    progress: Progress | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tune the weights of `targets` so the model quantized by `quantizers` matches the original.
+
+    quantizers: layer name -> function (fp32 weight) -> its fake-quantized weight (same shape).
+    batches: LongTensor (B, T) token ids, no padding; every k-th batch (k = round(1 / val_fraction))
+        is held out for selection when there are at least 2 batches and val_fraction > 0.
+    Returns (layer name -> tuned fp32 weight on CPU, report). The model is left as it was: same
+    weights, requires_grad flags, modes and hooks.
+    """
+    _check(targets, quantizers, batches, steps, lr, eval_every, patience, val_fraction)
+    train, val = _split(batches, val_fraction)
+    device = input_device(model)
+    train = [b.to(device) for b in train]
+    val = [b.to(device) for b in val]
+    t0 = time.perf_counter()
+    with ExitStack() as stack:
+        stack.enter_context(_frozen(model))
+        params = stack.enter_context(_parametrized(targets, quantizers))
+        stack.enter_context(_eval_with_checkpointing(model, checkpointing))
+        teacher = _TeacherCache(model, targets)
+        groups = [{"params": [p], "lr": lr * _rms(targets[n])} for n, p in params.items()]
+        opt = torch.optim.Adam(groups)
+
+        def kl_on(seqs: list[torch.Tensor]) -> float:
+            with torch.no_grad(), _activations(model, activation_plan, teacher):
+                return _mean(_kl(model, b, teacher(b)) for b in seqs)
+
+        score = kl_on(val or train)
+        history = [{"step": 0, "kl": score}]
+        best = (score, 0, {n: p.detach().clone() for n, p in params.items()})
+        first_train = None
+        misses, done = 0, 0
+        for step in track(range(1, steps + 1), "distill", progress):
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            with _activations(model, activation_plan, teacher):
+                for b in train:
+                    loss = _kl(model, b, teacher(b)) * (_tokens(b) / sum(_tokens(x) for x in train))
+                    loss.backward()
+                    total += float(loss.detach())
+            first_train = total if first_train is None else first_train
+            opt.step()
+            done = step
+            if step % eval_every and step != steps:
+                continue
+            score = kl_on(val or train)
+            history.append({"step": step, "kl": score, "train_kl": total})
+            log.info("distill step %d: held-out KL %.5f (train %.5f)", step, score, total)
+            if score < best[0]:
+                best, misses = (score, step, {n: p.detach().clone() for n, p in params.items()}), 0
+            else:
+                misses += 1
+                if misses >= patience:
+                    break
+        tuned = {n: w.float().cpu() for n, w in best[2].items()}
+    report = {"steps": done, "best_step": best[1], "kl_start": history[0]["kl"], "kl_best": best[0],
+              "selected_on": "held-out calibration sequences" if val else "training sequences",
+              "train_sequences": sum(b.shape[0] for b in train), "val_sequences": sum(b.shape[0] for b in val),
+              "train_kl_first_step": first_train, "history": history,
+              "seconds": round(time.perf_counter() - t0, 3)}
+    return tuned, report
+
+
+def _check(targets, quantizers, batches, steps, lr, eval_every, patience, val_fraction) -> None:
+    missing = [n for n in targets if n not in quantizers]
+    if missing:
+        raise InputError(f"distill has no quantizer for layers {missing[:3]}",
+                         "plan a format for every target layer (or drop it from the targets)")
+    if not batches:
+        raise InputError("distill got no calibration sequences", "calibrate on some text first")
+    for b in batches:
+        if not isinstance(b, torch.Tensor) or b.ndim != 2 or b.shape[1] < 2:
+            raise InputError(f"distill batches must be token ids (B, T) with T >= 2, got "
+                             f"{tuple(getattr(b, 'shape', ()))}", "use calibration_batches()")
+    if not (isinstance(steps, int) and steps >= 0 and isinstance(eval_every, int) and eval_every >= 1
+            and isinstance(patience, int) and patience >= 1):
+        raise InputError(f"distill needs steps >= 0, eval_every >= 1, patience >= 1; got {steps}, "
+                         f"{eval_every}, {patience}", "e.g. steps=100, eval_every=10, patience=3")
+    if not (lr > 0 and math.isfinite(lr)) or not 0 <= val_fraction < 1:
+        raise InputError(f"distill needs lr > 0 and 0 <= val_fraction < 1; got {lr}, {val_fraction}",
+                         "e.g. lr=1e-3, val_fraction=0.125")
+
+
+def _split(batches: list[torch.Tensor], val_fraction: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every k-th batch (k = round(1 / val_fraction), counting from the k-th) is held out."""
+    if val_fraction <= 0 or len(batches) < 2:
+        return list(batches), []
+    k = max(2, round(1 / val_fraction))
+    val = [b for i, b in enumerate(batches) if i % k == k - 1]
+    if not val:
+        val = [batches[-1]]
+    train = [b for b in batches if not any(b is v for v in val)]
+    return train, val
+
+
+def _rms(module: nn.Linear) -> float:
+    w = module.weight.detach().float()
+    rms = float(w.square().mean().sqrt())
+    return rms if rms > 0 else 1.0
+
+
+def _tokens(batch: torch.Tensor) -> int:
+    return batch.shape[0] * batch.shape[1]
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(sum(float(v) for v in values) / max(len(values), 1))
+
+
+def _kl(model: nn.Module, ids: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || model), fp32."""
+    logq = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
+    return (teacher_logp.exp() * (teacher_logp - logq)).sum(-1).mean()
+
+
+class _TeacherCache:
+    """Original-model log-probabilities per batch, computed once and kept while they fit a budget
+    (otherwise recomputed each time)."""
+
+    BUDGET_BYTES = 1 << 30
+
+    def __init__(self, model: nn.Module, targets: dict[str, nn.Linear]):
+        self.model, self.targets = model, targets
+        self.cache: dict[int, torch.Tensor] = {}
+        self.used = 0
+        self.active = False
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        key = id(ids)
+        if key in self.cache:
+            return self.cache[key]
+        with torch.no_grad(), self._teacher():
+            logp = F.log_softmax(self.model(input_ids=ids, use_cache=False).logits.float(), -1)
+        size = logp.numel() * logp.element_size()
+        if self.used + size <= self.BUDGET_BYTES:
+            self.cache[key], self.used = logp, self.used + size
+        return logp
+
+    @contextmanager
+    def _teacher(self) -> Iterator[None]:
+        mods = [m.parametrizations.weight[0] for m in self.targets.values()]
+        for p in mods:
+            p.teacher = True
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+            for p in mods:
+                p.teacher = False
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Every model parameter requires_grad False (restored on exit); the embedding output is made
+    to require grad so checkpointed layers see a grad-requiring input."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    handle = emb.register_forward_hook(_require_grad) if emb is not None else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def _require_grad(_module: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+    if isinstance(out, torch.Tensor) and torch.is_grad_enabled() and not out.requires_grad:
+        out.requires_grad_(True)
+
+
+@contextmanager
+def _parametrized(targets: dict[str, nn.Linear],
+                  quantizers: dict[str, Callable]) -> Iterator[dict[str, nn.Parameter]]:
+    """Put a fp32 latent copy of each target weight behind a `_Quantized` parametrization; yields
+    the latents (the optimizer's parameters). On exit the original Parameter objects are back."""
+    originals = {n: m.weight for n, m in targets.items()}
+    latents: dict[str, nn.Parameter] = {}
+    try:
+        for name, mod in targets.items():
+            w = originals[name]
+            latent = nn.Parameter(w.detach().float().clone())
+            del mod.weight
+            mod.weight = latent
+            parametrize.register_parametrization(mod, "weight", _Quantized(w.detach(), quantizers[name]),
+                                                 unsafe=True)
+            latents[name] = mod.parametrizations.weight.original
+        yield latents
+    finally:
+        for name, mod in targets.items():
+            if parametrize.is_parametrized(mod, "weight"):
+                parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+            del mod.weight  # the latent, or the original if setup stopped before swapping it
+            mod.weight = originals[name]
+
+
+@contextmanager
+def _activations(model: nn.Module, plan: dict[str, dict] | None, teacher: "_TeacherCache") -> Iterator[None]:
+    """Simulated activation quantization on the tuned model's forwards (not the original's)."""
+    if not plan:
+        yield
+        return
+    from lpc.pipeline.actquant import attach_activation_quant
+
+    handles = attach_activation_quant(model, plan, straight_through=True, when=lambda: not teacher.active)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
