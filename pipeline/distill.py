@@ -70,20 +70,22 @@ def distill_weights(model: nn.Module, targets: dict[str, nn.Linear],
                     batches: list[torch.Tensor], steps: int = 100, lr: float = 1e-3,
                     eval_every: int = 10, patience: int = 3, val_fraction: float = 0.125,
                     activation_plan: dict[str, dict] | None = None, checkpointing: bool = True,
-                    progress: Progress | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                    batch_rows: int = 8, progress: Progress | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tune the weights of `targets` so the model quantized by `quantizers` matches the original.
 
     quantizers: layer name -> function (fp32 weight) -> its fake-quantized weight (same shape).
     batches: LongTensor (B, T) token ids, no padding; every k-th batch (k = round(1 / val_fraction))
-        is held out for selection when there are at least 2 batches and val_fraction > 0.
+        is held out for selection when there are at least 2 batches and val_fraction > 0. Sequences
+        are then sorted by length and run `batch_rows` at a time, right-padded and masked; the KL
+        is the mean over all real positions.
     Returns (layer name -> tuned fp32 weight on CPU, report). The model is left as it was: same
     weights, requires_grad flags, modes and hooks.
     """
     _check(targets, quantizers, batches, steps, lr, eval_every, patience, val_fraction)
-    train, val = _split(batches, val_fraction)
+    train_seqs, val_seqs = _split(batches, val_fraction)
     device = input_device(model)
-    train = [b.to(device) for b in train]
-    val = [b.to(device) for b in val]
+    train, val = _packs(train_seqs, batch_rows, device), _packs(val_seqs, batch_rows, device)
+    n_train = sum(int(mask.sum()) for _, mask in train)
     t0 = time.perf_counter()
     with ExitStack() as stack:
         stack.enter_context(_frozen(model))
@@ -93,9 +95,10 @@ def distill_weights(model: nn.Module, targets: dict[str, nn.Linear],
         groups = [{"params": [p], "lr": lr * _rms(targets[n])} for n, p in params.items()]
         opt = torch.optim.Adam(groups)
 
-        def kl_on(seqs: list[torch.Tensor]) -> float:
+        def kl_on(packs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
             with torch.no_grad(), _activations(model, activation_plan, teacher):
-                return _mean(_kl(model, b, teacher(b)) for b in seqs)
+                total = sum(float(_kl(model, ids, mask, teacher(ids, mask))) for ids, mask in packs)
+            return total / sum(int(mask.sum()) for _, mask in packs)
 
         score = kl_on(val or train)
         history = [{"step": 0, "kl": score}]
@@ -106,8 +109,8 @@ def distill_weights(model: nn.Module, targets: dict[str, nn.Linear],
             opt.zero_grad(set_to_none=True)
             total = 0.0
             with _activations(model, activation_plan, teacher):
-                for b in train:
-                    loss = _kl(model, b, teacher(b)) * (_tokens(b) / sum(_tokens(x) for x in train))
+                for ids, mask in train:
+                    loss = _kl(model, ids, mask, teacher(ids, mask)) / n_train
                     loss.backward()
                     total += float(loss.detach())
             first_train = total if first_train is None else first_train
@@ -127,7 +130,8 @@ def distill_weights(model: nn.Module, targets: dict[str, nn.Linear],
         tuned = {n: w.float().cpu() for n, w in best[2].items()}
     report = {"steps": done, "best_step": best[1], "kl_start": history[0]["kl"], "kl_best": best[0],
               "selected_on": "held-out calibration sequences" if val else "training sequences",
-              "train_sequences": sum(b.shape[0] for b in train), "val_sequences": sum(b.shape[0] for b in val),
+              "train_sequences": sum(b.shape[0] for b in train_seqs),
+              "val_sequences": sum(b.shape[0] for b in val_seqs),
               "train_kl_first_step": first_train, "history": history,
               "seconds": round(time.perf_counter() - t0, 3)}
     return tuned, report
@@ -171,19 +175,29 @@ def _rms(module: nn.Linear) -> float:
     return rms if rms > 0 else 1.0
 
 
-def _tokens(batch: torch.Tensor) -> int:
-    return batch.shape[0] * batch.shape[1]
+def _packs(batches: list[torch.Tensor], rows: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Sequences sorted by length (stable), `rows` per pack, right-padded: [(ids, mask)]."""
+    seqs = [row for b in batches for row in b]
+    order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
+    packs = []
+    for start in range(0, len(order), rows):
+        group = [seqs[i] for i in order[start:start + rows]]
+        ids = torch.nn.utils.rnn.pad_sequence(group, batch_first=True)
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(g) for g in group], batch_first=True)
+        packs.append((ids.to(device), mask.to(device)))
+    return packs
 
 
-def _mean(values) -> float:
-    values = list(values)
-    return float(sum(float(v) for v in values) / max(len(values), 1))
+def _logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    padded = not bool(mask.all())
+    return model(input_ids=ids, attention_mask=mask if padded else None, use_cache=False).logits.float()
 
 
-def _kl(model: nn.Module, ids: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(teacher || model), fp32."""
-    logq = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
-    return (teacher_logp.exp() * (teacher_logp - logq)).sum(-1).mean()
+def _kl(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """Sum over the real positions of KL(teacher || model), fp32."""
+    logq = F.log_softmax(_logits(model, ids, mask), -1)
+    kl = (teacher_logp.exp() * (teacher_logp - logq)).sum(-1)
+    return (kl * mask).sum()
 
 
 class _TeacherCache:
@@ -198,12 +212,12 @@ class _TeacherCache:
         self.used = 0
         self.active = False
 
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         key = id(ids)
         if key in self.cache:
             return self.cache[key]
         with torch.no_grad(), self._teacher():
-            logp = F.log_softmax(self.model(input_ids=ids, use_cache=False).logits.float(), -1)
+            logp = F.log_softmax(_logits(self.model, ids, mask), -1)
         size = logp.numel() * logp.element_size()
         if self.used + size <= self.BUDGET_BYTES:
             self.cache[key], self.used = logp, self.used + size

@@ -169,7 +169,8 @@ def _distill(m, targets, layer_plan, stats, recipe: Recipe, calib: Path, src: st
     m.to(device)
     try:
         tuned, report = distill_weights(m, {n: targets[n] for n in setups}, quantizers, batches, d.steps, d.lr,
-                                        d.eval_every, d.patience, d.val_fraction, act_plan, progress=progress)
+                                        d.eval_every, d.patience, d.val_fraction, act_plan,
+                                        batch_rows=d.batch_rows, progress=progress)
     finally:
         m.to("cpu")
     return tuned, report

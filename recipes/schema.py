@@ -59,6 +59,7 @@ class DistillConfig(Section):
     eval_every: int = Field(10, ge=1, description="steps between held-out KL measurements")
     patience: int = Field(3, ge=1, description="stop after this many measurements without improvement")
     val_fraction: float = Field(0.125, ge=0, lt=1, description="calibration sequences held out to pick the best step")
+    batch_rows: int = Field(8, ge=1, description="sequences per forward pass (padded to the longest)")
 
 
 class QuantizeConfig(Section):

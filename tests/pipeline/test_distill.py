@@ -82,6 +82,28 @@ def test_the_artifact_holds_exactly_the_tuned_quantization(setup):
             m.weight.data.copy_(saved[n])
 
 
+def test_padded_packs_equal_one_sequence_at_a_time(setup):
+    model, targets, _, quantizers, _ = setup
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(3, model.config.vocab_size, (1, n), generator=gen) for n in (9, 30, 17, 30, 5, 22)]
+    kls = [distill_weights(model, targets, quantizers, seqs, steps=0, val_fraction=0.0, batch_rows=rows)[1]["kl_start"]
+           for rows in (1, 4)]
+    assert kls[0] > 0 and kls[1] == pytest.approx(kls[0], rel=1e-3)  # fp32 padding noise on a KL of ~2e-5
+    # token-weighted: the KL of each sequence on its own, weighted by its positions
+    teacher = _teacher(model, seqs)
+    saved = {n: m.weight.detach().clone() for n, m in targets.items()}
+    try:
+        for n, m in targets.items():
+            m.weight.data.copy_(quantizers[n](saved[n]))
+        with torch.no_grad():
+            per = [float((t.exp() * (t - F.log_softmax(model(input_ids=b).logits.float(), -1))).sum())
+                   for b, t in zip(seqs, teacher)]
+    finally:
+        for n, m in targets.items():
+            m.weight.data.copy_(saved[n])
+    assert kls[0] == pytest.approx(sum(per) / sum(b.shape[1] for b in seqs), rel=1e-4)
+
+
 def test_a_diverging_run_keeps_plain_rounding(setup):
     model, targets, _, quantizers, batches = setup
     tuned, report = distill_weights(model, targets, quantizers, batches, steps=6, lr=50.0,
