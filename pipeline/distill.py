@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lpc.pipeline.errors import InputError
-from lpc.pipeline.fisher import _eval_with_checkpointing, input_device
+from lpc.pipeline.fisher import _eval_with_checkpointing, frozen_params, input_device
 from lpc.pipeline.progress import Progress, track
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def distill_weights(model: nn.Module, targets: dict[str, nn.Linear],
     n_train = sum(int(mask.sum()) for _, mask in train)
     t0 = time.perf_counter()
     with ExitStack() as stack:
-        stack.enter_context(_frozen(model))
+        stack.enter_context(frozen_params(model))
         params = stack.enter_context(_parametrized(targets, quantizers))
         stack.enter_context(_eval_with_checkpointing(model, checkpointing))
         teacher = _TeacherCache(model, targets)
@@ -235,29 +235,6 @@ class _TeacherCache:
             self.active = False
             for p in mods:
                 p.teacher = False
-
-
-@contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    """Every model parameter requires_grad False (restored on exit); the embedding output is made
-    to require grad so checkpointed layers see a grad-requiring input."""
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in saved:
-        p.requires_grad_(False)
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    handle = emb.register_forward_hook(_require_grad) if emb is not None else None
-    try:
-        yield
-    finally:
-        if handle is not None:
-            handle.remove()
-        for p, flag in saved:
-            p.requires_grad_(flag)
-
-
-def _require_grad(_module: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
-    if isinstance(out, torch.Tensor) and torch.is_grad_enabled() and not out.requires_grad:
-        out.requires_grad_(True)
 
 
 @contextmanager

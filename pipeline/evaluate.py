@@ -112,10 +112,12 @@ def kl_divergence(model: torch.nn.Module, baseline: torch.nn.Module, tokenizer: 
             "protocol": f"{path.name}: {how}; mean KL(baseline || model) per predicted token"}
 
 
-def _batch_logits(model: torch.nn.Module, rows: list[list[int]]) -> torch.Tensor:
-    device = getattr(model, "device", None) or next(model.parameters()).device
+def _batch_logits(model: torch.nn.Module, rows: list[list[int]], device: Any = None) -> torch.Tensor:
+    """Logits (batch, longest, vocab) of right-padded rows; no mask when nothing is padded (the
+    plain causal path, as when scoring one at a time)."""
+    device = device or getattr(model, "device", None) or next(model.parameters()).device
     seqs = [torch.tensor(row, dtype=torch.long) for row in rows]
-    ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+    ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)  # (batch, longest) int64
     mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(x) for x in seqs], batch_first=True)
     padded = bool((mask == 0).any())
     return model(input_ids=ids.to(device), attention_mask=mask.to(device) if padded else None).logits
@@ -199,17 +201,12 @@ def _score(model: torch.nn.Module, seqs: list[list[int]], batch_size: int,
 
 def _batch_losses(model: torch.nn.Module, rows: list[list[int]], device: torch.device) -> list[float]:
     """Summed next-token loss of each row; rows are right-padded and masked when lengths differ."""
-    seqs = [torch.tensor(row, dtype=torch.long) for row in rows]
-    ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)  # (batch, longest) int64
-    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(x) for x in seqs], batch_first=True)
-    # No mask when nothing is padded: the plain causal path, as when scoring one at a time.
-    padded = bool((mask == 0).any())
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device) if padded else None)
+    logits_all = _batch_logits(model, rows, device)
     losses = []
     for k, row in enumerate(rows):
         # One row at a time in fp32 bounds the temporary to (len, vocab).
-        logits = out.logits[k, : len(row) - 1].float()
-        target = ids[k, 1 : len(row)].to(logits.device)
+        logits = logits_all[k, : len(row) - 1].float()
+        target = torch.tensor(row[1:], dtype=torch.long, device=logits.device)
         losses.append(float(torch.nn.functional.cross_entropy(logits, target, reduction="sum")))
     return losses
 

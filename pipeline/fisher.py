@@ -145,17 +145,12 @@ def _check_targets(model: nn.Module, targets: dict[str, nn.Linear]) -> None:
 
 
 @contextmanager
-def _grad_only_on(model: nn.Module, targets: dict[str, nn.Linear]) -> Iterator[None]:
-    """requires_grad True on target weights only; the embedding output is made to require grad so
-    gradients flow through frozen layers (and into checkpointed segments). A `.grad` the caller
-    had on a target weight is set aside (autograd would add to it) and put back afterwards."""
+def frozen_params(model: nn.Module) -> Iterator[None]:
+    """Every parameter requires_grad False (restored on exit); the embedding output is made to
+    require grad so gradients flow through frozen layers (and into checkpointed segments)."""
     saved = [(p, p.requires_grad) for p in model.parameters()]
-    stashed = {id(m.weight): (m.weight, m.weight.grad) for m in targets.values()}
     for p, _ in saved:
         p.requires_grad_(False)
-    for p, _ in stashed.values():
-        p.grad = None
-        p.requires_grad_(True)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     handle = emb.register_forward_hook(_require_grad) if emb is not None else None
     try:
@@ -165,12 +160,26 @@ def _grad_only_on(model: nn.Module, targets: dict[str, nn.Linear]) -> Iterator[N
             handle.remove()
         for p, flag in saved:
             p.requires_grad_(flag)
-        for p, grad in stashed.values():
-            p.grad = grad
+
+
+@contextmanager
+def _grad_only_on(model: nn.Module, targets: dict[str, nn.Linear]) -> Iterator[None]:
+    """requires_grad True on target weights only (within `frozen_params`). A `.grad` the caller
+    had on a target weight is set aside (autograd would add to it) and put back afterwards."""
+    stashed = {id(m.weight): (m.weight, m.weight.grad) for m in targets.values()}
+    with frozen_params(model):
+        for p, _ in stashed.values():
+            p.grad = None
+            p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for p, grad in stashed.values():
+                p.grad = grad
 
 
 def _require_grad(_module: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
-    if isinstance(out, torch.Tensor) and not out.requires_grad:
+    if isinstance(out, torch.Tensor) and torch.is_grad_enabled() and not out.requires_grad:
         out.requires_grad_(True)
 
 
