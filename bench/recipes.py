@@ -43,6 +43,8 @@ ROWS = {
     "fgmp weights+activations p=0.3": ("fgmp_nvfp4", []),
     "fgmp weights+activations p=0.3 rtn": ("fgmp_nvfp4", ["quantize.method=rtn"]),
     "nvfp4 + distill": ("nvfp4", ["quantize.method=distill"]),
+    "fgmp weights p=0.3 + EoRA r8": ("fgmp_nvfp4a16", ["compensate.method=eora", "compensate.rank=8"]),
+    "nvfp4 + EoRA r8": ("nvfp4_eora", []),
     "fp8 per-tensor": ("fp8", ["quantize.weights.spec.granularity=tensor"]),
     "fp8 per-tensor + distill": ("fp8", ["quantize.weights.spec.granularity=tensor", "quantize.method=distill"]),
     "vapr 4.75 bits": ("vapr", ["allocate.budget_bits=4.75", "allocate.pareto_budgets=[]"]),
