@@ -158,6 +158,8 @@ def read_plan(alloc: Path, recipe: Recipe) -> tuple[Recipe, dict[str, Any], list
         ctx: dict[str, Any] = {}
         if e.get("mask"):
             ctx["mask"] = tensors[e["mask"]].bool()
+        if e.get("codebook"):
+            ctx["codebook"] = tensors[e["codebook"]]
         if e.get("importance"):
             ctx["importance"] = stats[name][e["importance"]]
         layer_plan[name] = {"format": e["format"], "spec": e["spec"], "context": ctx}

@@ -48,6 +48,12 @@ def search(ctx, tmp: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dic
         raise RecipeError("the vapr policy needs a budget", "set allocate.budget_bits, e.g. --set allocate.budget_bits=5.5")
     cands = [c.model_dump() for c in a.candidates] or DEFAULT_CANDIDATES
     labels = _labels(cands)
+    books = _shared_codebooks(ctx, cands)
+    total = sum(m.weight.numel() for m in ctx.targets.values())
+    # A model-wide codebook set is stored once, whichever layers use it: its bits are reserved from
+    # the budget up front and each bcq option is costed without it (as the artifact counts it).
+    reserve = {nc: _tensor_bits(book) / total for nc, book in books.items()}
+    budget = a.budget_bits - sum(reserve.values())
     need_loss = a.predictor == "measured" or a.refine or bool(a.pareto_budgets)
     batches = ctx.batches() if need_loss else []
     base = mean_loss(ctx.model, batches) if need_loss else None
@@ -60,20 +66,25 @@ def search(ctx, tmp: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dic
         for label, c in zip(labels, cands):
             fmt = get_format(c["format"])
             extra = {"importance": torch.diagonal(cov).clamp_min(0)} if cov is not None and "importance" in fmt.context_keys else {}
+            book = books.get(_nc(c)) if c["format"] == "bcq" else None
+            if book is not None:
+                extra["codebook"] = book
             q = fmt.quantize(w, **c["spec"], **extra)
             wq = fmt.dequantize(q)
+            bits = (q.storage_bits() - (_tensor_bits(q.data["codebook"]) if book is not None else 0)) / q.numel
             deq[(name, label)] = wq
             if fisher is not None:
                 loss = float(((w - wq).double().square() * fisher.double()).sum())
             else:
                 with swapped_weights(ctx.model, {name: wq}):
                     loss = mean_loss(ctx.model, batches) - base
-            options.append(Option(label, q.bits_per_weight(), loss))
+            options.append(Option(label, bits, loss))
         layers.append(Layer(name, w.numel(), tuple(options)))
-    best = solve(layers, a.budget_bits)
+    best = solve(layers, budget)
     if a.refine:
-        best = _refine(ctx, layers, best, deq, batches, a.budget_bits)
-    front = _pareto(ctx, layers, deq, batches, sorted(set(a.pareto_budgets) | {a.budget_bits}), base) if a.pareto_budgets else []
+        best = _refine(ctx, layers, best, deq, batches, budget)
+    front = _pareto(ctx, layers, deq, batches, sorted(set(a.pareto_budgets) | {a.budget_bits}), base,
+                    reserve, by_label=dict(zip(labels, cands))) if a.pareto_budgets else []
     if front:
         art.write_json(tmp / "pareto.json", {"baseline_loss": base, "points": front})
         from lpc.pipeline.plots import plot_pareto
@@ -81,11 +92,43 @@ def search(ctx, tmp: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dic
     by_label = dict(zip(labels, cands))
     plan_layers = {n: {"format": by_label[l]["format"], "spec": by_label[l]["spec"], "label": l}
                    for n, l in best.choice.items()}
+    tensors = {}
+    for entry in plan_layers.values():
+        if entry["format"] == "bcq" and _nc(entry) in books:
+            entry["codebook"] = f"codebook.{_nc(entry)}"
+            tensors[entry["codebook"]] = books[_nc(entry)]
     plan = {"policy": "vapr", "budget_bits": a.budget_bits, "layers": plan_layers}
-    summary = {"bits_per_weight": best.bits_per_weight, "predicted_loss": best.predicted_loss,
+    summary = {"bits_per_weight": best.bits_per_weight + _reserved(best.choice, by_label, reserve),
+               "predicted_loss": best.predicted_loss,
                "measured_loss": best.measured_loss, "baseline_loss": base, "exact": best.exact,
                "formats": {l: sum(1 for v in best.choice.values() if v == l) for l in labels}}
-    return plan, {}, summary
+    return plan, tensors, summary
+
+
+def _nc(candidate: dict[str, Any]) -> int:
+    return int(candidate.get("spec", {}).get("codebooks", 16))
+
+
+def _tensor_bits(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size() * 8
+
+
+def _shared_codebooks(ctx, cands: list[dict[str, Any]]) -> dict[int, torch.Tensor]:
+    """With `quantize.codebook_scope: model`, one LO-BCQ codebook set per Nc fitted over all target
+    weights: the search costs bcq with it and the plan hands it to the quantize stage."""
+    if ctx.recipe.quantize.codebook_scope != "model":
+        return {}
+    from lpc.formats.codebooks import fit_codebooks
+
+    weights = [m.weight.detach().float() for m in ctx.targets.values()]
+    return {nc: fit_codebooks(weights, codebooks=nc).codebook
+            for nc in sorted({_nc(c) for c in cands if c["format"] == "bcq"})}
+
+
+def _reserved(choice: dict[str, str], by_label: dict[str, dict[str, Any]], reserve: dict[int, float]) -> float:
+    """Bits per weight of the shared codebooks the chosen formats actually use."""
+    used = {_nc(by_label[l]) for l in choice.values() if by_label[l]["format"] == "bcq"}
+    return sum(reserve.get(nc, 0.0) for nc in used)
 
 
 def _plan_loss(ctx, sol: Solution, deq, batches) -> float:
@@ -105,11 +148,13 @@ def _refine(ctx, layers, best: Solution, deq, batches, budget: float, neighbours
     return Solution(**{**chosen.to_dict(), "measured_loss": loss, "budget_bits_per_weight": budget})
 
 
-def _pareto(ctx, layers, deq, batches, budgets: list[float], base: float | None) -> list[dict[str, Any]]:
+def _pareto(ctx, layers, deq, batches, budgets: list[float], base: float | None, reserve: dict[int, float],
+            by_label: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     points = []
-    for b, sol in zip(budgets, pareto_front(layers, budgets)):
+    for b, sol in zip(budgets, pareto_front(layers, [b - sum(reserve.values()) for b in budgets])):
         measured = _plan_loss(ctx, sol, deq, batches)
-        points.append({"budget_bits_per_weight": b, "bits_per_weight": sol.bits_per_weight,
+        points.append({"budget_bits_per_weight": b,
+                       "bits_per_weight": sol.bits_per_weight + _reserved(sol.choice, by_label, reserve),
                        "predicted_loss": sol.predicted_loss, "measured_loss": measured,
                        "measured_loss_increase": None if base is None else measured - base,
                        "choice": sol.choice})

@@ -89,6 +89,28 @@ def test_vapr_respects_budget_and_writes_pareto(fisher_calib, tiny_model_dir):
                  fisher_calib / "a-vapr-low")
 
 
+def test_vapr_costs_the_model_wide_codebook_once(fisher_calib, tiny_model_dir):
+    from lpc.pipeline.artifact import load_tensors
+    from lpc.pipeline.lpc_model import read_qconfig, read_qtensors
+
+    # Rows of 32 and 40 pad to bcq's arrays of 64: ~9.3 bits here, bf16 16 bits.
+    cands = "allocate.candidates=[{format: bcq}, {format: bf16}]"
+    recipe = load_recipe("vapr", SMALL + ["allocate.budget_bits=12.0", "allocate.pareto_budgets=[]",
+                                          "allocate.refine=false", cands])
+    res = allocate(fisher_calib / "calib", recipe, fisher_calib / "a-vapr-bcq")
+    plan = json.loads((fisher_calib / "a-vapr-bcq" / "plan.json").read_text())
+    chosen = [n for n, e in plan["layers"].items() if e["format"] == "bcq"]
+    assert chosen and len(chosen) < len(plan["layers"])  # a mix, so the budget binds
+    assert all(plan["layers"][n]["codebook"] == "codebook.16" for n in chosen)
+    book = load_tensors(fisher_calib / "a-vapr-bcq" / "masks.safetensors")["codebook.16"]
+    q = _quantize_with(fisher_calib / "a-vapr-bcq", recipe, tiny_model_dir, fisher_calib / "q-vapr-bcq")
+    qts, _ = read_qtensors(fisher_calib / "q-vapr-bcq", read_qconfig(fisher_calib / "q-vapr-bcq"))
+    assert all(torch.equal(qts[n].data["codebook"], book) for n in chosen)
+    # The plan's bits are the artifact's (codebook stored once), and within the budget.
+    assert q.manifest["bits_per_weight"] == pytest.approx(res.manifest["bits_per_weight"], rel=1e-9)
+    assert 11.0 < res.manifest["bits_per_weight"] <= 12.0
+
+
 def test_gptq_lowers_output_error_and_stores_a_plain_qtensor():
     torch.manual_seed(0)
     mix = torch.randn(48, 48)
