@@ -92,6 +92,8 @@ def distill_weights(model: nn.Module, targets: dict[str, nn.Linear],
         params = stack.enter_context(_parametrized(targets, quantizers))
         stack.enter_context(_eval_with_checkpointing(model, checkpointing))
         teacher = _TeacherCache(model, targets)
+        # The RMS is read through the parametrization (the quantized weight), which also fills
+        # each layer's Q cache for step 0.
         groups = [{"params": [p], "lr": lr * _rms(targets[n])} for n, p in params.items()]
         opt = torch.optim.Adam(groups)
 
@@ -162,11 +164,9 @@ def _split(batches: list[torch.Tensor], val_fraction: float) -> tuple[list[torch
     if val_fraction <= 0 or len(batches) < 2:
         return list(batches), []
     k = max(2, round(1 / val_fraction))
-    val = [b for i, b in enumerate(batches) if i % k == k - 1]
-    if not val:
-        val = [batches[-1]]
-    train = [b for b in batches if not any(b is v for v in val)]
-    return train, val
+    held = set(range(k - 1, len(batches), k)) or {len(batches) - 1}
+    return ([b for i, b in enumerate(batches) if i not in held],
+            [b for i, b in enumerate(batches) if i in held])
 
 
 def _rms(module: nn.Linear) -> float:

@@ -92,8 +92,7 @@ def kl_divergence(model: torch.nn.Module, baseline: torch.nn.Module, tokenizer: 
     _check_int("seq_len", seq_len, 2, "use a window of at least 2 tokens, e.g. 256")
     _check_int("batch_size", batch_size, 1, "use 1 or more")
     seqs, how = _sequences(tokenizer, path, seq_len, max_tokens)
-    order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = _length_batches(seqs, batch_size)
     parts = [0.0] * len(seqs)
     with _eval_mode(model), _eval_mode(baseline), torch.inference_mode():
         for batch in track(batches, "kl", progress):
@@ -186,9 +185,7 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 def _score(model: torch.nn.Module, seqs: list[list[int]], batch_size: int,
            progress: Progress | None) -> tuple[float, int]:
     """(summed next-token loss in nats, as fp64; number of predictions) over `seqs`."""
-    # Longest first so that a batch holds sequences of similar length (little padding).
-    order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = _length_batches(seqs, batch_size)
     device = getattr(model, "device", None) or next(model.parameters()).device
     losses = [0.0] * len(seqs)
     with _eval_mode(model), torch.inference_mode():
@@ -197,6 +194,12 @@ def _score(model: torch.nn.Module, seqs: list[list[int]], batch_size: int,
                 losses[i] = loss
     # Summed in input order so that the total does not depend on the batching.
     return math.fsum(losses), sum(len(s) - 1 for s in seqs)
+
+
+def _length_batches(seqs: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Indices of `seqs` in batches, longest first, so a batch holds similar lengths (little padding)."""
+    order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def _batch_losses(model: torch.nn.Module, rows: list[list[int]], device: torch.device) -> list[float]:

@@ -110,7 +110,8 @@ def quantize_layers(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any
                     fuse: list[list[str]] | None = None, use_importance: bool = True,
                     progress: Progress | None = None, method: str = "rtn",
                     codebook_scope: str = "model",
-                    weights: dict[str, torch.Tensor] | None = None
+                    weights: dict[str, torch.Tensor] | None = None,
+                    setups: dict[str, tuple[Any, dict[str, Any], dict[str, Any]]] | None = None
                     ) -> tuple[dict[str, QTensor], dict[str, dict[str, Any]]]:
     """Quantize each planned Linear's weight; returns QTensors and per-layer records.
 
@@ -121,12 +122,15 @@ def quantize_layers(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any
     weights: layer name -> the weight to quantize instead of the layer's own (tuned weights);
     scales that depend on the whole tensor (global amax, codebooks) still come from the layers,
     and errors are measured against the layers' own weights.
+    setups: `layer_setups` of the same arguments, when the caller already has them.
     """
-    setups = layer_setups(targets, plan, stats, fuse, use_importance, codebook_scope)
+    setups = setups if setups is not None else layer_setups(targets, plan, stats, fuse, use_importance,
+                                                            codebook_scope)
     weights = weights or {}
     qtensors, records = {}, {}
     for name in track(list(setups), "quantize", progress):
         fmt, spec, ctx = setups[name]
+        ctx = dict(ctx)  # GPTQ may add a key
         w = targets[name].weight.detach()
         src = weights[name].to(w.dtype) if name in weights else w
         cov = stats[name]["act_cov"] if stats and name in stats else None

@@ -22,7 +22,7 @@ from lpc.pipeline.model_io import (
 )
 from lpc.pipeline.progress import Progress
 from lpc.pipeline.streaming import open_for_calibration
-from lpc.pipeline.quantize import bits_summary, plan_from_recipe, quantize_layers
+from lpc.pipeline.quantize import bits_summary, layer_setups, plan_from_recipe, quantize_layers
 from lpc.recipes.schema import Recipe
 
 log = logging.getLogger(__name__)
@@ -122,11 +122,12 @@ def quantize(model: str, recipe: Recipe, out: Path, calib: Path | None = None,
         stats = read_stats(calib) if calib else None
         targets = find_targets(m, recipe.targets, recipe.ignore)
         layer_plan = plan if plan is not None else plan_from_recipe(recipe, list(targets))
-        tuned, report = _distill(m, targets, layer_plan, stats, recipe, Path(calib), src, device, progress) \
+        setups = layer_setups(targets, layer_plan, stats, q.fuse_groups, q.importance != "none", q.codebook_scope)
+        tuned, report = _distill(m, targets, setups, stats, layer_plan, recipe, Path(calib), src, device, progress) \
             if q.method == "distill" else (None, None)
-        qtensors, records = quantize_layers(targets, layer_plan, stats, q.fuse_groups, q.importance != "none",
-                                            progress, method="rtn" if q.method == "distill" else q.method,
-                                            codebook_scope=q.codebook_scope, weights=tuned)
+        qtensors, records = quantize_layers(targets, layer_plan, stats, progress=progress,
+                                            method="rtn" if q.method == "distill" else q.method,
+                                            weights=tuned, setups=setups)
         acts, aux = activation_config(recipe, qtensors, stats, layer_plan)
         write_lpc_model(tmp, m, qtensors, extra_tensors=aux, extra_config={"activations": acts} if acts else None)
         copy_tokenizer_files(src, tmp)
@@ -137,8 +138,7 @@ def quantize(model: str, recipe: Recipe, out: Path, calib: Path | None = None,
             records[name]["shared_fields"] = True
         summary["activations"] = recipe.quantize.activations.format if recipe.quantize.activations else None
         if report is not None:
-            summary["distill"] = {k: v for k, v in report.items() if k != "history"}
-            summary["distill"]["history"] = report["history"]
+            summary["distill"] = report
         return {"recipe": recipe.model_dump(mode="json"), "layers": records, "summary": summary,
                 "bits_per_weight": summary["bits_per_weight"]}
 
@@ -151,16 +151,14 @@ def calibration_batches_of(calib: Path, src: str, model: Any) -> list[Any]:
     return calibration_batches(c["data"], load_tokenizer(src), c["samples"], c["seq_len"], model=model, seed=c["seed"])
 
 
-def _distill(m, targets, layer_plan, stats, recipe: Recipe, calib: Path, src: str, device: str,
+def _distill(m, targets, setups, stats, layer_plan, recipe: Recipe, calib: Path, src: str, device: str,
              progress: Progress | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Tuned weights for `method: distill`, each layer's fake quantizer exactly as quantize_layers
-    will apply it (same format, spec and context), the activations simulated as at eval."""
+    will apply it (the same `setups`: format, spec and context), the activations simulated as at eval."""
     from lpc.pipeline.distill import distill_weights
     from lpc.pipeline.load import activation_plan
-    from lpc.pipeline.quantize import layer_setups
 
     q = recipe.quantize
-    setups = layer_setups(targets, layer_plan, stats, q.fuse_groups, q.importance != "none", q.codebook_scope)
     quantizers = {n: _fake_quantizer(fmt, spec, ctx, targets[n].weight.dtype) for n, (fmt, spec, ctx) in setups.items()}
     acts, aux = activation_config(recipe, setups, stats, layer_plan)
     act_plan = activation_plan(acts, aux) if acts else None
