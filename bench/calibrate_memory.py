@@ -17,9 +17,9 @@ from pathlib import Path
 
 CHILD = r"""
 import resource, sys, torch
-from lpc.pipeline.calibrate import collect_input_stats
-from lpc.pipeline.model_io import find_targets, load_hf_model
-from lpc.pipeline.streaming import open_for_calibration
+from lpc.pipeline.calibration.stats import collect_input_stats
+from lpc.pipeline.io.models import find_targets, load_hf_model
+from lpc.pipeline.io.streaming import open_for_calibration
 model_dir, mode = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
 batches = [torch.randint(3, 500, (1, 128)) for _ in range(8)]

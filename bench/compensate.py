@@ -4,7 +4,7 @@
 
 Calibrates once (Fisher on, so ESPACE's gradient statistic is available), quantizes once with the
 `nvfp4` recipe, then runs the compensate stage for each method x rank and evaluates perplexity with
-the project's protocol (`lpc.pipeline.evaluate.perplexity`, seq_len 256). `seconds` is the
+the project's protocol (`lpc.pipeline.evaluation.metrics.perplexity`, seq_len 256). `seconds` is the
 compensate stage's wall time, `cpu_seconds` its process CPU time. `--extra` adds the ablations
 (factor precision, normalized ESPACE statistics).
 """
@@ -32,8 +32,8 @@ EXTRA = {"eora_fp32": ["compensate.factor_format=fp32"], "eora_fp8": ["compensat
 
 
 def ppl(path: Path, heldout: Path, seq_len: int) -> float:
-    from lpc.pipeline.evaluate import perplexity
-    from lpc.pipeline.load import load
+    from lpc.pipeline.evaluation.metrics import perplexity
+    from lpc.pipeline.artifact.load import load
 
     model, tok = load(path)
     return round(perplexity(model, tok, heldout, seq_len=seq_len)["perplexity"], 4)
@@ -42,8 +42,8 @@ def ppl(path: Path, heldout: Path, seq_len: int) -> float:
 def run(model: Path, calib_data: Path, heldout: Path, out: Path, ranks: list[int], extra: bool,
         seq_len: int = 256) -> dict[str, Any]:
     """Every figure of the table as one dict: baselines, then one row per method x rank."""
-    from lpc.pipeline import stages
-    from lpc.pipeline.compensate import compensate
+    from lpc.pipeline.stages import core as stages
+    from lpc.pipeline.stages.compensate import compensate
     from lpc.recipes import load_recipe
 
     base = load_recipe("nvfp4", ["calibrate.fisher=true"])

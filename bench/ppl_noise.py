@@ -28,11 +28,11 @@ ASSETS = Path(os.environ.get("LPC_ASSETS", REPO.parent / "shared" / "assets"))
 
 def main() -> None:
     from lpc.formats import get_format
-    from lpc.pipeline import stages
-    from lpc.pipeline.allocate import allocate, read_plan
-    from lpc.pipeline.evaluate import kl_divergence, perplexity
-    from lpc.pipeline.model_io import find_targets, load_hf_model, load_tokenizer
-    from lpc.pipeline.quantize import layer_setups
+    from lpc.pipeline.stages import core as stages
+    from lpc.pipeline.stages.allocate import allocate, read_plan
+    from lpc.pipeline.evaluation.metrics import kl_divergence, perplexity
+    from lpc.pipeline.io.models import find_targets, load_hf_model, load_tokenizer
+    from lpc.pipeline.quantization.layers import layer_setups
     from lpc.recipes import load_recipe
 
     model_dir = ASSETS / "models" / "stories260K"

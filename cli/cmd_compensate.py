@@ -18,7 +18,7 @@ def compensate(quant: Annotated[Path, typer.Argument(help="quantize artifact (lp
                out: Out, recipe: RecipeOpt = "nvfp4_eora", sets: Sets = None, device: Device = "cpu",
                overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False) -> None:
     """Low-rank compensation of the quantization error (e.g. --set compensate.method=svd --set compensate.rank=16)."""
-    from lpc.pipeline.compensate import compensate as run
+    from lpc.pipeline.stages.compensate import compensate as run
 
     r = _recipe(recipe, sets)
     with render.RichProgress(not json_out) as progress:

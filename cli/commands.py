@@ -28,7 +28,7 @@ def calibrate(model: Annotated[str, typer.Argument(help="model directory or hub 
               sets: Sets = None, device: Device = "cpu", overwrite: Overwrite = False,
               json_out: Json = False, debug: Debug = False) -> None:
     """Collect input statistics (absmax, X^T X) and optionally Fisher information."""
-    from lpc.pipeline import stages
+    from lpc.pipeline.stages import core as stages
 
     sets = list(sets or [])
     sets += [f"calibrate.samples={samples}"] if samples else []
@@ -48,12 +48,12 @@ def quantize(model: Annotated[str, typer.Argument(help="model directory or hub i
              sets: Sets = None, device: Device = "cpu", overwrite: Overwrite = False, json_out: Json = False,
              debug: Debug = False) -> None:
     """Quantize the recipe's target Linears (or follow an allocation plan)."""
-    from lpc.pipeline import stages
+    from lpc.pipeline.stages import core as stages
 
     r = _recipe(recipe, sets)
     layer_plan, plan_inputs = None, None
     if plan is not None:
-        from lpc.pipeline.allocate import read_plan
+        from lpc.pipeline.stages.allocate import read_plan
         r, layer_plan, plan_inputs = read_plan(plan, r)
         calib = calib or layer_plan_calib(plan)
     with render.RichProgress(not json_out) as progress:
@@ -63,7 +63,7 @@ def quantize(model: Annotated[str, typer.Argument(help="model directory or hub i
 
 
 def layer_plan_calib(plan_dir: Path) -> Path | None:
-    from lpc.pipeline.artifact import read_manifest
+    from lpc.pipeline.artifact.store import read_manifest
     c = read_manifest(plan_dir, "allocate").get("config", {}).get("calib")
     return Path(c) if c else None
 
@@ -74,7 +74,7 @@ def export(src: Annotated[Path, typer.Argument(help="quantize/compensate artifac
            fmt: Annotated[str, typer.Option("--format", help="lpc | dense | peft | compressed-tensors")] = "lpc",
            overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False) -> None:
     """Write a deployable model: packed lpc, dense (dequantized), a PEFT adapter, or compressed-tensors."""
-    from lpc.pipeline import stages
+    from lpc.pipeline.stages import core as stages
     from lpc.pipeline.errors import InputError
 
     if fmt not in stages.EXPORT_FORMATS:
@@ -100,7 +100,7 @@ def eval_cmd(path: Annotated[str, typer.Argument(help="artifact or model directo
              out: Annotated[Optional[Path], typer.Option("-o", "--out", help="also write the JSON here")] = None,
              device: Device = "cpu", json_out: Json = False, debug: Debug = False) -> None:
     """Perplexity and lm-eval tasks of a model, optionally against a baseline (exit 3 on a failed gate)."""
-    from lpc.pipeline.eval_stage import evaluate
+    from lpc.pipeline.stages.evaluate import evaluate
     from lpc.pipeline.errors import GateFailed
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
@@ -113,7 +113,7 @@ def eval_cmd(path: Annotated[str, typer.Argument(help="artifact or model directo
         except GateFailed as err:
             result, failed = err.report, err  # type: ignore[attr-defined]
     if out is not None and result is not None:
-        from lpc.pipeline.artifact import write_json
+        from lpc.pipeline.artifact.store import write_json
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, result)
     show_eval(result, json_out)
@@ -153,7 +153,7 @@ def compress(model: Annotated[str, typer.Argument(help="model directory or hub i
              sets: Sets = None, device: Device = "cpu", overwrite: Overwrite = False,
              json_out: Json = False, debug: Debug = False) -> None:
     """Every stage in order (calibrate, allocate, quantize, compensate, export, eval); resumable."""
-    from lpc.pipeline.compress import compress as run
+    from lpc.pipeline.stages.compress import compress as run
 
     r = _recipe(recipe, sets)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
@@ -179,7 +179,7 @@ def inspect(path: Annotated[Path, typer.Argument(help="any lpc artifact director
             plot: Annotated[Optional[Path], typer.Option("--plot", help="draw the precision map to this PNG")] = None,
             json_out: Json = False, debug: Debug = False) -> None:
     """What an artifact holds: per-layer formats, bits, errors (and a precision map)."""
-    from lpc.pipeline.inspect import inspect_artifact
+    from lpc.pipeline.artifact.inspect import inspect_artifact
 
     info = inspect_artifact(path, plot=plot)
     if json_out:
@@ -198,7 +198,7 @@ def inspect(path: Annotated[Path, typer.Argument(help="any lpc artifact director
 def verify(path: Annotated[Path, typer.Argument(help="artifact directory")], json_out: Json = False,
            debug: Debug = False) -> None:
     """Check an artifact: hashes, tensors present and finite, scales non-zero, shapes."""
-    from lpc.pipeline.inspect import verify_artifact
+    from lpc.pipeline.artifact.inspect import verify_artifact
 
     report = verify_artifact(path)
     if json_out:

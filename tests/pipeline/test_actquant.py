@@ -7,7 +7,7 @@ from torch import nn
 
 from lpc.formats import LpcError, get_format
 from lpc.formats.fgmp import block_scores
-from lpc.pipeline.actquant import attach_activation_quant
+from lpc.pipeline.quantization.actquant import attach_activation_quant
 from lpc.pipeline.errors import InputError
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from lpc.formats import get_format
-from lpc.pipeline import stages
-from lpc.pipeline.allocate import allocate, read_plan
+from lpc.pipeline.stages import core as stages
+from lpc.pipeline.stages.allocate import allocate, read_plan
 from lpc.pipeline.errors import InputError, RecipeError
-from lpc.pipeline.gptq import gptq_quantize
-from lpc.pipeline.load import load
+from lpc.pipeline.quantization.gptq import gptq_quantize
+from lpc.pipeline.artifact.load import load
 from lpc.recipes import load_recipe
 
 SMALL = ["calibrate.samples=4", "calibrate.seq_len=24"]
@@ -90,8 +90,8 @@ def test_vapr_respects_budget_and_writes_pareto(fisher_calib, tiny_model_dir):
 
 
 def test_vapr_costs_the_model_wide_codebook_once(fisher_calib, tiny_model_dir):
-    from lpc.pipeline.artifact import load_tensors
-    from lpc.pipeline.lpc_model import read_qconfig, read_qtensors
+    from lpc.pipeline.artifact.store import load_tensors
+    from lpc.pipeline.artifact.lpc_model import read_qconfig, read_qtensors
 
     # Rows of 32 and 40 pad to bcq's arrays of 64: ~9.3 bits here, bf16 16 bits.
     cands = "allocate.candidates=[{format: bcq}, {format: bf16}]"
@@ -132,7 +132,7 @@ def test_gptq_lowers_output_error_and_stores_a_plain_qtensor():
 
 
 def test_inspect_reports_mix_and_draws_precision_map(fisher_calib, tiny_model_dir, tmp_path):
-    from lpc.pipeline.inspect import inspect_artifact
+    from lpc.pipeline.artifact.inspect import inspect_artifact
 
     recipe = load_recipe("fgmp_nvfp4a16", SMALL + ["allocate.fraction=0.5"])
     allocate(fisher_calib / "calib", recipe, fisher_calib / "a-inspect")

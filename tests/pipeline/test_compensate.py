@@ -9,15 +9,15 @@ import torch
 from typer.testing import CliRunner
 
 from lpc.cli.main import app
-from lpc.pipeline import stages
-from lpc.pipeline.artifact import load_tensors, save_tensors
-from lpc.pipeline.calibrate import STATS_FILE, read_stats
-from lpc.pipeline.compensate import compensate
+from lpc.pipeline.stages import core as stages
+from lpc.pipeline.artifact.store import load_tensors, save_tensors
+from lpc.pipeline.calibration.stats import STATS_FILE, read_stats
+from lpc.pipeline.stages.compensate import compensate
 from lpc.pipeline.errors import InputError
-from lpc.pipeline.load import load
-from lpc.pipeline.lowrank import output_error
-from lpc.pipeline.lpc_model import read_qconfig
-from lpc.pipeline.model_io import load_hf_model
+from lpc.pipeline.artifact.load import load
+from lpc.pipeline.compensation.lowrank import output_error
+from lpc.pipeline.artifact.lpc_model import read_qconfig
+from lpc.pipeline.io.models import load_hf_model
 from lpc.recipes import load_recipe
 
 SMALL = ["calibrate.samples=4", "calibrate.seq_len=32", "calibrate.fisher=true"]

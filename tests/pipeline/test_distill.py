@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lpc.pipeline import stages
-from lpc.pipeline.actquant import attach_activation_quant
-from lpc.pipeline.distill import distill_weights
+from lpc.pipeline.stages import core as stages
+from lpc.pipeline.quantization.actquant import attach_activation_quant
+from lpc.pipeline.quantization.distill import distill_weights
 from lpc.pipeline.errors import InputError, RecipeError
-from lpc.pipeline.model_io import find_targets, load_hf_model
-from lpc.pipeline.quantize import layer_setups, plan_from_recipe, quantize_layers
+from lpc.pipeline.io.models import find_targets, load_hf_model
+from lpc.pipeline.quantization.layers import layer_setups, plan_from_recipe, quantize_layers
 from lpc.recipes import load_recipe
 
 STEPS = 12

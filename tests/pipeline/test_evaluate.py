@@ -16,7 +16,7 @@ import yaml  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from lpc.pipeline.errors import GateFailed, InputError  # noqa: E402
-from lpc.pipeline.evaluate import (  # noqa: E402
+from lpc.pipeline.evaluation.metrics import (  # noqa: E402
     BUILTIN_TASKS_DIR, check_gate, compare, kl_divergence, local_tasks, perplexity, run_tasks,
 )
 

@@ -17,11 +17,11 @@ from safetensors import safe_open
 
 from lpc.formats import get_format
 from lpc.formats.numerics import e2m1_decode, unpack_nibbles
-from lpc.pipeline import stages
+from lpc.pipeline.stages import core as stages
 from lpc.pipeline.errors import ArtifactError
-from lpc.pipeline.export_ct import check_exportable, nvfp4_tensors, write_compressed_tensors
-from lpc.pipeline.load import load
-from lpc.pipeline.lpc_model import read_qconfig, read_qtensors
+from lpc.pipeline.export.compressed_tensors import check_exportable, nvfp4_tensors, write_compressed_tensors
+from lpc.pipeline.artifact.load import load
+from lpc.pipeline.artifact.lpc_model import read_qconfig, read_qtensors
 from lpc.recipes import load_recipe
 
 log = logging.getLogger(__name__)
@@ -344,7 +344,7 @@ def test_cli_exports_compressed_tensors(nvfp4_export, tmp_path):
 
 
 def test_padded_layer_with_activation_quant_is_reported_dropped():
-    from lpc.pipeline.export_ct import convert_layers
+    from lpc.pipeline.export.compressed_tensors import convert_layers
 
     fmt = get_format("nvfp4")
     qtensors = {"a.padded": fmt.quantize(torch.randn(8, 40)), "b.aligned": fmt.quantize(torch.randn(8, 32))}

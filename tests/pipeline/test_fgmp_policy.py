@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lpc.formats import get_format
 from lpc.formats.fgmp import block_scores
 from lpc.pipeline.errors import InputError, RecipeError
-from lpc.pipeline.fgmp_policy import (
+from lpc.pipeline.allocation.fgmp import (
     activation_threshold, collect_activation_scores, fgmp_layer_bits, high_fraction_by_group,
     magnitude_high_blocks, plan_bits_per_weight, random_high_blocks, select_high_blocks,
     weight_block_scores,
@@ -231,7 +231,7 @@ def test_collect_activation_scores(tiny_llama):
 def test_plot_precision_map_masks_and_bits(tmp_path):
     from matplotlib.image import imread
 
-    from lpc.pipeline.plots import block_position_profile, plot_precision_map
+    from lpc.pipeline.artifact.plots import block_position_profile, plot_precision_map
     masks = random_high_blocks({"l0.q_proj": (32, 4), "l0.down_proj": (32, 200)}, 0.3, seed=0)
     paths = [plot_precision_map(masks, tmp_path / "map.png"), plot_precision_map(masks, tmp_path / "map2.png"),
              plot_precision_map({"l0.q_proj": 5.2, "l0.down_proj": 4.5}, tmp_path / "bits.png")]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lpc.pipeline.errors import InputError
-from lpc.pipeline.fisher import fisher_statistics
+from lpc.pipeline.calibration.fisher import fisher_statistics
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_bad_targets(tiny_llama):
 
 
 def test_checkpointing_is_used(tiny_llama, monkeypatch):
-    import lpc.pipeline.fisher as fisher_mod
+    import lpc.pipeline.calibration.fisher as fisher_mod
     calls = []
     real = fisher_mod.checkpoint
 

@@ -13,7 +13,7 @@ import torch
 
 from lpc.formats import LpcError, get_format, list_formats
 from lpc.pipeline.errors import InputError, RecipeError
-from lpc.pipeline.knapsack import Layer, Option, lagrangian_hull, layer_sensitivity, pareto_front, solve
+from lpc.pipeline.allocation.knapsack import Layer, Option, lagrangian_hull, layer_sensitivity, pareto_front, solve
 
 BPW = [2.0, 3.0, 4.0, 4.25, 4.5, 4.625, 8.0, 8.25, 16.0]
 NUMELS = [16, 48, 100, 256, 4096, 11008]
@@ -221,7 +221,7 @@ def _png_pixels(path):
 
 
 def test_plot_pareto_writes_deterministic_png(tmp_path):
-    from lpc.pipeline.plots import plot_pareto
+    from lpc.pipeline.artifact.plots import plot_pareto
     layers = [Layer("a", 256, (Option("nvfp4", 4.5, 2.0), Option("fp8", 8.0, 0.5))),
               Layer("b", 512, (Option("nvfp4", 4.5, 1.0), Option("fp8", 8.0, 0.1), Option("bf16", 16.0, 0.0)))]
     front = [dataclasses.replace(p, measured_loss=p.predicted_loss * 1.1)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from lpc.formats import LpcError, get_format
-from lpc.pipeline.espace import (
+from lpc.pipeline.compensation.espace import (
     espace_compress, espace_projection, espace_residual, espace_statistic, projection_error,
 )
-from lpc.pipeline.lowrank import (
+from lpc.pipeline.compensation.lowrank import (
     allocate_ranks, eora, eora_decompose, output_error, quantize_factors, svd_decompose, svd_lowrank,
 )
 

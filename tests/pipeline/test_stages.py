@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from lpc.formats import get_format
-from lpc.pipeline import stages
-from lpc.pipeline.calibrate import InputStats, _whole_model, collect_input_stats, read_stats
-from lpc.pipeline.data import calibration_batches, read_texts
+from lpc.pipeline.stages import core as stages
+from lpc.pipeline.calibration.stats import InputStats, _whole_model, collect_input_stats, read_stats
+from lpc.pipeline.io.data import calibration_batches, read_texts
 from lpc.pipeline.errors import ArtifactError, InputError
-from lpc.pipeline.load import load
-from lpc.pipeline.lpc_model import read_qconfig, read_qtensors
-from lpc.pipeline.model_io import find_targets, fuse_groups, load_hf_model, load_tokenizer
+from lpc.pipeline.artifact.load import load
+from lpc.pipeline.artifact.lpc_model import read_qconfig, read_qtensors
+from lpc.pipeline.io.models import find_targets, fuse_groups, load_hf_model, load_tokenizer
 from lpc.recipes import load_recipe
 
 
@@ -142,7 +142,7 @@ def test_fuse_groups_partition():
 
 
 def test_model_wide_codebook_is_stored_once(tmp_path, tiny_model_dir):
-    from lpc.pipeline.artifact import load_tensors
+    from lpc.pipeline.artifact.store import load_tensors
 
     res = stages.quantize(str(tiny_model_dir), load_recipe("bcq"), tmp_path / "q")
     tensors = load_tensors(tmp_path / "q" / "model.safetensors")
@@ -159,8 +159,8 @@ def test_model_wide_codebook_is_stored_once(tmp_path, tiny_model_dir):
 
 
 def test_streamed_calibration_equals_whole_model_and_holds_one_layer(tmp_path, text_files, build_llama):
-    from lpc.pipeline.model_io import decoder_layers
-    from lpc.pipeline.streaming import open_for_calibration, resident_params
+    from lpc.pipeline.io.models import decoder_layers
+    from lpc.pipeline.io.streaming import open_for_calibration, resident_params
 
     model_dir = tmp_path / "deep"
     whole = build_llama(model_dir, seed=1, layers=4)

@@ -17,8 +17,8 @@ def evaluate_model(path: str | Path, ppl: list[str] | None = None, seq_len: int 
                    device: str = "cpu", progress: Progress | None = None, batch_size: int = 8,
                    max_length: int | None = None) -> dict[str, Any]:
     """Evaluate one model directory: {"perplexity": {file: value}, "tasks": {...}, "details": ...}."""
-    from lpc.pipeline.evaluate import perplexity, run_tasks
-    from lpc.pipeline.load import load
+    from lpc.pipeline.evaluation.metrics import perplexity, run_tasks
+    from lpc.pipeline.artifact.load import load
 
     if not ppl and not tasks:
         raise InputError("nothing to evaluate", "give --ppl FILE and/or --tasks NAME[,NAME]")
@@ -43,7 +43,7 @@ def evaluate(path: str | Path, baseline: str | Path | None = None, fail_under_re
     Returns {"perplexity", "tasks", "baseline": report | None, "recovery": float | None, "compare": ...}.
     Raises GateFailed (exit 3) when recovery < fail_under_recovery.
     """
-    from lpc.pipeline.evaluate import check_gate, compare
+    from lpc.pipeline.evaluation.metrics import check_gate, compare
 
     if fail_under_recovery is not None and baseline is None:
         raise InputError("--fail-under-recovery needs --baseline MODEL", "give the model to compare against")
@@ -71,8 +71,8 @@ def _kl_to_baseline(path: str | Path, baseline: str | Path, ppl: list[str], seq_
                     device: str = "cpu", progress: Progress | None = None, batch_size: int = 8,
                     **_: Any) -> dict[str, float]:
     """KL(baseline || model) per token on each perplexity file (both models loaded at once)."""
-    from lpc.pipeline.evaluate import kl_divergence
-    from lpc.pipeline.load import load
+    from lpc.pipeline.evaluation.metrics import kl_divergence
+    from lpc.pipeline.artifact.load import load
 
     model, tok = load(path, device=device)
     base, _tok = load(baseline, device=device)

@@ -19,14 +19,14 @@ from typing import Any
 
 import torch
 
-from lpc.pipeline import artifact as art
-from lpc.pipeline import vapr
-from lpc.pipeline.calibrate import STATS_FILE, read_stats
+from lpc.pipeline.artifact import store as art
+from lpc.pipeline.allocation import vapr
+from lpc.pipeline.calibration.stats import STATS_FILE, read_stats
 from lpc.pipeline.errors import InputError, RecipeError
-from lpc.pipeline.model_io import find_targets, load_hf_model, model_files
+from lpc.pipeline.io.models import find_targets, load_hf_model, model_files
 from lpc.pipeline.progress import Progress
-from lpc.pipeline.quantize import group_amax
-from lpc.pipeline.stages import StageResult, _run, calibration_batches_of
+from lpc.pipeline.quantization.layers import group_amax
+from lpc.pipeline.stages.core import StageResult, _run, calibration_batches_of
 from lpc.recipes.schema import Recipe
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class _Context:
 
 
 def _fgmp(ctx: _Context) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    from lpc.pipeline import fgmp_policy as fp
+    from lpc.pipeline.allocation import fgmp as fp
 
     a = ctx.recipe.allocate
     weights = {n: m.weight.detach().float() for n, m in ctx.targets.items()}
@@ -116,7 +116,7 @@ def _low_spec(recipe: Recipe) -> dict[str, Any]:
 
 
 def _activation_plan(ctx: _Context, fraction: float) -> tuple[dict[str, Any], dict[str, torch.Tensor], float]:
-    from lpc.pipeline.fgmp_policy import activation_threshold, collect_activation_scores
+    from lpc.pipeline.allocation.fgmp import activation_threshold, collect_activation_scores
 
     act_fisher = {}
     for n in ctx.targets:

@@ -12,17 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from lpc.pipeline import artifact as art
-from lpc.pipeline.calibrate import STATS_FILE, collect_input_stats, data_inputs, read_stats, stats_tensors
-from lpc.pipeline.data import calibration_batches
+from lpc.pipeline.artifact import store as art
+from lpc.pipeline.calibration.stats import STATS_FILE, collect_input_stats, data_inputs, read_stats, stats_tensors
+from lpc.pipeline.io.data import calibration_batches
 from lpc.pipeline.errors import ArtifactError, RecipeError
-from lpc.pipeline.lpc_model import read_qconfig, shared_bits, write_lpc_model
-from lpc.pipeline.model_io import (
+from lpc.pipeline.artifact.lpc_model import read_qconfig, shared_bits, write_lpc_model
+from lpc.pipeline.io.models import (
     copy_tokenizer_files, find_targets, load_hf_model, load_tokenizer, model_files, resolve_model,
 )
 from lpc.pipeline.progress import Progress
-from lpc.pipeline.streaming import open_for_calibration
-from lpc.pipeline.quantize import bits_summary, layer_setups, plan_from_recipe, quantize_layers
+from lpc.pipeline.io.streaming import open_for_calibration
+from lpc.pipeline.quantization.layers import bits_summary, layer_setups, plan_from_recipe, quantize_layers
 from lpc.recipes.schema import Recipe
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
 
 
 def _add_fisher(model, batches, targets, stats, progress, device) -> None:
-    from lpc.pipeline.fisher import fisher_statistics
+    from lpc.pipeline.calibration.fisher import fisher_statistics
 
     model.to(device)
     fisher = fisher_statistics(model, [b.to(device) for b in batches], targets, progress=progress)
@@ -155,8 +155,8 @@ def _distill(m, targets, setups, stats, layer_plan, recipe: Recipe, calib: Path,
              progress: Progress | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Tuned weights for `method: distill`, each layer's fake quantizer exactly as quantize_layers
     will apply it (the same `setups`: format, spec and context), the activations simulated as at eval."""
-    from lpc.pipeline.distill import distill_weights
-    from lpc.pipeline.load import activation_plan
+    from lpc.pipeline.quantization.distill import distill_weights
+    from lpc.pipeline.artifact.load import activation_plan
 
     q = recipe.quantize
     quantizers = {n: _fake_quantizer(fmt, spec, ctx, targets[n].weight.dtype) for n, (fmt, spec, ctx) in setups.items()}
@@ -222,10 +222,10 @@ def export(src: Path, out: Path, fmt: str = "lpc", overwrite: bool = False,
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / name).write_bytes((Path(src) / name).read_bytes())
         elif fmt == "peft":
-            from lpc.pipeline.peft_export import write_peft
+            from lpc.pipeline.export.peft import write_peft
             summary.update(write_peft(Path(src), tmp))
         elif fmt == "compressed-tensors":
-            from lpc.pipeline.export_ct import write_compressed_tensors
+            from lpc.pipeline.export.compressed_tensors import write_compressed_tensors
             summary.update(write_compressed_tensors(Path(src), tmp))
         else:
             summary["dropped"] = _write_dense(Path(src), tmp)
@@ -239,7 +239,7 @@ def export(src: Path, out: Path, fmt: str = "lpc", overwrite: bool = False,
 
 def _write_dense(src: Path, tmp: Path) -> list[str]:
     """Dequantized weights (low-rank paths merged) as a plain HF model; returns what had to be dropped."""
-    from lpc.pipeline.load import load
+    from lpc.pipeline.artifact.load import load
 
     qconfig = read_qconfig(src) or {}
     model, tok = load(src, activations=False, merge_lowrank=True)

@@ -42,10 +42,10 @@ import torch
 
 from lpc.formats import QTensor, get_format
 from lpc.formats.nvfp4 import global_scale_for
-from lpc.pipeline import artifact as art
+from lpc.pipeline.artifact import store as art
 from lpc.pipeline.errors import ArtifactError
-from lpc.pipeline.lpc_model import AUX_PREFIX, WEIGHTS, read_qconfig, read_qtensors
-from lpc.pipeline.model_io import copy_tokenizer_files
+from lpc.pipeline.artifact.lpc_model import AUX_PREFIX, WEIGHTS, read_qconfig, read_qtensors
+from lpc.pipeline.io.models import copy_tokenizer_files
 
 log = logging.getLogger(__name__)
 

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from lpc.pipeline import artifact as art
+from lpc.pipeline.artifact import store as art
 from lpc.pipeline.errors import InputError
-from lpc.pipeline.load import load, pop_lowrank
-from lpc.pipeline.lpc_model import WEIGHTS, read_qconfig
-from lpc.pipeline.model_io import copy_tokenizer_files
+from lpc.pipeline.artifact.load import load, pop_lowrank
+from lpc.pipeline.artifact.lpc_model import WEIGHTS, read_qconfig
+from lpc.pipeline.io.models import copy_tokenizer_files
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lpc.pipeline.model_io import decoder_layers
+from lpc.pipeline.io.models import decoder_layers
 from lpc.pipeline.progress import Progress, track
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def _layerwise(model, batches, targets, stats, found, progress, device, store=No
         mine = {n: m for n, m in targets.items() if n.startswith(prefix)}
         handles = _attach(mine, stats)
         if store is not None:
-            from lpc.pipeline.streaming import materialize
+            from lpc.pipeline.io.streaming import materialize
             materialize(layer, f"{path}.{i}", store)
         layer.to(device)
         try:
@@ -165,7 +165,7 @@ def _layerwise(model, batches, targets, stats, found, progress, device, store=No
                 stats[name].finish()
             layer.to("cpu")
             if store is not None:
-                from lpc.pipeline.streaming import release
+                from lpc.pipeline.io.streaming import release
                 release(layer)
 
 
@@ -196,7 +196,7 @@ def stats_tensors(stats: dict[str, InputStats]) -> dict[str, torch.Tensor]:
 
 def read_stats(calib_dir) -> dict[str, dict[str, torch.Tensor]]:
     """stats.safetensors of a calibration artifact -> {layer: {"act_cov": ..., "act_absmax": ...}}."""
-    from lpc.pipeline.artifact import load_tensors, read_manifest
+    from lpc.pipeline.artifact.store import load_tensors, read_manifest
 
     read_manifest(calib_dir, "calibrate")
     flat = load_tensors(Path(calib_dir) / STATS_FILE)

@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lpc.pipeline.errors import InputError
-from lpc.pipeline.fisher import _eval_with_checkpointing, frozen_params, input_device
+from lpc.pipeline.calibration.fisher import _eval_with_checkpointing, frozen_params, input_device
 from lpc.pipeline.progress import Progress, track
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ def _activations(model: nn.Module, plan: dict[str, dict] | None, teacher: "_Teac
     if not plan:
         yield
         return
-    from lpc.pipeline.actquant import attach_activation_quant
+    from lpc.pipeline.quantization.actquant import attach_activation_quant
 
     handles = attach_activation_quant(model, plan, straight_through=True, when=lambda: not teacher.active)
     try:

@@ -10,7 +10,7 @@ y = W_q x + B (A x). The numerics run in float64 on the device of the inputs.
     ranks = allocate_ranks({"q": curve, ...}, {"q": out + in, ...}, budget_params, 64)
     stored = quantize_factors(B, A, "fp8_e4m3")   # values as used after storage, plus bits
 
-ESPACE projections live in `lpc.pipeline.espace`.
+ESPACE projections live in `lpc.pipeline.compensation.espace`.
 """
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ from torch import nn
 
 from lpc.formats import LpcError, get_format
 from lpc.pipeline.errors import ArtifactError
-from lpc.pipeline.lpc_model import AUX_PREFIX, WEIGHTS, read_qconfig, read_qtensors
-from lpc.pipeline.model_io import load_hf_model, load_tokenizer, resolve_model
+from lpc.pipeline.artifact.lpc_model import AUX_PREFIX, WEIGHTS, read_qconfig, read_qtensors
+from lpc.pipeline.io.models import load_hf_model, load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def build_from_lpc(directory: Path, qconfig: dict[str, Any], dtype: torch.dtype 
     if lowrank:
         attach_lowrank(model, lowrank)
     if activations and qconfig.get("activations"):
-        from lpc.pipeline.actquant import attach_activation_quant
+        from lpc.pipeline.quantization.actquant import attach_activation_quant
         attach_activation_quant(model, activation_plan(qconfig["activations"], aux))
     return model
 

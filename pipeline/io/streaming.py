@@ -129,7 +129,7 @@ def materialize_outside(model: nn.Module, layers_path: str, store: WeightStore) 
 def open_for_calibration(model_dir: str | Path, targets: list[str], ignore: list[str]):
     """(skeleton with everything but the decoder layers loaded, store), or None when the model
     cannot be streamed or a target lies outside the decoder layers (then load it whole)."""
-    from lpc.pipeline.model_io import decoder_layers, find_targets
+    from lpc.pipeline.io.models import decoder_layers, find_targets
 
     try:
         store = WeightStore(model_dir)

@@ -33,17 +33,17 @@ import torch
 from safetensors import safe_open
 
 from lpc.formats import QTensor, get_format
-from lpc.pipeline import artifact as art
-from lpc.pipeline.calibrate import STATS_FILE, read_stats
+from lpc.pipeline.artifact import store as art
+from lpc.pipeline.calibration.stats import STATS_FILE, read_stats
 from lpc.pipeline.errors import ArtifactError, InputError
-from lpc.pipeline.espace import espace_compress, espace_projection, espace_residual
-from lpc.pipeline.lowrank import (
+from lpc.pipeline.compensation.espace import espace_compress, espace_projection, espace_residual
+from lpc.pipeline.compensation.lowrank import (
     LowRankDecomposition, allocate_ranks, eora_decompose, output_error, quantize_factors, svd_decompose,
 )
-from lpc.pipeline.lpc_model import WEIGHTS, read_qconfig, read_qtensors
-from lpc.pipeline.model_io import load_hf_model, model_files
+from lpc.pipeline.artifact.lpc_model import WEIGHTS, read_qconfig, read_qtensors
+from lpc.pipeline.io.models import load_hf_model, model_files
 from lpc.pipeline.progress import Progress, track
-from lpc.pipeline.stages import StageResult, _run
+from lpc.pipeline.stages.core import StageResult, _run
 from lpc.recipes.schema import CompensateConfig, Recipe
 
 log = logging.getLogger(__name__)

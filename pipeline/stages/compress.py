@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lpc.pipeline import artifact as art
-from lpc.pipeline import stages
+from lpc.pipeline.artifact import store as art
+from lpc.pipeline.stages import core as stages
 from lpc.pipeline.errors import ArtifactError, GateFailed
-from lpc.pipeline.model_io import resolve_model
+from lpc.pipeline.io.models import resolve_model
 from lpc.pipeline.progress import Progress
 from lpc.recipes.schema import Recipe
 
@@ -78,20 +78,20 @@ def _quantize_path(src: str, recipe: Recipe, out: Path, device: str, progress: P
     results = []
     plan = plan_inputs = None
     if getattr(recipe, "allocate", None) is not None:
-        from lpc.pipeline.allocate import allocate, read_plan
+        from lpc.pipeline.stages.allocate import allocate, read_plan
         results.append(allocate(out / "calib", recipe, out / "alloc", model=src, overwrite=True, progress=progress))
         _, plan, plan_inputs = read_plan(out / "alloc", recipe)
     results.append(stages.quantize(src, recipe, out / "quant", calib=out / "calib", plan=plan,
                                    plan_inputs=plan_inputs, overwrite=True, progress=progress, device=device))
     if getattr(recipe, "compensate", None) is not None:
-        from lpc.pipeline.compensate import compensate
+        from lpc.pipeline.stages.compensate import compensate
         results.append(compensate(out / "quant", out / "calib", recipe, out / "comp", overwrite=True,
                                   progress=progress, device=device))
     return results
 
 
 def _evaluate(out: Path, src: str, ppl, tasks, tasks_dir, limit, gate, seq_len, device, progress) -> dict[str, Any]:
-    from lpc.pipeline.eval_stage import evaluate
+    from lpc.pipeline.stages.evaluate import evaluate
 
     try:
         report = evaluate(out / "model", baseline=src, fail_under_recovery=gate, ppl=ppl, seq_len=seq_len,

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from lpc.pipeline import artifact as art
+from lpc.pipeline.artifact import store as art
 from lpc.pipeline.errors import ArtifactError
 
 
@@ -30,7 +30,7 @@ def inspect_artifact(path: Path, plot: Path | None = None) -> dict[str, Any]:
     info = {"stage": m.get("stage"), "bits_per_weight": m.get("bits_per_weight", m.get("summary", {}).get("bits_per_weight")),
             "summary": m.get("summary", {}), "layers": rows, "has_rank": any(r["rank"] is not None for r in rows)}
     if plot is not None:
-        from lpc.pipeline.plots import plot_precision_map
+        from lpc.pipeline.artifact.plots import plot_precision_map
         plot_precision_map({r["layer"]: r["bits"] for r in rows if r["bits"] is not None}, plot)
         info["plot"] = str(plot)
     return info
@@ -38,7 +38,7 @@ def inspect_artifact(path: Path, plot: Path | None = None) -> dict[str, Any]:
 
 def verify_artifact(path: Path) -> dict[str, Any]:
     """Raise ArtifactError on the first problem: hashes, missing tensors, NaN/inf, zero scales, shapes."""
-    from lpc.pipeline.lpc_model import read_qconfig, read_qtensors
+    from lpc.pipeline.artifact.lpc_model import read_qconfig, read_qtensors
 
     m = art.read_manifest(path)
     problems = art.verify_files(path, m)
@@ -63,7 +63,7 @@ def verify_artifact(path: Path) -> dict[str, Any]:
 
 def _check_fused(path: Path, qtensors: dict[str, Any], qconfig: dict[str, Any]) -> None:
     """Fused siblings (q/k/v, gate/up) of one global-scale format must share the global scale."""
-    from lpc.pipeline.model_io import fuse_groups
+    from lpc.pipeline.io.models import fuse_groups
 
     groups = fuse_groups(list(qtensors), qconfig.get("fuse_groups", [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]]))
     for group in groups:

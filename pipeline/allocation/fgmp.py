@@ -25,7 +25,7 @@ from torch import nn
 
 from lpc.formats.fgmp import block_scores
 from lpc.pipeline.errors import InputError, RecipeError
-from lpc.pipeline.fisher import input_device
+from lpc.pipeline.calibration.fisher import input_device
 from lpc.pipeline.progress import Progress, track
 
 logger = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from lpc.formats import QTensor, get_format
-from lpc.pipeline.gptq import gptq_quantize, group_width
-from lpc.pipeline.model_io import fuse_groups
+from lpc.pipeline.quantization.gptq import gptq_quantize, group_width
+from lpc.pipeline.io.models import fuse_groups
 from lpc.pipeline.progress import Progress, track
 from lpc.recipes.schema import Recipe
 
@@ -150,7 +150,7 @@ def bits_summary(model: nn.Module, qtensors: dict[str, QTensor], targets: dict[s
 
     Fields stored once for many layers (a model-wide codebook) count once.
     """
-    from lpc.pipeline.lpc_model import shared_bits
+    from lpc.pipeline.artifact.lpc_model import shared_bits
 
     bits, per_layer = shared_bits(qtensors)
     numel = 0

@@ -1,7 +1,7 @@
 """ESPACE (arXiv 2410.05437): activation-space projections for compression and error compensation.
 
 A projection P (in, L) with orthonormal columns keeps the L input directions that matter most.
-Two uses, both in the (B (out, L), A (L, in)) convention of `lpc.pipeline.lowrank`:
+Two uses, both in the (B (out, L), A (L, in)) convention of `lpc.pipeline.compensation.lowrank`:
 
     P = espace_projection("grad", 64, C_x, C_g=fisher_x)
     B, A = espace_residual(W - W_q, P)   # y = W_q x + B (A x), B = dW P, A = P^T
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from lpc.pipeline.errors import InputError
-from lpc.pipeline.lowrank import check_covariance, check_matrix, check_rank
+from lpc.pipeline.compensation.lowrank import check_covariance, check_matrix, check_rank
 
 log = logging.getLogger(__name__)
 

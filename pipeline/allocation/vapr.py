@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from lpc.pipeline import artifact as art
+from lpc.pipeline.artifact import store as art
 from lpc.pipeline.errors import RecipeError
-from lpc.pipeline.knapsack import Layer, Option, Solution, lagrangian_hull, pareto_front, solve
-from lpc.pipeline.measure import mean_loss, swapped_weights
+from lpc.pipeline.allocation.knapsack import Layer, Option, Solution, lagrangian_hull, pareto_front, solve
+from lpc.pipeline.allocation.measure import mean_loss, swapped_weights
 from lpc.pipeline.progress import track
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def search(ctx, tmp: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dic
                     reserve, by_label=dict(zip(labels, cands))) if a.pareto_budgets else []
     if front:
         art.write_json(tmp / "pareto.json", {"baseline_loss": base, "points": front})
-        from lpc.pipeline.plots import plot_pareto
+        from lpc.pipeline.artifact.plots import plot_pareto
         plot_pareto(front, tmp / "pareto.png")
     by_label = dict(zip(labels, cands))
     plan_layers = {n: {"format": by_label[l]["format"], "spec": by_label[l]["spec"], "label": l}

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lpc.formats import QTensor, get_format
-from lpc.pipeline.artifact import load_tensors, save_tensors, write_json
+from lpc.pipeline.artifact.store import load_tensors, save_tensors, write_json
 from lpc.pipeline.errors import ArtifactError
 
 log = logging.getLogger(__name__)
