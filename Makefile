@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := $(OFFLINE)
 export HF_DATASETS_OFFLINE := $(OFFLINE)
 export LPC_ASSETS := $(abspath $(ASSETS))
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean peers
 
 $(BIN)/lpc: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,19 @@ test: $(BIN)/lpc
 
 bench: $(BIN)/lpc
 	$(BIN)/python bench/formats.py
+
+# Peers (llm-compressor) in their own venv, never a dependency of lpc: `make peers` runs bench/peers.py.
+PEERS_VENV ?= .venv-peers
+LLMCOMPRESSOR ?= llmcompressor==0.14.0.1
+$(PEERS_VENV)/bin/llmcompressor-ok:
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/pip install -q "$(TORCH)"   # pinned first: an unpinned torch pulls CUDA wheels
+	$(PEERS_VENV)/bin/pip install -q "$(LLMCOMPRESSOR)" "$(TORCH)"
+	touch $@
+
+peers: $(PEERS_VENV)/bin/llmcompressor-ok $(BIN)/lpc
+	$(PEERS_VENV)/bin/python bench/peers.py $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,206 @@
+"""Built-in lpc recipes on SmolLM2-135M-Instruct under the issue-12 protocol; prints JSON per row.
+
+    python bench/smollm2.py                                # the default recipes
+    python bench/smollm2.py --only nvfp4,nvfp4_gptq,fp8 -o bench/results/smollm2.json
+    python bench/smollm2.py --only nvfp4 --set quantize.weights.spec.scale_search=0
+    python bench/smollm2.py --only fp8 --tasks --limit 50  # + the five local multiple-choice tasks
+    python bench/smollm2.py --markdown bench/results/smollm2.json bench/results/peers.json
+                                                           # the README table, from saved JSON
+
+Each row is two child processes, timed and measured (peak RSS from os.wait4's rusage of that child):
+  lpc compress MODEL --recipe R --data calib_tail.txt --set calibrate.samples=128
+               --set calibrate.seq_len=512 [--set ...] -o WORK/ROW --overwrite --json
+  lpc eval WORK/ROW/model --baseline MODEL --ppl eval_head.txt --seq-len 2048 --json
+           [--tasks arc_easy_local,... --limit N]
+Perplexity and KL(original || compressed) are lpc eval's (bench/_protocol.py describes the
+protocol; `lpc eval` computes in the checkpoint's dtype, bf16 here, not fp32). The model directory
+comes from ../shared/assets/smollm2/get.sh (LPC_MODELS respected). lpc is called only through its CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _protocol as P  # noqa: E402
+
+# row label -> (built-in recipe, extra --set overrides)
+ROWS = {
+    "nvfp4": ("nvfp4", []),
+    "nvfp4_gptq": ("nvfp4", ["quantize.method=gptq"]),
+    "fp8": ("fp8", []),
+    "mxfp4": ("mxfp4", []),
+    "mxfp8": ("mxfp8", []),
+    "int4": ("int4", []),
+    "bcq": ("bcq", []),
+    "nvfp4_w4a4": ("nvfp4_w4a4", []),
+    "fgmp_nvfp4a16": ("fgmp_nvfp4a16", []),
+    "fgmp_nvfp4a16_rtn": ("fgmp_nvfp4a16", ["quantize.method=rtn"]),
+    "fgmp_nvfp4": ("fgmp_nvfp4", []),
+    "nvfp4_eora": ("nvfp4_eora", []),
+    "vapr": ("vapr", []),
+}
+DEFAULT = ["nvfp4", "fp8", "mxfp4", "mxfp8", "int4", "bcq", "nvfp4_w4a4", "fgmp_nvfp4a16"]
+# The accuracy reported per task (lm-eval's usual choice); the full metric dict is kept in "tasks".
+TASK_METRIC = {"arc_easy_local": "acc", "arc_challenge_local": "acc_norm", "piqa_local": "acc_norm",
+               "winogrande_local": "acc", "openbookqa_local": "acc_norm"}
+
+
+def _child(cmd: list[str]) -> tuple[dict | None, str, float, float]:
+    """(parsed JSON stdout or None, stderr tail, wall seconds, peak RSS MB of that child via wait4)."""
+    env = {**os.environ, **P.OFFLINE_ENV}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    try:
+        data = json.loads(stdout) if proc.returncode == 0 else None
+    except json.JSONDecodeError:
+        data = None
+    return data, "\n".join(stderr.strip().splitlines()[-3:]), wall, usage.ru_maxrss / 1024
+
+
+def lpc(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lpc.cli", *args]
+
+
+def run_row(label: str, recipe: str, sets: list[str], model: Path, work: Path, tasks: bool,
+            limit: int | None, reuse_calib: Path | None = None) -> dict:
+    out = work / label
+    if reuse_calib is not None and reuse_calib.resolve() != (out / "calib").resolve():
+        # lpc skips a stage whose manifest matches its inputs and config, and recomputes it otherwise
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        shutil.copytree(reuse_calib, out / "calib")
+    cmd = lpc("compress", str(model), "--recipe", recipe, "--data", str(P.CALIB),
+              "--set", f"calibrate.samples={P.CALIB_SAMPLES}", "--set", f"calibrate.seq_len={P.CALIB_SEQ_LEN}",
+              "-o", str(out), "--overwrite", "--json")
+    for s in sets:
+        cmd += ["--set", s]
+    comp, err, wall, rss = _child(cmd)
+    row: dict = {"row": label, "recipe": recipe, "set": sets, "model": str(model)}
+    if reuse_calib is not None:
+        row["calib_copied_from"] = str(reuse_calib)
+    if comp is None:
+        return {**row, "error": f"lpc compress failed: {err}"}
+    row.update(bits_per_weight=comp.get("bits_per_weight"),
+               compress_seconds=round(wall, 1), compress_seconds_lpc=comp.get("compress_seconds"),
+               stage_seconds={s.get("stage", str(i)): s.get("seconds") for i, s in enumerate(comp.get("stages", []))},
+               stages_skipped=[s.get("stage") for s in comp.get("stages", []) if s.get("skipped")],
+               compress_peak_rss_mb=round(rss, 1), compress_peak_rss_mb_lpc=comp.get("peak_rss_mb"))
+    ecmd = lpc("eval", comp.get("artifact", str(out / "model")), "--baseline", str(model),
+               "--ppl", str(P.EVAL), "--seq-len", str(P.EVAL_SEQ_LEN), "--json")
+    if tasks:
+        ecmd += ["--tasks", ",".join(P.TASKS)]
+        if limit:
+            ecmd += ["--limit", str(limit)]
+    ev, err, ewall, erss = _child(ecmd)
+    if ev is None:
+        return {**row, "error": f"lpc eval failed: {err}"}
+    key = str(P.EVAL)
+    det = (ev.get("details") or {}).get(key, {})
+    row.update(perplexity=ev["perplexity"][key], predictions=det.get("tokens"),
+               original_perplexity=ev["baseline"]["perplexity"][key],
+               kl_to_original=(ev.get("kl_to_baseline") or {}).get(key),
+               eval_seconds=round(ewall, 1), eval_peak_rss_mb=round(erss, 1))
+    if tasks:
+        row["tasks"] = ev.get("tasks")
+        row["original_tasks"] = ev["baseline"].get("tasks")
+        row["task_limit"] = limit
+        row["accuracy"] = _accuracies(ev.get("tasks") or {})
+        row["original_accuracy"] = _accuracies(ev["baseline"].get("tasks") or {})
+    return row
+
+
+def _accuracies(tasks: dict) -> dict:
+    acc = {t: tasks[t].get(m, tasks[t].get("acc")) for t, m in TASK_METRIC.items() if t in tasks}
+    if acc and all(v is not None for v in acc.values()):
+        acc["mean"] = sum(acc.values()) / len(acc)
+    return acc
+
+
+def markdown(rows: list[dict]) -> str:
+    """The README table: lpc rows (smollm2.py) and peer rows (peers.py) in one table."""
+    orig = next((r.get("original_perplexity") for r in rows if r.get("original_perplexity")), None)
+    with_tasks = any(r.get("accuracy") for r in rows)
+    head = ["method", "bits/weight", "perplexity", "KL", "compress s", "peak RSS MB"]
+    if with_tasks:
+        head += ["task mean acc"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if orig is not None:
+        cells = ["bf16 original", "16", f"{orig:.3f}", "0", "", ""]
+        if with_tasks:
+            acc = next((r["original_accuracy"].get("mean") for r in rows if r.get("original_accuracy")), None)
+            cells.append(f"{acc:.4f}" if acc is not None else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    for r in rows:
+        if "error" in r:
+            continue
+        if "peer" in r:
+            name = f"{r['peer']} {r['config']} ({r.get('modifier')} {r.get('scheme')})"
+            bits = f"{r['bits_per_weight']:.2f}" if r.get("bits_per_weight") is not None else ""
+            secs, rss = r.get("compress_seconds"), r.get("compress_peak_rss_mb")
+        else:
+            name = f"lpc `{r['recipe']}`" + (" " + " ".join(f"`{s}`" for s in r["set"]) if r.get("set") else "")
+            bits = f"{r['bits_per_weight']:.2f}" if r.get("bits_per_weight") is not None else ""
+            secs, rss = r.get("compress_seconds"), r.get("compress_peak_rss_mb")
+        kl = r.get("kl_to_original")
+        cells = [name, bits, f"{r['perplexity']:.3f}", f"{kl:.4f}" if kl is not None else "",
+                 f"{secs:.0f}" if secs is not None else "", f"{rss:.0f}" if rss is not None else ""]
+        if with_tasks:
+            mean = (r.get("accuracy") or {}).get("mean")
+            cells.append(f"{mean:.4f}" if mean is not None else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", help="comma-separated rows or built-in recipe names "
+                                   f"(rows: {','.join(ROWS)}; default: {','.join(DEFAULT)})")
+    ap.add_argument("--set", action="append", default=[], help="recipe override passed to every row")
+    ap.add_argument("--tasks", action="store_true", help="also run the five local multiple-choice tasks")
+    ap.add_argument("--limit", type=int, help="documents per task (with --tasks)")
+    ap.add_argument("--work", type=Path, default=P.REPO / "runs" / "smollm2", help="compress outputs go here")
+    ap.add_argument("--reuse-calib", type=Path, metavar="CALIB_DIR",
+                    help="copy this calib/ (e.g. runs/smollm2/nvfp4/calib) into each row first; lpc skips "
+                         "calibration when it matches (its seconds are then not in compress_seconds)")
+    ap.add_argument("-o", "--out", type=Path, help="also write the JSON list here")
+    ap.add_argument("--markdown", nargs="*", type=Path, metavar="JSON",
+                    help="print the README table; with files, from those saved JSON lists (no run)")
+    args = ap.parse_args()
+    if args.markdown:
+        rows = [r for f in args.markdown for r in json.loads(f.read_text())]
+        print(markdown(rows))
+        return
+    names = args.only.split(",") if args.only else DEFAULT
+    model = P.model_dir()
+    rows = []
+    for name in names:
+        recipe, sets = ROWS.get(name, (name, []))
+        label = name if not args.set else name + "+" + "+".join(args.set)
+        row = run_row(label.replace("/", "_"), recipe, sets + args.set, model, args.work, args.tasks, args.limit,
+                      args.reuse_calib)
+        rows.append(row)
+        if args.markdown is None:
+            print(json.dumps(row), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    if args.markdown is not None:
+        print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
