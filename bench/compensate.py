@@ -42,7 +42,7 @@ def ppl(path: Path, heldout: Path, seq_len: int) -> float:
 def run(model: Path, calib_data: Path, heldout: Path, out: Path, ranks: list[int], extra: bool,
         seq_len: int = 256) -> dict[str, Any]:
     """Every figure of the table as one dict: baselines, then one row per method x rank."""
-    from lpc.pipeline.stages import core as stages
+    from lpc.pipeline import stages
     from lpc.pipeline.stages.compensate import compensate
     from lpc.recipes import load_recipe
 

@@ -28,8 +28,9 @@ ASSETS = Path(os.environ.get("LPC_ASSETS", REPO.parent / "shared" / "assets"))
 
 def main() -> None:
     from lpc.formats import get_format
-    from lpc.pipeline.stages import core as stages
-    from lpc.pipeline.stages.allocate import allocate, read_plan
+    from lpc.pipeline import stages
+    from lpc.pipeline.allocation.plan import read_plan
+    from lpc.pipeline.stages.allocate import allocate
     from lpc.pipeline.evaluation.metrics import kl_divergence, perplexity
     from lpc.pipeline.io.models import find_targets, load_hf_model, load_tokenizer
     from lpc.pipeline.quantization.layers import layer_setups
@@ -42,7 +43,7 @@ def main() -> None:
         stages.calibrate(str(model_dir), str(ASSETS / "data" / "tinystories" / "calib.jsonl"),
                          Path(tmp) / "calib", recipe)
         allocate(Path(tmp) / "calib", recipe, Path(tmp) / "alloc", model=str(model_dir))
-        _, plan, _ = read_plan(Path(tmp) / "alloc", recipe)
+        _, plan, _, _ = read_plan(Path(tmp) / "alloc", recipe)
     tok = load_tokenizer(model_dir)
     original = load_hf_model(model_dir)
     model = load_hf_model(model_dir)

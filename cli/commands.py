@@ -7,15 +7,15 @@ from typing import Annotated, Optional
 import typer
 
 from lpc.cli import render
-from lpc.cli.main import Debug, Device, Json, Out, Overwrite, Sets, _emit, _recipe, _stage_rows, app, guarded
+from lpc.cli.app import Debug, Device, Json, Out, Overwrite, Sets, emit, load_recipe_arg, stage_rows, app, guarded
 
 RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="built-in recipe name (`lpc recipes`) or YAML path")]
 
 
 def _stage_done(result, as_json: bool) -> None:
     summary = result.summary()
-    _emit(summary, as_json, f"lpc {result.stage} -> {result.out}" + (" (up to date, skipped)" if result.skipped else ""),
-          _stage_rows(summary), ["field", "value"])
+    emit(summary, as_json, f"lpc {result.stage} -> {result.out}" + (" (up to date, skipped)" if result.skipped else ""),
+          stage_rows(summary), ["field", "value"])
 
 
 @app.command()
@@ -28,57 +28,81 @@ def calibrate(model: Annotated[str, typer.Argument(help="model directory or hub 
               sets: Sets = None, device: Device = "cpu", overwrite: Overwrite = False,
               json_out: Json = False, debug: Debug = False) -> None:
     """Collect input statistics (absmax, X^T X) and optionally Fisher information."""
-    from lpc.pipeline.stages import core as stages
+    from lpc.pipeline import stages
 
     sets = list(sets or [])
     sets += [f"calibrate.samples={samples}"] if samples else []
     sets += [f"calibrate.seq_len={seq_len}"] if seq_len else []
     sets += ["calibrate.fisher=true"] if fisher else []
     with render.RichProgress(not json_out) as progress:
-        result = stages.calibrate(model, data, out, _recipe(recipe, sets), overwrite, device, progress)
+        result = stages.calibrate(model, data, out, load_recipe_arg(recipe, sets), overwrite, device, progress)
     _stage_done(result, json_out)
 
 
 @app.command()
 @guarded
 def quantize(model: Annotated[str, typer.Argument(help="model directory or hub id")], out: Out,
-             recipe: RecipeOpt = "nvfp4",
+             recipe: Annotated[Optional[str], typer.Option(
+                 "--recipe", "-r", help="built-in recipe name or YAML path (default: nvfp4, or the plan's recipe)")] = None,
              calib: Annotated[Optional[Path], typer.Option("--calib", help="calibration artifact (lpc calibrate)")] = None,
-             plan: Annotated[Optional[Path], typer.Option("--plan", help="allocation artifact (lpc allocate)")] = None,
+             plan: Annotated[Optional[Path], typer.Option(
+                 "--plan", help="allocation artifact (lpc allocate); its recipe and calibration are used")] = None,
              sets: Sets = None, device: Device = "cpu", overwrite: Overwrite = False, json_out: Json = False,
              debug: Debug = False) -> None:
     """Quantize the recipe's target Linears (or follow an allocation plan)."""
-    from lpc.pipeline.stages import core as stages
+    from lpc.pipeline import stages
 
-    r = _recipe(recipe, sets)
-    layer_plan, plan_inputs = None, None
-    if plan is not None:
-        from lpc.pipeline.stages.allocate import read_plan
-        r, layer_plan, plan_inputs = read_plan(plan, r)
-        calib = calib or layer_plan_calib(plan)
+    if recipe is None and plan is not None:
+        from lpc.pipeline.allocation.plan import plan_recipe
+        r = plan_recipe(plan, sets or [])
+    else:
+        r = load_recipe_arg(recipe or "nvfp4", sets)
     with render.RichProgress(not json_out) as progress:
-        result = stages.quantize(model, r, out, calib=calib, plan=layer_plan, plan_inputs=plan_inputs,
-                                 overwrite=overwrite, progress=progress, device=device)
+        result = stages.quantize(model, r, out, calib=calib, plan=plan, overwrite=overwrite, progress=progress,
+                                 device=device)
     _stage_done(result, json_out)
 
 
-def layer_plan_calib(plan_dir: Path) -> Path | None:
-    from lpc.pipeline.artifact.store import read_manifest
-    c = read_manifest(plan_dir, "allocate").get("config", {}).get("calib")
-    return Path(c) if c else None
+@app.command()
+@guarded
+def allocate(calib: Annotated[Path, typer.Argument(help="calibration artifact (lpc calibrate; --fisher for fgmp/vapr)")],
+             out: Out, recipe: RecipeOpt = "fgmp_nvfp4a16",
+             model: Annotated[Optional[str], typer.Option(
+                 "--model", help="model directory (default: the one the calibration was made from)")] = None,
+             sets: Sets = None, overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False) -> None:
+    """Decide which weights keep more precision (FGMP blocks or a VaPr format search); `lpc quantize --plan`
+    reads the result."""
+    from lpc.pipeline import stages
+
+    with render.RichProgress(not json_out) as progress:
+        result = stages.allocate(calib, load_recipe_arg(recipe, sets), out, model=model, overwrite=overwrite,
+                                 progress=progress)
+    _stage_done(result, json_out)
+
+
+@app.command()
+@guarded
+def compensate(quant: Annotated[Path, typer.Argument(help="quantize artifact (lpc quantize)")],
+               calib: Annotated[Path, typer.Option("--calib", help="calibration artifact of the same model")],
+               out: Out, recipe: RecipeOpt = "nvfp4_eora", sets: Sets = None, device: Device = "cpu",
+               overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False) -> None:
+    """Low-rank compensation of the quantization error (e.g. --set compensate.method=svd --set compensate.rank=16)."""
+    from lpc.pipeline import stages
+
+    with render.RichProgress(not json_out) as progress:
+        result = stages.compensate(quant, calib, load_recipe_arg(recipe, sets), out, overwrite=overwrite, progress=progress,
+                                   device=device)
+    _stage_done(result, json_out)
 
 
 @app.command()
 @guarded
 def export(src: Annotated[Path, typer.Argument(help="quantize/compensate artifact")], out: Out,
-           fmt: Annotated[str, typer.Option("--format", help="lpc | dense | peft | compressed-tensors")] = "lpc",
+           fmt: Annotated[str, typer.Option("--format", help="an exporter: lpc | dense | peft | compressed-tensors")] = "lpc",
            overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False) -> None:
     """Write a deployable model: packed lpc, dense (dequantized), a PEFT adapter, or compressed-tensors."""
-    from lpc.pipeline.stages import core as stages
-    from lpc.pipeline.errors import InputError
+    from lpc.pipeline import stages
 
-    if fmt not in stages.EXPORT_FORMATS:
-        raise InputError(f"unknown export format '{fmt}'", f"use one of: {', '.join(stages.EXPORT_FORMATS)}")
     with render.RichProgress(not json_out) as progress:
         result = stages.export(src, out, fmt, overwrite, progress)
     _stage_done(result, json_out)
@@ -97,25 +121,26 @@ def eval_cmd(path: Annotated[str, typer.Argument(help="artifact or model directo
              baseline: Annotated[Optional[str], typer.Option("--baseline", help="model to compare against")] = None,
              fail_under_recovery: Annotated[Optional[float], typer.Option("--fail-under-recovery",
                                                                           help="exit 3 when recovery is lower")] = None,
-             out: Annotated[Optional[Path], typer.Option("-o", "--out", help="also write the JSON here")] = None,
-             device: Device = "cpu", json_out: Json = False, debug: Debug = False) -> None:
+             out: Annotated[Optional[Path], typer.Option(
+                 "-o", "--out", help="write the report as an eval artifact here (eval.json + manifest.json)")] = None,
+             device: Device = "cpu", overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False) -> None:
     """Perplexity and lm-eval tasks of a model, optionally against a baseline (exit 3 on a failed gate)."""
-    from lpc.pipeline.stages.evaluate import evaluate
+    from lpc.pipeline import stages
     from lpc.pipeline.errors import GateFailed
+    from lpc.pipeline.stages.evaluate import read_report
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    kwargs = dict(baseline=baseline, fail_under_recovery=fail_under_recovery, ppl=ppl, seq_len=seq_len,
+                  tasks=task_list, tasks_dir=tasks_dir, limit=limit, max_length=max_length, device=device)
     with render.RichProgress(not json_out) as progress:
         try:
-            result = evaluate(path, baseline=baseline, fail_under_recovery=fail_under_recovery, ppl=ppl,
-                              seq_len=seq_len, tasks=task_list, tasks_dir=tasks_dir, limit=limit,
-                              device=device, progress=progress, max_length=max_length)
+            if out is None:
+                result = stages.evaluate_report(path, progress=progress, **kwargs)
+            else:
+                result = read_report(stages.evaluate(path, out, overwrite=overwrite, progress=progress, **kwargs).out)
             failed = None
         except GateFailed as err:
             result, failed = err.report, err  # type: ignore[attr-defined]
-    if out is not None and result is not None:
-        from lpc.pipeline.artifact.store import write_json
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(out, result)
     show_eval(result, json_out)
     if failed is not None:
         raise failed
@@ -155,7 +180,7 @@ def compress(model: Annotated[str, typer.Argument(help="model directory or hub i
     """Every stage in order (calibrate, allocate, quantize, compensate, export, eval); resumable."""
     from lpc.pipeline.stages.compress import compress as run
 
-    r = _recipe(recipe, sets)
+    r = load_recipe_arg(recipe, sets)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     with render.RichProgress(not json_out) as progress:
         result = run(model, r, data, out, overwrite=overwrite, device=device, progress=progress, ppl=ppl,
@@ -221,7 +246,7 @@ def formats(json_out: Json = False, debug: Debug = False) -> None:
         except Exception:
             bits = None
         rows.append([name, bits, ", ".join(f.Spec.model_fields), f.description])
-    _emit({r[0]: {"bits_per_weight": r[1], "spec": r[2].split(", ") if r[2] else [], "description": r[3]} for r in rows},
+    emit({r[0]: {"bits_per_weight": r[1], "spec": r[2].split(", ") if r[2] else [], "description": r[3]} for r in rows},
           json_out, "formats", rows, ["format", "bits", "spec keys", "description"])
 
 
@@ -232,4 +257,4 @@ def recipes(json_out: Json = False, debug: Debug = False) -> None:
     from lpc.recipes import list_recipes
 
     items = list_recipes()
-    _emit(items, json_out, "recipes", [[k, v] for k, v in items.items()], ["recipe", "description"])
+    emit(items, json_out, "recipes", [[k, v] for k, v in items.items()], ["recipe", "description"])

@@ -3,16 +3,66 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Generic, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lpc.formats import rotation
-from lpc.formats.errors import FormatError
+from lpc.formats.errors import FormatError, LpcError
 from lpc.formats.qtensor import QTensor
 
-_REGISTRY: dict[str, "Format"] = {}
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Name -> handler, the one mechanism behind every pluggable concept of lpc (formats, quantize
+    methods, allocation policies, compensation methods, exporters).
+
+    Names are case-insensitive and '-' equals '_'; a name registered twice is refused; an unknown
+    name raises `error` listing the valid ones.
+    """
+
+    def __init__(self, kind: str, error: type[LpcError] = FormatError):
+        self.kind, self.error = kind, error
+        self._items: dict[str, T] = {}
+        self._names: dict[str, str] = {}
+
+    @staticmethod
+    def key(name: str) -> str:
+        return str(name).lower().replace("-", "_")
+
+    def add(self, name: str, handler: T) -> T:
+        k = self.key(name)
+        if k in self._items:
+            raise self.error(f"{self.kind} '{name}' is registered twice")
+        self._items[k], self._names[k] = handler, name
+        return handler
+
+    def remove(self, name: str) -> T:
+        """Unregister `name` (a plugin unloaded, a test's handler); returns its handler."""
+        k = self.key(self.get(name) and name)
+        self._names.pop(k)
+        return self._items.pop(k)
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator form of `add`."""
+        return lambda handler: self.add(name, handler)
+
+    def get(self, name: str) -> T:
+        k = self.key(name)
+        if k not in self._items:
+            raise self.error(f"unknown {self.kind} '{name}'", f"known {self.kind}s: {', '.join(self.names())}")
+        return self._items[k]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.key(name) in self._items
+
+    def names(self) -> list[str]:
+        return sorted(self._names.values())
+
+
+_REGISTRY: Registry["Format"] = Registry("format")
 
 
 class FormatSpec(BaseModel):
@@ -158,20 +208,14 @@ def _describe(name: str, err: ValidationError, spec_cls: type[FormatSpec]) -> st
 
 def register(cls: type[Format]) -> type[Format]:
     """Class decorator: register a format under `cls.name`; duplicates are refused."""
-    key = cls.name.lower()
-    if key in _REGISTRY:
-        raise FormatError(f"format '{key}' is registered twice")
-    _REGISTRY[key] = cls()
+    _REGISTRY.add(cls.name.lower(), cls())
     return cls
 
 
 def get_format(name: str) -> Format:
     """Look a format up by name (case-insensitive, '-' same as '_')."""
-    key = str(name).lower().replace("-", "_")
-    if key not in _REGISTRY:
-        raise FormatError(f"unknown format '{name}'", f"known formats: {', '.join(list_formats())}")
-    return _REGISTRY[key]
+    return _REGISTRY.get(name)
 
 
 def list_formats() -> list[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()

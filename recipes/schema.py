@@ -73,8 +73,8 @@ class QuantizeConfig(Section):
     overrides: list[LayerOverride] = Field(default_factory=list)
     codebook_scope: Literal["model", "tensor"] = Field(
         "model", description="LO-BCQ: fit one codebook set over all bcq layers, or one per tensor")
-    method: Literal["rtn", "gptq", "distill"] = Field(
-        "rtn", description="rtn: round each weight; gptq: second-order error feedback over the "
+    method: str = Field(
+        "rtn", description="a registered quantize method: rtn: round each weight; gptq: second-order error feedback over the "
                            "calibrated X^T X (block formats; needs a calibration); distill: tune the "
                            "weights so the quantized model matches the original's predictions on the "
                            "calibration text (KL, straight-through; needs a calibration)")
@@ -84,7 +84,7 @@ class QuantizeConfig(Section):
 class AllocateConfig(Section):
     """Precision allocation: FGMP block policy (and its baselines) or a VaPr-style format search."""
 
-    policy: Literal["fgmp", "random", "magnitude", "vapr"] = "fgmp"
+    policy: str = Field("fgmp", description="a registered allocation policy: fgmp, random, magnitude, vapr")
     fraction: float = Field(0.3, ge=0, le=1, description="FGMP: share of blocks kept in FP8 (model-wide)")
     clip: Literal["none", "mse", "sensitivity"] = Field("sensitivity", description="clipping of the NVFP4 blocks")
     activations: bool = Field(False, description="FGMP: also mix activation blocks (simulated at eval)")
@@ -95,11 +95,17 @@ class AllocateConfig(Section):
     pareto_budgets: list[float] = Field(default_factory=list, description="VaPr: also solve at these budgets")
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _vapr_needs_a_budget(self) -> "AllocateConfig":
+        if self.policy == "vapr" and self.budget_bits is None:
+            raise ValueError("the vapr policy needs a budget: set allocate.budget_bits, e.g. --set allocate.budget_bits=5.5")
+        return self
+
 
 class CompensateConfig(Section):
     """Low-rank paths: EoRA, plain SVD, or ESPACE projections."""
 
-    method: Literal["eora", "svd", "espace"] = "eora"
+    method: str = Field("eora", description="a registered compensation method: eora, svd, espace")
     rank: int = Field(8, gt=0, description="rank of every layer (unless a budget is given)")
     budget_params: int | None = Field(None, gt=0, description="total extra parameters, spread over layers")
     espace_stat: Literal["act", "weight", "grad"] = Field("act", description="ESPACE statistic")
@@ -107,9 +113,16 @@ class CompensateConfig(Section):
     mode: Literal["residual", "compress"] = Field("residual", description="ESPACE: residual path or layer compression")
     factor_format: Literal["bf16", "fp32", "fp8_e4m3", "nvfp4"] = Field("bf16", description="storage of the factors")
 
+    @model_validator(mode="after")
+    def _compress_mode_is_espace(self) -> "CompensateConfig":
+        if self.mode == "compress" and self.method != "espace":
+            raise ValueError(f"compensate.mode=compress needs method espace, got method {self.method}: use "
+                             "--set compensate.method=espace, or --set compensate.mode=residual")
+        return self
+
 
 class ExportConfig(Section):
-    format: Literal["lpc", "dense", "peft"] = "lpc"
+    format: str = Field("lpc", description="a registered exporter: lpc, dense, peft, compressed-tensors")
 
 
 class EvalConfig(Section):

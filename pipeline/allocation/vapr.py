@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lpc.pipeline.artifact import store as art
-from lpc.pipeline.errors import RecipeError
+from lpc.pipeline.allocation.registry import ALLOCATION_POLICIES
 from lpc.pipeline.allocation.knapsack import Layer, Option, Solution, lagrangian_hull, pareto_front, solve
 from lpc.pipeline.allocation.measure import mean_loss, swapped_weights
 from lpc.pipeline.progress import track
@@ -44,8 +44,6 @@ def search(ctx, tmp: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dic
     from lpc.formats import get_format
 
     a = ctx.recipe.allocate
-    if a.budget_bits is None:
-        raise RecipeError("the vapr policy needs a budget", "set allocate.budget_bits, e.g. --set allocate.budget_bits=5.5")
     cands = [c.model_dump() for c in a.candidates] or DEFAULT_CANDIDATES
     labels = _labels(cands)
     books = _shared_codebooks(ctx, cands)
@@ -159,3 +157,6 @@ def _pareto(ctx, layers, deq, batches, budgets: list[float], base: float | None,
                        "measured_loss_increase": None if base is None else measured - base,
                        "choice": sol.choice})
     return points
+
+
+ALLOCATION_POLICIES.add("vapr", search)

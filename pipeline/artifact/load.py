@@ -59,7 +59,7 @@ def build_from_lpc(directory: Path, qconfig: dict[str, Any], dtype: torch.dtype 
     if lowrank:
         attach_lowrank(model, lowrank)
     if activations and qconfig.get("activations"):
-        from lpc.pipeline.quantization.actquant import attach_activation_quant
+        from lpc.pipeline.quantization.actquant import activation_plan, attach_activation_quant
         attach_activation_quant(model, activation_plan(qconfig["activations"], aux))
     return model
 
@@ -130,19 +130,3 @@ def attach_lowrank(model: nn.Module, tensors: dict[str, torch.Tensor]) -> list[A
 
         handles.append(mod.register_forward_hook(hook))
     return handles
-
-
-def activation_plan(acts: dict[str, Any], aux: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
-    """The stored activation plan with its tensor references (`"tensor:<key>"`) resolved."""
-    plan = {}
-    for name, entry in acts.get("layers", {}).items():
-        entry = dict(entry)
-        for key, val in list(entry.items()):
-            if isinstance(val, str) and val.startswith("tensor:"):
-                ref = val.removeprefix("tensor:")
-                if ref not in aux:
-                    raise ArtifactError(f"activation plan of {name} refers to missing tensor {ref}",
-                                        "the artifact is incomplete; re-run quantize")
-                entry[key] = aux[ref]
-        plan[name] = entry
-    return plan

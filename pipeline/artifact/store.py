@@ -118,6 +118,16 @@ def verify_files(directory: str | Path, manifest: dict[str, Any]) -> list[str]:
     return problems
 
 
+def read_checked_manifest(directory: str | Path, stage: str | tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The manifest of an input artifact, after checking every file it lists against its hash."""
+    manifest = read_manifest(directory, stage)
+    problems = verify_files(directory, manifest)
+    if problems:
+        raise ArtifactError(f"{directory}: {problems[0]}",
+                            "the artifact was changed or damaged; re-run the stage that wrote it")
+    return manifest
+
+
 def is_up_to_date(out: Path, stage: str, inputs: list[dict[str, str]], config: dict[str, Any]) -> bool:
     """True when `out` holds a complete artifact of `stage` made from the same inputs and config."""
     try:

@@ -79,7 +79,7 @@ def fisher_statistics(model: nn.Module, batches: Iterable[torch.Tensor],
     samples = tokens = 0
     with ExitStack() as stack:
         stack.enter_context(_grad_only_on(model, targets))
-        stack.enter_context(_eval_with_checkpointing(model, checkpointing))
+        stack.enter_context(eval_with_checkpointing(model, checkpointing))
         stack.enter_context(_hooks(model, targets, accs))
         stack.enter_context(torch.enable_grad())
         for batch in track(batches, "fisher", progress):
@@ -184,7 +184,7 @@ def _require_grad(_module: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
 
 
 @contextmanager
-def _eval_with_checkpointing(model: nn.Module, enable: bool) -> Iterator[None]:
+def eval_with_checkpointing(model: nn.Module, enable: bool) -> Iterator[None]:
     """Eval mode (no dropout) everywhere; decoder layers that support checkpointing get it.
 
     transformers checkpoints a `GradientCheckpointingLayer` only while that module is in training

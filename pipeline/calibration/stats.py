@@ -205,3 +205,13 @@ def read_stats(calib_dir) -> dict[str, dict[str, torch.Tensor]]:
         name, _, field_name = key.rpartition(".")
         out.setdefault(name, {})[field_name] = t
     return out
+
+
+def calibration_batches_of(calib: str | Path, src: str, model: Any) -> list[torch.Tensor]:
+    """The token sequences a calibration artifact was collected on (rebuilt from its config)."""
+    from lpc.pipeline.artifact.store import read_manifest
+    from lpc.pipeline.io.data import calibration_batches
+    from lpc.pipeline.io.models import load_tokenizer
+
+    c = read_manifest(calib, "calibrate")["config"]
+    return calibration_batches(c["data"], load_tokenizer(src), c["samples"], c["seq_len"], model=model, seed=c["seed"])

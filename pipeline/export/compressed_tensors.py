@@ -44,6 +44,7 @@ from lpc.formats import QTensor, get_format
 from lpc.formats.nvfp4 import global_scale_for
 from lpc.pipeline.artifact import store as art
 from lpc.pipeline.errors import ArtifactError
+from lpc.pipeline.export.registry import EXPORTERS
 from lpc.pipeline.artifact.lpc_model import AUX_PREFIX, WEIGHTS, read_qconfig, read_qtensors
 from lpc.pipeline.io.models import copy_tokenizer_files
 
@@ -261,3 +262,6 @@ def ct_config(schemes: dict[str, str], ignore: list[str]) -> dict[str, Any]:
     return {"quant_method": QUANT_METHOD, "format": formats.pop() if len(formats) == 1 else MIXED_FORMAT,
             "quantization_status": "compressed", "config_groups": groups, "ignore": list(ignore),
             "kv_cache_scheme": None, "global_compression_ratio": None}
+
+
+EXPORTERS.add("compressed-tensors", write_compressed_tensors)

@@ -29,6 +29,7 @@ import torch
 
 from lpc.pipeline.artifact import store as art
 from lpc.pipeline.errors import InputError
+from lpc.pipeline.export.registry import EXPORTERS
 from lpc.pipeline.artifact.load import load, pop_lowrank
 from lpc.pipeline.artifact.lpc_model import WEIGHTS, read_qconfig
 from lpc.pipeline.io.models import copy_tokenizer_files
@@ -91,3 +92,6 @@ def adapter_config(ranks: dict[str, int]) -> dict[str, Any]:
     # A set would be written in hash order; sorted lists keep the file byte-identical across runs.
     return {k: sorted(v) if isinstance(v, set) else (v.value if isinstance(v, enum.Enum) else v)
             for k, v in cfg.to_dict().items()}
+
+
+EXPORTERS.add("peft", write_peft)

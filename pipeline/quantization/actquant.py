@@ -22,7 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lpc.formats import get_format
 from lpc.formats.fgmp import block_scores
-from lpc.pipeline.errors import InputError
+from lpc.pipeline.errors import ArtifactError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -133,3 +133,42 @@ def _fgmp_hook(entry: ActQuantEntry) -> Callable:
             return (fmt.dequantize(q, dtype=x.dtype), *args[1:])
 
     return hook
+
+
+def activation_config(recipe: Any, qtensors: dict[str, Any], stats, plan: dict[str, Any] | None = None
+                      ) -> tuple[dict | None, dict]:
+    """Activation quantization plan per quantized layer, and the tensors it refers to.
+
+    An allocation plan's per-layer "activation" entries (FGMP mixing) win; otherwise the recipe's
+    `quantize.activations` format applies to every quantized layer, its global amax calibrated.
+    """
+    plan = plan or {}
+    from_plan = {n: e["activation"] for n, e in plan.items() if isinstance(e, dict) and e.get("activation")}
+    if from_plan:
+        return {"layers": {n: from_plan[n] for n in sorted(from_plan)}}, dict(plan.get("__aux__", {}))
+    act = recipe.quantize.activations
+    if act is None:
+        return None, {}
+    layers = {}
+    for name in sorted(qtensors):
+        amax = None
+        if stats and name in stats and "act_absmax" in stats[name]:
+            amax = float(stats[name]["act_absmax"].max())
+        layers[name] = {"format": act.format, "spec": dict(act.spec), "global_amax": amax}
+    return {"layers": layers}, {}
+
+
+def activation_plan(acts: dict[str, Any], aux: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """The stored activation plan with its tensor references (`"tensor:<key>"`) resolved."""
+    plan = {}
+    for name, entry in acts.get("layers", {}).items():
+        entry = dict(entry)
+        for key, val in list(entry.items()):
+            if isinstance(val, str) and val.startswith("tensor:"):
+                ref = val.removeprefix("tensor:")
+                if ref not in aux:
+                    raise ArtifactError(f"activation plan of {name} refers to missing tensor {ref}",
+                                        "the artifact is incomplete; re-run quantize")
+                entry[key] = aux[ref]
+        plan[name] = entry
+    return plan

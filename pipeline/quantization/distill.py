@@ -36,8 +36,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lpc.pipeline.errors import InputError
-from lpc.pipeline.calibration.fisher import _eval_with_checkpointing, frozen_params, input_device
+from lpc.pipeline.calibration.fisher import eval_with_checkpointing, frozen_params, input_device
 from lpc.pipeline.progress import Progress, track
+from lpc.pipeline.quantization.registry import QUANTIZE_METHODS, QuantizeMethod, TuneInputs, round_to_nearest
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def distill_weights(model: nn.Module, targets: dict[str, nn.Linear],
     with ExitStack() as stack:
         stack.enter_context(frozen_params(model))
         params = stack.enter_context(_parametrized(targets, quantizers))
-        stack.enter_context(_eval_with_checkpointing(model, checkpointing))
+        stack.enter_context(eval_with_checkpointing(model, checkpointing))
         teacher = _TeacherCache(model, targets)
         # The RMS is read through the parametrization (the quantized weight), which also fills
         # each layer's Q cache for step 0.
@@ -276,3 +277,36 @@ def _activations(model: nn.Module, plan: dict[str, dict] | None, teacher: "_Teac
     finally:
         for h in handles:
             h.remove()
+
+
+def fake_quantizer(fmt: Any, spec: dict[str, Any], ctx: dict[str, Any], dtype: torch.dtype
+                   ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """w -> Q(w) of one layer's setup (format, spec, context), computed in the layer's dtype."""
+    def fake(w: torch.Tensor) -> torch.Tensor:
+        c = {k: (v.to(w.device) if hasattr(v, "to") else v) for k, v in ctx.items()}
+        return fmt.fake_quantize(w.to(dtype), **spec, **c)
+    return fake
+
+
+def _tune(x: TuneInputs) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """`method: distill`: each layer's fake quantizer exactly as it will be rounded (the same setups),
+    the activations simulated as at eval."""
+    from lpc.pipeline.quantization.actquant import activation_config, activation_plan
+
+    quantizers = {n: fake_quantizer(fmt, spec, ctx, x.targets[n].weight.dtype) for n, (fmt, spec, ctx) in x.setups.items()}
+    acts, aux = activation_config(x.recipe, x.setups, x.stats, x.plan)
+    act_plan = activation_plan(acts, aux) if acts else None
+    d = x.recipe.quantize.distill
+    x.model.to(x.device)
+    try:
+        return distill_weights(x.model, {n: x.targets[n] for n in x.setups}, quantizers, x.batches, d.steps, d.lr,
+                               d.eval_every, d.patience, d.val_fraction, act_plan, batch_rows=d.batch_rows,
+                               progress=x.progress)
+    finally:
+        x.model.to("cpu")
+
+
+QUANTIZE_METHODS.add("distill", QuantizeMethod(
+    round_to_nearest, tune=_tune, needs_calibration=True,
+    description="tune the weights so the quantized model matches the original's predictions "
+                "(KL on the calibration text, straight-through), then round"))

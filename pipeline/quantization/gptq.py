@@ -16,6 +16,7 @@ import torch
 
 from lpc.formats import QTensor, get_format
 from lpc.pipeline.errors import InputError
+from lpc.pipeline.quantization.registry import QUANTIZE_METHODS, QuantizeMethod
 
 # Scale-group width along the input dimension of each format that GPTQ can drive.
 GROUP = {"nvfp4": 16, "fgmp": 16, "mxfp4": 32, "mxfp8": 32, "bcq": 64}
@@ -78,3 +79,17 @@ def _slice_context(context: dict[str, Any], start: int, stop: int, width: int, k
         else:
             out[key] = val
     return out
+
+
+def _gptq_round(fmt: Any, w: torch.Tensor, spec: dict[str, Any], ctx: dict[str, Any],
+                cov: torch.Tensor | None) -> QTensor:
+    """GPTQ where it applies (a block format with a calibrated X^T X), the format's rounding elsewhere."""
+    if cov is None or not group_width(fmt.name, spec):
+        return fmt.quantize(w, **spec, **ctx)
+    ctx = {"global_amax": w.detach().abs().amax(), **ctx}
+    return gptq_quantize(w, cov, fmt.name, spec, ctx)
+
+
+QUANTIZE_METHODS.add("gptq", QuantizeMethod(
+    _gptq_round, needs_calibration=True,
+    description="second-order error feedback over the calibrated X^T X (block formats)"))

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from lpc.formats import QTensor, get_format
-from lpc.pipeline.quantization.gptq import gptq_quantize, group_width
 from lpc.pipeline.io.models import fuse_groups
 from lpc.pipeline.progress import Progress, track
+from lpc.pipeline.quantization.registry import QUANTIZE_METHODS
 from lpc.recipes.schema import Recipe
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,8 @@ def quantize_layers(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any
     stats: per layer {"act_cov": (in, in), ...} from calibration; the diagonal of act_cov (the
     input second moment) weighs each input channel in scale selection when `use_importance`.
     An entry's "context" (e.g. an FGMP `mask`, a Fisher `importance`) is passed to the format.
-    method "gptq" adds second-order error feedback (needs act_cov) for block formats.
+    method: a registered quantize method's name; its `round` quantizes each layer (gptq adds
+    second-order error feedback over act_cov for block formats).
     weights: layer name -> the weight to quantize instead of the layer's own (tuned weights);
     scales that depend on the whole tensor (global amax, codebooks) still come from the layers,
     and errors are measured against the layers' own weights.
@@ -127,18 +128,14 @@ def quantize_layers(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any
     setups = setups if setups is not None else layer_setups(targets, plan, stats, fuse, use_importance,
                                                             codebook_scope)
     weights = weights or {}
+    round_layer = QUANTIZE_METHODS.get(method).round
     qtensors, records = {}, {}
     for name in track(list(setups), "quantize", progress):
         fmt, spec, ctx = setups[name]
-        ctx = dict(ctx)  # GPTQ may add a key
         w = targets[name].weight.detach()
         src = weights[name].to(w.dtype) if name in weights else w
         cov = stats[name]["act_cov"] if stats and name in stats else None
-        if method == "gptq" and cov is not None and group_width(plan[name]["format"], spec):
-            ctx.setdefault("global_amax", w.abs().amax())
-            q = gptq_quantize(src, cov, plan[name]["format"], spec, ctx)
-        else:
-            q = fmt.quantize(src, **spec, **ctx)
+        q = round_layer(fmt, src, spec, ctx, cov)
         wq = fmt.dequantize(q)
         qtensors[name] = q
         records[name] = {**q.meta(), "bits_per_weight": q.bits_per_weight(), **layer_errors(w, wq, cov)}

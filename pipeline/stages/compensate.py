@@ -36,37 +36,15 @@ from lpc.formats import QTensor, get_format
 from lpc.pipeline.artifact import store as art
 from lpc.pipeline.calibration.stats import STATS_FILE, read_stats
 from lpc.pipeline.errors import ArtifactError, InputError
-from lpc.pipeline.compensation.espace import espace_compress, espace_projection, espace_residual
-from lpc.pipeline.compensation.lowrank import (
-    LowRankDecomposition, allocate_ranks, eora_decompose, output_error, quantize_factors, svd_decompose,
-)
+from lpc.pipeline.compensation.layer import choose_ranks, compensate_layer, low_rank_path
+from lpc.pipeline.compensation.methods import LayerInputs
 from lpc.pipeline.artifact.lpc_model import WEIGHTS, read_qconfig, read_qtensors
 from lpc.pipeline.io.models import load_hf_model, model_files
 from lpc.pipeline.progress import Progress, track
-from lpc.pipeline.stages.core import StageResult, _run
+from lpc.pipeline.stages.base import StageResult, run_stage
 from lpc.recipes.schema import CompensateConfig, Recipe
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LayerInputs:
-    """One layer's inputs, fp32 on the compute device: W and W_q (out, in), C (in, in), and with Fisher
-    calibration g_in (in,) = E[(dL/dx)^2] (act_fisher), g_out (out,) ~ E[(dL/dy)^2] (see `_fisher_inputs`)."""
-
-    W: torch.Tensor
-    Wq: torch.Tensor
-    C: torch.Tensor
-    g_in: torch.Tensor | None = None
-    g_out: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class LowRankPath:
-    """What one layer's method offers: the output error left at ranks 0..cap, and factors at any rank."""
-
-    curve: Callable[[int], list[float]]
-    factors: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def compensate(quant_dir: str | Path, calib_dir: str | Path, recipe: Recipe, out: str | Path,
@@ -92,7 +70,7 @@ def compensate(quant_dir: str | Path, calib_dir: str | Path, recipe: Recipe, out
     def body(tmp: Path) -> dict[str, Any]:
         return _build(quant_dir, calib_dir, src, recipe, qman, tmp, progress, device)
 
-    return _run("compensate", out, inputs, config, overwrite, body)
+    return run_stage("compensate", out, inputs, config, overwrite, body)
 
 
 # ---------------------------------------------------------------- checks at the boundary
@@ -102,9 +80,6 @@ def _config_of(recipe: Recipe) -> CompensateConfig:
     if cfg is None:
         raise InputError(f"recipe '{recipe.name}' has no compensate section",
                          "use --recipe nvfp4_eora, or add one with --set compensate.method=eora")
-    if cfg.mode == "compress" and cfg.method != "espace":
-        raise InputError(f"compensate.mode=compress needs method espace, got method {cfg.method}",
-                         "use --set compensate.method=espace, or --set compensate.mode=residual")
     return cfg
 
 
@@ -150,12 +125,12 @@ def _build(quant_dir: Path, calib_dir: Path, src: str, recipe: Recipe, qman: dic
     names = sorted(qtensors)
     _check_stats(names, stats, cfg, calib_dir)
     fetch = _layer_reader(src, qtensors, stats, device)
-    ranks = _choose_ranks(cfg, names, qtensors, lambda n: _path(cfg, fetch(n)), progress)
+    ranks = choose_ranks(cfg, names, qtensors, lambda n: low_rank_path(cfg, fetch(n)), progress)
     tensors = art.load_tensors(quant_dir / WEIGHTS)
     lowrank, records = {}, {}
     for name in track(names, "compensate", progress):
         x = fetch(name)
-        stored, rec = _compensate_layer(cfg, recipe, name, x, ranks[name], qtensors[name])
+        stored, rec = compensate_layer(cfg, recipe, name, x, ranks[name], qtensors[name])
         records[name] = {**qman.get("layers", {}).get(name, {}), **rec}
         if stored is not None:
             lowrank[name] = _add_factors(tensors, name, stored, cfg, qtensors[name])
@@ -211,133 +186,6 @@ def _original_weights(src: str) -> Callable[[str], torch.Tensor]:
         return loaded["model"].get_submodule(name).weight.detach().float()
 
     return read
-
-
-# ---------------------------------------------------------------- per-layer numerics
-
-def _path(cfg: CompensateConfig, x: LayerInputs) -> LowRankPath:
-    """The method's decomposition of one layer (for compress mode: of W, else of dW)."""
-    dW = x.W - x.Wq
-    if cfg.method == "eora":
-        dec = eora_decompose(dW, x.C)
-        return LowRankPath(dec.residual_errors, dec.factors)
-    if cfg.method == "svd":
-        dec = svd_decompose(dW)
-        return LowRankPath(lambda cap: _svd_curve(dec, x.C, cap), dec.factors)
-    target = x.W if cfg.mode == "compress" else dW
-    cap = min(x.W.shape)
-    # The weight statistic models the output error of what is projected: dW for a residual path.
-    P = espace_projection(cfg.espace_stat, cap, x.C, W=target, C_g=_gradient_stat(cfg, x, dW),
-                          normalize_rows=cfg.normalize_rows)
-    split = espace_compress if cfg.mode == "compress" else espace_residual
-    return LowRankPath(lambda top: _projection_curve(target, P[:, :top], x.C),
-                       lambda r: split(target, P[:, :r]))
-
-
-def _gradient_stat(cfg: CompensateConfig, x: LayerInputs, dW: torch.Tensor) -> torch.Tensor | None:
-    """C_G of ESPACE's gradient statistic, the autocorrelation of the loss gradient seen by P^T x.
-
-    compress: the input x itself is projected, so C_G = diag(act_fisher) (in,).
-    residual: what is left out is the output error dW Pi x, whose first-order loss change is
-    g_y^T dW Pi x; so C_G = dW^T diag(g_out) dW (in, in), the output gradient pulled back through dW
-    (act_fisher is the gradient pulled back through W, which says nothing about where dW errs)."""
-    if cfg.espace_stat != "grad":
-        return None
-    if cfg.mode == "compress":
-        return x.g_in
-    d64 = dW.double()
-    G = d64.T @ (x.g_out[:, None] * d64)
-    return (G + G.T) / 2
-
-
-def _svd_curve(dec: LowRankDecomposition, C: torch.Tensor, cap: int) -> list[float]:
-    """Output error trace(E_r C E_r^T) of truncated SVD at ranks 0..cap.
-
-    E_r = sum_{i >= r} s_i u_i v_i^T with orthonormal u_i, so the trace is sum_{i >= r} s_i^2 v_i^T C v_i."""
-    Vh = dec.Vh
-    energy = dec.s.square() * ((Vh @ C.to(Vh)) * Vh).sum(1)
-    tail = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0]).cpu().tolist() + [0.0]
-    return [tail[min(r, len(tail) - 1)] for r in range(cap + 1)]
-
-
-def _projection_curve(T: torch.Tensor, P: torch.Tensor, C: torch.Tensor) -> list[float]:
-    """Output error trace(T Pi_r C Pi_r T^T), Pi_r = I - P_r P_r^T, for r = 0..L with P (in, L).
-
-    Expanded: tr(T C T^T) - 2 sum_{i<r} (P^T C K P)_ii + sum_{i,j<r} (P^T K P)_ij (P^T C P)_ij with
-    K = T^T T, so every rank comes from prefix sums of one (L, L) matrix instead of L projections."""
-    T64, P64, C64 = T.double(), P.double(), C.double()
-    K = T64.T @ T64
-    CP, KP = C64 @ P64, K @ P64
-    total = float((K * C64).sum())
-    cross = torch.cumsum((CP * KP).sum(0), 0)
-    quad = torch.cumsum(torch.cumsum((P64.T @ KP) * (P64.T @ CP), 0), 1).diagonal()
-    left = (total - 2 * cross + quad).clamp(min=0).cpu().tolist()
-    return [total] + left
-
-
-def _compensate_layer(cfg: CompensateConfig, recipe: Recipe, name: str, x: LayerInputs, rank: int,
-                      q: QTensor) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """Factors of one layer as stored, and its manifest record (rank, errors before/after, bits)."""
-    dW = x.W - x.Wq
-    ref = max(output_error(x.W, x.C), 1e-30)
-    before = output_error(dW, x.C) / ref
-    rec = {"method": cfg.method, "mode": cfg.mode, "rank": rank, "factor_format": cfg.factor_format,
-           "rel_output_error_before": before, "rel_output_error": before, "factor_bits": 0,
-           "bits_per_weight": q.bits_per_weight()}
-    if rank == 0:
-        rec.update(method="none", mode="none")
-        return None, rec
-    B, A = _path(cfg, x).factors(rank)
-    stored = _store(cfg, recipe, B, A, x.C)
-    target = x.W if cfg.mode == "compress" else dW
-    err = target - stored["B"].to(target) @ stored["A"].to(target)
-    weight_bits = 0 if cfg.mode == "compress" else q.storage_bits()
-    rec.update(rel_output_error=output_error(err, x.C) / ref, factor_bits=stored["bits"],
-               bits_per_weight=(weight_bits + stored["bits"]) / q.numel)
-    log.debug("compensate %s: rank %d, rel output error %.4g -> %.4g", name, rank, before, rec["rel_output_error"])
-    return stored, rec
-
-
-def _store(cfg: CompensateConfig, recipe: Recipe, B: torch.Tensor, A: torch.Tensor,
-           C: torch.Tensor) -> dict[str, Any]:
-    """Round the factors as the artifact stores them: {"B", "A" (fp32 as used), "bits", "packed"}."""
-    s = quantize_factors(B.cpu(), A.cpu(), cfg.factor_format)
-    if cfg.mode != "compress":
-        return {"B": s.B, "A": s.A, "bits": s.bits, "packed": dict(s.packed)}
-    qb, a_packed = _quantize_projected(B.cpu(), A.cpu(), C.cpu(), recipe), s.packed["lora_A"]
-    return {"B": get_format(qb.format).dequantize(qb), "A": s.A, "bits": qb.storage_bits() + _stored_bits(a_packed),
-            "packed": {"lora_B": qb, "lora_A": a_packed}}
-
-
-def _stored_bits(v: torch.Tensor | QTensor) -> int:
-    return v.storage_bits() if isinstance(v, QTensor) else v.numel() * v.element_size() * 8
-
-
-def _quantize_projected(WP: torch.Tensor, Pt: torch.Tensor, C: torch.Tensor, recipe: Recipe) -> QTensor:
-    """W P (out, L) in the recipe's weight format; its inputs P^T x have second moments diag(P^T C P)."""
-    w = recipe.quantize.weights
-    fmt = get_format(w.format)
-    ctx = {}
-    if recipe.quantize.importance != "none" and "importance" in fmt.context_keys:
-        ctx["importance"] = ((Pt.double() @ C.double()) * Pt.double()).sum(1).clamp_min(0).float()
-    return fmt.quantize(WP, **w.spec, **ctx)
-
-
-# ---------------------------------------------------------------- ranks
-
-def _choose_ranks(cfg: CompensateConfig, names: list[str], qtensors: dict[str, QTensor],
-                  path_of: Callable[[str], LowRankPath], progress: Progress | None) -> dict[str, int]:
-    """One rank for all (capped at min(out, in)), or the budget spread over output-error curves."""
-    caps = {n: min(qtensors[n].shape) for n in names}
-    if cfg.budget_params is None:
-        ranks = {n: min(cfg.rank, caps[n]) for n in names}
-        for n in [n for n in names if cfg.rank > caps[n]]:
-            log.info("compensate: rank %d capped at %d for layer %s", cfg.rank, caps[n], n)
-        return ranks
-    # Curves first (one decomposition resident at a time); factors are cut in the second pass.
-    curves = {n: path_of(n).curve(caps[n]) for n in track(names, "compensate: error curves", progress)}
-    cost = {n: qtensors[n].shape[0] + qtensors[n].shape[1] for n in names}
-    return allocate_ranks(curves, cost, cfg.budget_params, caps)
 
 
 # ---------------------------------------------------------------- writing comp/

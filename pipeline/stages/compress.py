@@ -1,8 +1,8 @@
-"""`lpc compress`: every stage in order into one output directory, resumable.
+"""`lpc compress`: the runner over the stages, every one in order into one output directory, resumable.
 
-Layout of the output: calib/, [alloc/], quant/, [comp/], model/ (the exported artifact), eval.json,
-manifest.json (what ran, bits per weight, wall time, peak RSS). Re-running with the same recipe and
-inputs skips every stage whose artifact is complete.
+Layout of the output: calib/, [alloc/], quant/, [comp/], model/ (the exported artifact), [eval/],
+compress.json (the run's inputs), summary.json (what ran, bits per weight, wall time, peak RSS).
+Re-running with the same recipe and inputs skips every stage whose artifact is complete.
 """
 from __future__ import annotations
 
@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from lpc.pipeline.artifact import store as art
-from lpc.pipeline.stages import core as stages
+from lpc.pipeline.stages.allocate import allocate
+from lpc.pipeline.stages.base import StageResult, check_recipe_names
+from lpc.pipeline.stages.calibrate import calibrate
+from lpc.pipeline.stages.compensate import compensate
+from lpc.pipeline.stages.evaluate import evaluate, read_report
+from lpc.pipeline.stages.export import export
+from lpc.pipeline.stages.quantize import quantize
 from lpc.pipeline.errors import ArtifactError, GateFailed
 from lpc.pipeline.io.models import resolve_model
 from lpc.pipeline.progress import Progress
@@ -47,14 +53,15 @@ def compress(model: str, recipe: Recipe, data: str, out: Path, overwrite: bool =
              fail_under_recovery: float | None = None) -> dict[str, Any]:
     """Run calibrate -> [allocate] -> quantize -> [compensate] -> export -> [eval]; returns a summary."""
     t0 = time.perf_counter()
+    check_recipe_names(recipe)
     src = resolve_model(model)
     config = {"model": src, "data": data, "recipe": recipe.model_dump(mode="json")}
     art.check_output(out, [src] if Path(src).exists() else [], overwrite=True)
     _claim(out, config, overwrite)
-    results = [stages.calibrate(src, data, out / "calib", recipe, overwrite=True, device=device, progress=progress)]
+    results = [calibrate(src, data, out / "calib", recipe, overwrite=True, device=device, progress=progress)]
     results += _quantize_path(src, recipe, out, device, progress)
     last = results[-1].out
-    results.append(stages.export(last, out / "model", recipe.export.format, overwrite=True, progress=progress))
+    results.append(export(last, out / "model", recipe.export.format, overwrite=True, progress=progress))
     summary: dict[str, Any] = {
         "model": src, "recipe": recipe.name, "out": str(out), "artifact": str(out / "model"),
         "bits_per_weight": results[-1].manifest.get("bits_per_weight"),
@@ -73,32 +80,28 @@ def compress(model: str, recipe: Recipe, data: str, out: Path, overwrite: bool =
     return summary
 
 
-def _quantize_path(src: str, recipe: Recipe, out: Path, device: str, progress: Progress | None) -> list[stages.StageResult]:
+def _quantize_path(src: str, recipe: Recipe, out: Path, device: str, progress: Progress | None) -> list[StageResult]:
     """allocate (when the recipe has an allocate section) -> quantize -> compensate (when asked)."""
     results = []
-    plan = plan_inputs = None
-    if getattr(recipe, "allocate", None) is not None:
-        from lpc.pipeline.stages.allocate import allocate, read_plan
+    plan = None
+    if recipe.allocate is not None:
         results.append(allocate(out / "calib", recipe, out / "alloc", model=src, overwrite=True, progress=progress))
-        _, plan, plan_inputs = read_plan(out / "alloc", recipe)
-    results.append(stages.quantize(src, recipe, out / "quant", calib=out / "calib", plan=plan,
-                                   plan_inputs=plan_inputs, overwrite=True, progress=progress, device=device))
-    if getattr(recipe, "compensate", None) is not None:
-        from lpc.pipeline.stages.compensate import compensate
+        plan = out / "alloc"
+    results.append(quantize(src, recipe, out / "quant", calib=out / "calib", plan=plan, overwrite=True,
+                            progress=progress, device=device))
+    if recipe.compensate is not None:
         results.append(compensate(out / "quant", out / "calib", recipe, out / "comp", overwrite=True,
                                   progress=progress, device=device))
     return results
 
 
 def _evaluate(out: Path, src: str, ppl, tasks, tasks_dir, limit, gate, seq_len, device, progress) -> dict[str, Any]:
-    from lpc.pipeline.stages.evaluate import evaluate
-
     try:
-        report = evaluate(out / "model", baseline=src, fail_under_recovery=gate, ppl=ppl, seq_len=seq_len,
-                          tasks=tasks, tasks_dir=tasks_dir, limit=limit, device=device, progress=progress)
-        failed = False
+        result = evaluate(out / "model", out / "eval", baseline=src, fail_under_recovery=gate, overwrite=True,
+                          ppl=ppl, seq_len=seq_len, tasks=tasks, tasks_dir=tasks_dir, limit=limit, device=device,
+                          progress=progress)
+        report, failed = read_report(result.out), False
     except GateFailed as err:
         report, failed = getattr(err, "report", None), True
         log.warning("%s", err)
-    art.write_json(out / "eval.json", report)
     return {"eval": report, "gate_failed": failed}

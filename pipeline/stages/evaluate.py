@@ -1,6 +1,11 @@
-"""`lpc eval`: load an artifact (or plain model), measure perplexity and lm-eval tasks, compare."""
+"""`lpc eval`: load an artifact (or plain model), measure perplexity and lm-eval tasks, compare.
+
+`evaluate_report` returns the report; `evaluate` is the stage: it writes eval.json and a manifest
+into its output directory (the gate's threshold and verdict included, also when the gate fails).
+"""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -8,8 +13,10 @@ from typing import Any
 
 from lpc.pipeline.errors import GateFailed, InputError
 from lpc.pipeline.progress import Progress
+from lpc.pipeline.stages.base import StageResult, run_stage
 
 log = logging.getLogger(__name__)
+EVAL_FILE = "eval.json"
 
 
 def evaluate_model(path: str | Path, ppl: list[str] | None = None, seq_len: int = 256,
@@ -36,8 +43,8 @@ def evaluate_model(path: str | Path, ppl: list[str] | None = None, seq_len: int 
     return report
 
 
-def evaluate(path: str | Path, baseline: str | Path | None = None, fail_under_recovery: float | None = None,
-             **kwargs: Any) -> dict[str, Any]:
+def evaluate_report(path: str | Path, baseline: str | Path | None = None, fail_under_recovery: float | None = None,
+                    **kwargs: Any) -> dict[str, Any]:
     """Evaluate `path` (and `baseline` with the same settings); gate on recovery when asked.
 
     Returns {"perplexity", "tasks", "baseline": report | None, "recovery": float | None, "compare": ...}.
@@ -59,12 +66,57 @@ def evaluate(path: str | Path, baseline: str | Path | None = None, fail_under_re
             out["kl_to_baseline"] = _kl_to_baseline(path, baseline, **kwargs)
         out["recovery"] = cmp.get("recovery")
         if fail_under_recovery is not None:
+            out["gate"] = {"fail_under_recovery": fail_under_recovery, "passed": True}
             try:
                 check_gate(out["recovery"], fail_under_recovery)
             except GateFailed as err:
+                out["gate"]["passed"] = False
                 err.report = out  # type: ignore[attr-defined]  # the CLI still shows the numbers
                 raise
     return out
+
+
+def evaluate(path: str | Path, out: Path, baseline: str | Path | None = None,
+             fail_under_recovery: float | None = None, overwrite: bool = False, **kwargs: Any) -> StageResult:
+    """The eval stage: `evaluate_report` written to out/eval.json with a manifest. A failed gate
+    still writes the report (its `gate.passed` is false), then raises GateFailed."""
+    from lpc.pipeline.artifact import store as art
+
+    inputs = [*_files_of(path), *(_files_of(baseline) if baseline else []), *(kwargs.get("ppl") or [])]
+    config = {"model": str(path), "baseline": str(baseline) if baseline else None,
+              "fail_under_recovery": fail_under_recovery,
+              **{k: v for k, v in kwargs.items() if k not in ("progress", "device")}}
+    failed: list[GateFailed] = []
+
+    def body(tmp: Path) -> dict[str, Any]:
+        try:
+            report = evaluate_report(path, baseline, fail_under_recovery, **kwargs)
+        except GateFailed as err:
+            report = err.report  # type: ignore[attr-defined]
+            failed.append(err)
+        art.write_json(tmp / EVAL_FILE, report)
+        return {"summary": {"perplexity": report["perplexity"], "recovery": report["recovery"],
+                            "kl_to_baseline": report.get("kl_to_baseline"), "gate": report.get("gate")}}
+
+    result = run_stage("eval", out, inputs, config, overwrite, body)
+    gate = result.manifest.get("summary", {}).get("gate") or {}
+    if failed or gate.get("passed") is False:
+        err = failed[0] if failed else GateFailed(f"recovery {result.manifest['summary']['recovery']} is under "
+                                                  f"{gate.get('fail_under_recovery')}")
+        err.report = json.loads((Path(out) / EVAL_FILE).read_text())  # type: ignore[attr-defined]
+        raise err
+    return result
+
+
+def read_report(out: str | Path) -> dict[str, Any]:
+    """The report an eval stage wrote."""
+    return json.loads((Path(out) / EVAL_FILE).read_text())
+
+
+def _files_of(model: str | Path) -> list[Path]:
+    from lpc.pipeline.io.models import model_files, resolve_model
+
+    return model_files(resolve_model(str(model)))
 
 
 def _kl_to_baseline(path: str | Path, baseline: str | Path, ppl: list[str], seq_len: int = 256,

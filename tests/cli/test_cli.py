@@ -84,7 +84,8 @@ def test_compress_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, text_fi
     assert not any(s["skipped"] for s in first["stages"]) and first["eval"]["recovery"] > 0.5
     second = json.loads(lpc(*args).stdout)
     assert all(s["skipped"] for s in second["stages"])
-    assert (out / "model" / "manifest.json").is_file() and (out / "eval.json").is_file()
+    assert (out / "model" / "manifest.json").is_file() and (out / "eval" / "eval.json").is_file()
+    assert (out / "eval" / "manifest.json").is_file()
 
 
 def test_identical_inputs_give_identical_bytes(tmp_path, tiny_model_dir, text_files):
@@ -161,3 +162,21 @@ def test_eval_runs_local_lm_eval_tasks(staged, tiny_model_dir, assets_dir, monke
     assert res["baseline"]["tasks"]["arc_easy_local"]["samples"] == 6 and res["recovery"] is not None
     res = lpc("eval", staged["lpc"], "--tasks", "no_such_task_anywhere", code=1)
     assert "no_such_task_anywhere" in one_line(res)
+
+
+def test_allocate_then_quantize_with_the_plan_alone(tmp_path, tiny_model_dir, text_files):
+    """`lpc allocate` writes alloc/; `lpc quantize --plan alloc/` takes recipe and calibration from it."""
+    calib, alloc, quant = tmp_path / "calib", tmp_path / "alloc", tmp_path / "quant"
+    lpc("calibrate", tiny_model_dir, "--data", text_files["jsonl"], "--samples", 4, "--seq-len", 32, "--fisher",
+        "-o", calib)
+    lpc("allocate", calib, "--recipe", "fgmp_nvfp4a16", "--set", "allocate.fraction=0.2", "--set",
+        "quantize.method=rtn", "-o", alloc)
+    plan = json.loads((alloc / "manifest.json").read_text())
+    assert plan["stage"] == "allocate" and plan["recipe"]["allocate"]["fraction"] == 0.2
+    res = json.loads(lpc("quantize", tiny_model_dir, "--plan", alloc, "-o", quant, "--json").stdout)
+    manifest = json.loads((quant / "manifest.json").read_text())
+    assert manifest["config"]["calib"] == str(calib) and manifest["config"]["plan"] == str(alloc)
+    assert manifest["recipe"]["name"] == "fgmp_nvfp4a16" and res["quantized_layers"] > 0
+    assert {r["format"] for r in manifest["layers"].values()} == {"fgmp"}
+    res = lpc("allocate", calib, "--recipe", "vapr", "--set", "allocate.budget_bits=null", "-o", tmp_path / "v", code=1)
+    assert "needs a budget" in one_line(res) and not (tmp_path / "v").exists()

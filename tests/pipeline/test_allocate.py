@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from lpc.formats import get_format
-from lpc.pipeline.stages import core as stages
-from lpc.pipeline.stages.allocate import allocate, read_plan
+from lpc.pipeline import stages
+from lpc.pipeline.allocation.plan import read_plan
+from lpc.pipeline.stages.allocate import allocate
 from lpc.pipeline.errors import InputError, RecipeError
 from lpc.pipeline.quantization.gptq import gptq_quantize
 from lpc.pipeline.artifact.load import load
@@ -25,9 +26,7 @@ def fisher_calib(tmp_path_factory, tiny_model_dir, text_files):
 
 
 def _quantize_with(plan_dir, recipe, tiny_model_dir, out):
-    r, plan, inputs = read_plan(plan_dir, recipe)
-    return stages.quantize(str(tiny_model_dir), r, out, plan=plan, plan_inputs=inputs,
-                           calib=plan_dir.parent / "calib")
+    return stages.quantize(str(tiny_model_dir), recipe, out, plan=plan_dir, calib=plan_dir.parent / "calib")
 
 
 @pytest.mark.parametrize("policy", ["fgmp", "random", "magnitude"])

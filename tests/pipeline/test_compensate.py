@@ -9,7 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from lpc.cli.main import app
-from lpc.pipeline.stages import core as stages
+from lpc.pipeline import stages
+from lpc.recipes import RecipeError
 from lpc.pipeline.artifact.store import load_tensors, save_tensors
 from lpc.pipeline.calibration.stats import STATS_FILE, read_stats
 from lpc.pipeline.stages.compensate import compensate
@@ -178,8 +179,8 @@ def test_peft_export_gives_the_logits_of_lpc_load(staged, ids):
 def test_bad_inputs_raise_with_the_fix(staged, tmp_path):
     with pytest.raises(InputError, match="has no compensate section"):
         compensate(staged["quant"], staged["calib"], load_recipe("nvfp4", SMALL), tmp_path / "x")
-    with pytest.raises(InputError, match="mode=compress needs method espace"):
-        compensate(staged["quant"], staged["calib"], recipe("compensate.mode=compress"), tmp_path / "x")
+    with pytest.raises(RecipeError, match="mode=compress needs method espace"):  # refused at the recipe
+        recipe("compensate.mode=compress")
     with pytest.raises(InputError, match="no low-rank paths"):
         stages.export(staged["quant"], tmp_path / "p", "peft")
     calib = _calib_without(staged, tmp_path, "model.layers.1.mlp.up_proj.weight_fisher")

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lpc.pipeline.stages import core as stages
+from lpc.pipeline import stages
+from lpc.pipeline.quantization.distill import fake_quantizer
 from lpc.pipeline.quantization.actquant import attach_activation_quant
 from lpc.pipeline.quantization.distill import distill_weights
 from lpc.pipeline.errors import InputError, RecipeError
@@ -26,7 +27,7 @@ def setup(tiny_model_dir):
     recipe = load_recipe("nvfp4", ["quantize.weights.spec.scale_search=0"])
     plan = plan_from_recipe(recipe, list(targets))
     setups = layer_setups(targets, plan, None, recipe.quantize.fuse_groups)
-    quantizers = {n: stages._fake_quantizer(f, s, c, torch.float32) for n, (f, s, c) in setups.items()}
+    quantizers = {n: fake_quantizer(f, s, c, torch.float32) for n, (f, s, c) in setups.items()}
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     batches = [torch.randint(3, vocab, (1, 24), generator=gen) for _ in range(8)]
@@ -188,7 +189,8 @@ def test_stage_needs_a_calibration_and_is_deterministic(tmp_path, tiny_model_dir
 
 
 def test_recipe_rejects_bad_distill_settings():
-    for bad in ("quantize.distill.lr=0", "quantize.distill.steps=-2", "quantize.distill.stepz=3",
-                "quantize.method=adaround"):
+    for bad in ("quantize.distill.lr=0", "quantize.distill.steps=-2", "quantize.distill.stepz=3"):
         with pytest.raises(RecipeError):
             load_recipe("nvfp4", [bad])
+    with pytest.raises(RecipeError, match="unknown quantize method 'adaround'.*distill.*gptq.*rtn"):
+        stages.check_recipe_names(load_recipe("nvfp4", ["quantize.method=adaround"]))

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from lpc.formats import get_format
 from lpc.formats.numerics import e2m1_decode, unpack_nibbles
-from lpc.pipeline.stages import core as stages
+from lpc.pipeline import stages
 from lpc.pipeline.errors import ArtifactError
 from lpc.pipeline.export.compressed_tensors import check_exportable, nvfp4_tensors, write_compressed_tensors
 from lpc.pipeline.artifact.load import load

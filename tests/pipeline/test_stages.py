@@ -1,11 +1,12 @@
 """Calibration, quantization, artifacts and loading on the tiny Llama (library level)."""
 from __future__ import annotations
 
+import importlib
 import pytest
 import torch
 
 from lpc.formats import get_format
-from lpc.pipeline.stages import core as stages
+from lpc.pipeline import stages
 from lpc.pipeline.calibration.stats import InputStats, _whole_model, collect_input_stats, read_stats
 from lpc.pipeline.io.data import calibration_batches, read_texts
 from lpc.pipeline.errors import ArtifactError, InputError
@@ -119,7 +120,7 @@ def test_failed_stage_leaves_nothing_and_keeps_old_output(tmp_path, tiny_model_d
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(stages, "quantize_layers", boom)
+    monkeypatch.setattr(importlib.import_module("lpc.pipeline.stages.quantize"), "quantize_layers", boom)
     with pytest.raises(RuntimeError):
         stages.quantize(str(tiny_model_dir), load_recipe("nvfp4"), out, overwrite=True)
     assert (out / "manifest.json").read_bytes() == before

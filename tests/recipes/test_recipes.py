@@ -28,7 +28,8 @@ def test_overrides_reach_nested_fields_and_create_sections():
 @pytest.mark.parametrize("sets, message", [
     (["calbrate.samples=3"], "unknown key 'calbrate' (valid keys here: name, description"),
     (["allocate.polcy=fgmp"], "unknown key 'allocate.polcy'"),
-    (["allocate.policy=best"], "allocate.policy='best'"),
+    (["allocate.policy=vapr"], "the vapr policy needs a budget: set allocate.budget_bits"),
+    (["compensate.mode=compress"], "compensate.mode=compress needs method espace"),
     (["allocate.fraction=1.5"], "allocate.fraction=1.5"),
     (["compensate.rank=0"], "compensate.rank=0"),
     (["quantize.weights.spec.clip=octav"], "nvfp4 does not support clip='octav'"),

@@ -1,0 +1,80 @@
+"""Block-level plans (FGMP, arXiv 2504.14152): every block of 16 weights FP8 or NVFP4.
+
+Policies `fgmp` (Fisher-weighted score of NVFP4 over FP8), and the baselines `random` and `magnitude`
+at the same fraction; with `activations`, a threshold on the activation block score is fixed on
+calibration data so that `fraction` of activation blocks go FP8 at run time.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lpc.pipeline.allocation import fgmp as fp
+from lpc.pipeline.allocation.registry import ALLOCATION_POLICIES, AllocationContext
+from lpc.pipeline.errors import InputError
+from lpc.pipeline.quantization.layers import group_amax
+from lpc.recipes.schema import Recipe
+
+
+def block_plan(ctx: AllocationContext, tmp: Path | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    a = ctx.recipe.allocate
+    weights = {n: m.weight.detach().float() for n, m in ctx.targets.items()}
+    amax = group_amax(ctx.targets, {n: {"format": "fgmp"} for n in ctx.targets}, ctx.recipe.quantize.fuse_groups)
+    if a.policy == "fgmp":
+        scores = fp.weight_block_scores(weights, {n: ctx.fisher(n) for n in weights}, {n: float(v) for n, v in amax.items()})
+        masks = fp.select_high_blocks(scores, a.fraction)
+    elif a.policy == "random":
+        shapes = {n: (w.shape[0], -(-w.shape[1] // 16)) for n, w in weights.items()}
+        masks = fp.random_high_blocks(shapes, a.fraction, seed=a.seed)
+    else:
+        masks = fp.magnitude_high_blocks(weights, a.fraction)
+    spec = {"clip": a.clip, **_low_spec(ctx.recipe)}
+    layers, tensors = {}, {}
+    for name, mask in masks.items():
+        tensors[f"{name}.mask"] = mask.to(torch.uint8)
+        layers[name] = {"format": "fgmp", "spec": spec, "mask": f"{name}.mask",
+                        "high_fraction": float(mask.float().mean()),
+                        "importance": "weight_fisher" if a.clip == "sensitivity" else None}
+    in_features = {n: m.in_features for n, m in ctx.targets.items()}
+    bits = fp.plan_bits_per_weight(masks, in_features)
+    plan: dict[str, Any] = {"policy": a.policy, "fraction": a.fraction, "layers": layers}
+    extra = {"bits_per_weight": bits, "high_fraction": sum(int(m.sum()) for m in masks.values()) /
+             sum(m.numel() for m in masks.values()),
+             "high_fraction_by_kind": fp.high_fraction_by_group(masks, lambda n: n.rsplit(".", 1)[-1])}
+    if a.activations:
+        plan["activations"], act_tensors, extra["activation_threshold"] = _activation_plan(ctx, a.fraction)
+        tensors.update(act_tensors)
+    return plan, tensors, extra
+
+
+def _low_spec(recipe: Recipe) -> dict[str, Any]:
+    """Spec keys of the recipe's weight format that the fgmp low (NVFP4) blocks understand."""
+    spec = recipe.quantize.weights.spec if recipe.quantize.weights.format in ("nvfp4", "fgmp") else {}
+    return {k: v for k, v in spec.items() if k == "scale_search"}
+
+
+def _activation_plan(ctx: AllocationContext, fraction: float) -> tuple[dict[str, Any], dict[str, torch.Tensor], float]:
+    act_fisher = {}
+    for n in ctx.targets:
+        if "act_fisher" not in ctx.stats.get(n, {}):
+            raise InputError(f"the calibration has no activation Fisher for {n}",
+                             "calibrate with --fisher (or calibrate.fisher: true in the recipe)")
+        act_fisher[n] = ctx.stats[n]["act_fisher"]
+    amax = {n: float(ctx.stats[n]["act_absmax"].max()) for n in ctx.targets}
+    scores = fp.collect_activation_scores(ctx.model, ctx.batches(), ctx.targets, act_fisher, amax,
+                                       max_blocks_per_layer=200_000, seed=ctx.recipe.allocate.seed,
+                                       progress=ctx.progress)
+    threshold = fp.activation_threshold(torch.cat([scores[n] for n in ctx.targets]), fraction)
+    layers, tensors = {}, {}
+    for n in ctx.targets:
+        key = f"lpc.act.{n}.channel_importance"
+        tensors[key] = act_fisher[n].float()
+        layers[n] = {"format": "fgmp", "channel_importance": f"tensor:{key}", "threshold": threshold,
+                     "global_amax": amax[n]}
+    return {"layers": layers, "threshold": threshold}, tensors, threshold
+
+
+for _name in ("fgmp", "random", "magnitude"):
+    ALLOCATION_POLICIES.add(_name, block_plan)

@@ -1,0 +1,56 @@
+"""`lpc calibrate`: input statistics (absmax, X^T X / n) of the recipe's targets, and Fisher with
+`calibrate.fisher`, written to calib/stats.safetensors."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lpc.pipeline.artifact import store as art
+from lpc.pipeline.calibration.stats import STATS_FILE, collect_input_stats, data_inputs, stats_tensors
+from lpc.pipeline.io.data import calibration_batches
+from lpc.pipeline.io.models import find_targets, load_hf_model, load_tokenizer, model_files, resolve_model
+from lpc.pipeline.io.streaming import open_for_calibration
+from lpc.pipeline.progress import Progress
+from lpc.pipeline.stages.base import StageResult, run_stage
+from lpc.recipes.schema import Recipe
+
+
+def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool = False,
+              device: str = "cpu", progress: Progress | None = None) -> StageResult:
+    """Collect input statistics (and Fisher with recipe.calibrate.fisher) of the recipe's targets."""
+    c = recipe.calibrate
+    src = resolve_model(model)
+    config = {"model": src, "data": data, "samples": c.samples, "seq_len": c.seq_len, "fisher": c.fisher,
+              "seed": c.seed, "targets": recipe.targets, "ignore": recipe.ignore}
+
+    def body(tmp: Path) -> dict[str, Any]:
+        tok = load_tokenizer(src)
+        # Fisher (backward passes) and `--data self` (generation) need the whole model; plain
+        # statistics stream one decoder layer at a time from the checkpoint.
+        opened = None if c.fisher or data == "self" or not Path(src).is_dir() else \
+            open_for_calibration(src, recipe.targets, recipe.ignore)
+        m, store = opened if opened else (load_hf_model(src), None)
+        targets = find_targets(m, recipe.targets, recipe.ignore)
+        batches = calibration_batches(data, tok, c.samples, c.seq_len, model=m, seed=c.seed)
+        stats = collect_input_stats(m, batches, targets, progress, device, store=store)
+        if c.fisher:
+            _add_fisher(m, batches, targets, stats, progress, device)
+        art.save_tensors(stats_tensors(stats), tmp / STATS_FILE)
+        tokens = sum(b.shape[1] for b in batches)
+        layers = {n: {"in_features": mod.in_features, "out_features": mod.out_features, "rows": stats[n].count}
+                  for n, mod in targets.items()}
+        return {"layers": layers, "summary": {"samples": len(batches), "tokens": tokens, "layers": len(layers),
+                                             "fisher": c.fisher}}
+
+    return run_stage("calibrate", out, model_files(src) + data_inputs(data), config, overwrite, body)
+
+
+def _add_fisher(model, batches, targets, stats, progress, device) -> None:
+    from lpc.pipeline.calibration.fisher import fisher_statistics
+
+    model.to(device)
+    fisher = fisher_statistics(model, [b.to(device) for b in batches], targets, progress=progress)
+    model.to("cpu")
+    for name, f in fisher.items():
+        stats[name].extra["weight_fisher"] = f["weight_fisher"].float().cpu()
+        stats[name].extra["act_fisher"] = f["act_fisher"].float().cpu()

@@ -1,0 +1,70 @@
+"""`lpc quantize`: quantize the recipe's targets (or follow an allocation plan) into an lpc model
+directory. `quantize.method` names a registered quantize method (quantization/registry.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lpc.pipeline.allocation.plan import read_plan
+from lpc.pipeline.artifact import store as art
+from lpc.pipeline.artifact.lpc_model import shared_bits, write_lpc_model
+from lpc.pipeline.calibration.stats import STATS_FILE, calibration_batches_of, read_stats
+from lpc.pipeline.errors import RecipeError
+from lpc.pipeline.io.models import copy_tokenizer_files, find_targets, load_hf_model, model_files, resolve_model
+from lpc.pipeline.progress import Progress
+from lpc.pipeline.quantization import QUANTIZE_METHODS, TuneInputs
+from lpc.pipeline.quantization.actquant import activation_config
+from lpc.pipeline.quantization.layers import bits_summary, layer_setups, plan_from_recipe, quantize_layers
+from lpc.pipeline.stages.base import StageResult, run_stage
+from lpc.recipes.schema import Recipe
+
+
+def quantize(model: str, recipe: Recipe | None, out: Path, calib: Path | None = None, plan: Path | None = None,
+             overwrite: bool = False, progress: Progress | None = None, device: str = "cpu") -> StageResult:
+    """Quantize `model` by `recipe`, or by the allocation artifact `plan` (whose manifest gives the
+    recipe and the calibration, unless `recipe` / `calib` are given).
+
+    device: where a tuning method (distill) computes (the artifact is the same up to float rounding)."""
+    src = resolve_model(model)
+    layer_plan, plan_files = None, []
+    if plan is not None:
+        recipe, layer_plan, plan_files, plan_calib = read_plan(Path(plan), recipe)
+        calib = calib or plan_calib
+    if recipe is None:
+        raise RecipeError("quantize needs a recipe or an allocation plan", "pass --recipe R or --plan alloc/")
+    q = recipe.quantize
+    method = QUANTIZE_METHODS.get(q.method)
+    if method.needs_calibration and calib is None:
+        raise RecipeError(f"quantize.method={q.method} needs a calibration, but no calibration was given",
+                          "pass --calib DIR (from `lpc calibrate`), or use `lpc compress`")
+    stats_path = [Path(calib) / STATS_FILE] if calib else []
+    config = {"model": src, "recipe": recipe.model_dump(mode="json"), "calib": str(calib) if calib else None,
+              "plan": str(plan) if plan else None}
+
+    def body(tmp: Path) -> dict[str, Any]:
+        m = load_hf_model(src)
+        stats = read_stats(calib) if calib else None
+        targets = find_targets(m, recipe.targets, recipe.ignore)
+        lp = layer_plan if layer_plan is not None else plan_from_recipe(recipe, list(targets))
+        setups = layer_setups(targets, lp, stats, q.fuse_groups, q.importance != "none", q.codebook_scope)
+        tuned, report = None, None
+        if method.tune is not None:
+            tuned, report = method.tune(TuneInputs(m, targets, setups, stats, lp, recipe,
+                                                   calibration_batches_of(calib, src, m), device, progress))
+        qtensors, records = quantize_layers(targets, lp, stats, progress=progress, method=q.method,
+                                            weights=tuned, setups=setups)
+        acts, aux = activation_config(recipe, qtensors, stats, lp)
+        write_lpc_model(tmp, m, qtensors, extra_tensors=aux, extra_config={"activations": acts} if acts else None)
+        copy_tokenizer_files(src, tmp)
+        summary = bits_summary(m, qtensors, targets)
+        _, per_layer = shared_bits(qtensors)
+        for name, own in per_layer.items():  # per-layer bits leave out what is stored once for all
+            records[name]["bits_per_weight"] = (qtensors[name].storage_bits() - own) / qtensors[name].numel
+            records[name]["shared_fields"] = True
+        summary["activations"] = q.activations.format if q.activations else None
+        if report is not None:
+            summary[q.method] = report
+        return {"recipe": recipe.model_dump(mode="json"), "layers": records, "summary": summary,
+                "bits_per_weight": summary["bits_per_weight"]}
+
+    return run_stage("quantize", out, model_files(src) + stats_path + plan_files, config, overwrite, body)
