@@ -61,11 +61,21 @@ def verify_artifact(path: Path) -> dict[str, Any]:
     return {"ok": True, "files": len(m.get("files", {})), "layers": layers, "stage": m.get("stage")}
 
 
+# Artifacts written before quantize recorded its groups were quantized with the schema's default.
+LEGACY_FUSE_GROUPS = [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]]
+
+
+def recorded_fuse_groups(qconfig: dict[str, Any]) -> list[list[str]]:
+    """The sibling groups quantize shared global scales over (quantization_config.fuse_groups)."""
+    groups = qconfig.get("fuse_groups")
+    return LEGACY_FUSE_GROUPS if groups is None else [list(g) for g in groups]
+
+
 def _check_fused(path: Path, qtensors: dict[str, Any], qconfig: dict[str, Any]) -> None:
     """Fused siblings (q/k/v, gate/up) of one global-scale format must share the global scale."""
     from lpc.pipeline.io.models import fuse_groups
 
-    groups = fuse_groups(list(qtensors), qconfig.get("fuse_groups", [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]]))
+    groups = fuse_groups(list(qtensors), recorded_fuse_groups(qconfig))
     for group in groups:
         scales = [qtensors[n].data.get("global_scale") for n in group if qtensors[n].format == qtensors[group[0]].format]
         scales = [s for s in scales if s is not None]

@@ -15,9 +15,12 @@ from torch import nn
 from lpc.formats import LpcError, get_format
 from lpc.pipeline.errors import ArtifactError
 from lpc.pipeline.artifact.lpc_model import AUX_PREFIX, WEIGHTS, read_qconfig, read_qtensors
-from lpc.pipeline.io.models import load_hf_model, load_tokenizer, resolve_model
+from lpc.pipeline.io.models import load_hf_model, load_tokenizer, model_from_config, resolve_model
 
 log = logging.getLogger(__name__)
+
+# Importing the loader registers the lpc quantizer with transformers (from_pretrained on an lpc artifact).
+from lpc.pipeline.artifact import hf_quantizer  # noqa: E402,F401
 
 
 def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -34,15 +37,20 @@ def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
 
 def build_from_lpc(directory: Path, qconfig: dict[str, Any], dtype: torch.dtype | None = None,
                    activations: bool = True, merge_lowrank: bool = False) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A transformers model from the lpc artifact `directory`: dequantized weights (dtype: the given one,
+    else config.json's, else float32), low-rank paths and simulated activations attached as hooks."""
+    model = model_from_config(directory, dtype=dtype)
+    fill_from_lpc(model, directory, qconfig, activations=activations, merge_lowrank=merge_lowrank)
+    return model
 
-    config = AutoConfig.from_pretrained(str(directory))
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    model_dtype = dtype or getattr(config, "dtype", None) or torch.float32
-    if isinstance(model_dtype, str):
-        model_dtype = getattr(torch, model_dtype)
-    model = AutoModelForCausalLM.from_config(config, dtype=model_dtype)
+
+def fill_from_lpc(model: nn.Module, directory: Path, qconfig: dict[str, Any], activations: bool = True,
+                  merge_lowrank: bool = False) -> nn.Module:
+    """Load the lpc artifact's weights into `model` (built from its config.json) and attach its hooks.
+
+    Parameters the checkpoint replaces may have any shape beforehand (transformers leaves the empty
+    weight markers in place when the lpc quantizer loads it): each is replaced by a tensor of the
+    Linear's own shape in the model's dtype."""
     qtensors, plain = read_qtensors(directory, qconfig)
     state = dict(plain)
     for name, q in qtensors.items():
@@ -54,14 +62,27 @@ def build_from_lpc(directory: Path, qconfig: dict[str, Any], dtype: torch.dtype 
             name = key.removesuffix(".lora_A")
             w = state[f"{name}.weight"].float()
             state[f"{name}.weight"] = w + lowrank.pop(f"{name}.lora_B").float() @ lowrank.pop(key).float()
+    _reset_linear_weights(model, [k.removesuffix(".weight") for k in state if k.endswith(".weight")])
     _load_state(model, state, qconfig, directory)
     model.eval().requires_grad_(False)
     if lowrank:
         attach_lowrank(model, lowrank)
+    if activations and qconfig.get("kv_cache"):  # simulated like activations; dense/peft exports drop it
+        from lpc.pipeline.kvcache import attach_kv_quantization, kv_specs
+        attach_kv_quantization(model, kv_specs(qconfig["kv_cache"], aux, model.config.num_hidden_layers))
     if activations and qconfig.get("activations"):
         from lpc.pipeline.quantization.actquant import activation_plan, attach_activation_quant
         attach_activation_quant(model, activation_plan(qconfig["activations"], aux))
     return model
+
+
+def _reset_linear_weights(model: nn.Module, names: list[str]) -> None:
+    """Give each Linear among `names` an uninitialized (out, in) weight in the model's dtype."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    for name in names:
+        mod = model.get_submodule(name) if name else model
+        if isinstance(mod, nn.Linear) and tuple(mod.weight.shape) != (mod.out_features, mod.in_features):
+            mod.weight = nn.Parameter(torch.empty(mod.out_features, mod.in_features, dtype=dtype), requires_grad=False)
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], qconfig: dict[str, Any], directory: Path) -> None:

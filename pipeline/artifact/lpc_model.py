@@ -2,7 +2,12 @@
 
 config.json carries `quantization_config = {"quant_method": "lpc", "layers": {name: meta}, ...}` where
 meta is a QTensor's meta (format, shape, spec). Tensors: `<m>.qdata`, `<m>.scale`, ... per quantized
-Linear `<m>` (its `<m>.weight` is absent), every other tensor unchanged.
+Linear `<m>`, every other tensor unchanged.
+
+`<m>.weight` of a quantized Linear is a *marker*: an empty uint8 tensor of shape (0,). Its only job is
+to make a loader that does not know lpc fail loudly: transformers without `import lpc` (which registers
+the lpc quantizer, artifact/hf_quantizer.py) refuses the checkpoint with a size mismatch instead of
+silently leaving that Linear at its random initialization. lpc's readers drop markers (read_qtensors).
 """
 from __future__ import annotations
 
@@ -30,6 +35,15 @@ AUX_PREFIX = "lpc."
 # Format fields that many layers may hold identically (LO-BCQ's model-wide codebooks): stored once.
 SHARED_FIELDS = ("codebook",)
 SHARED_PREFIX = AUX_PREFIX + "shared."
+
+
+def weight_marker() -> torch.Tensor:
+    """The `<m>.weight` stored for a Linear whose weight lives in packed fields: uint8 (0,)."""
+    return torch.zeros(0, dtype=torch.uint8)
+
+
+def is_weight_marker(key: str, t: torch.Tensor) -> bool:
+    return key.endswith(".weight") and t.dtype == torch.uint8 and t.numel() == 0
 
 
 def dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -93,6 +107,7 @@ def write_lpc_model(directory: Path, model: nn.Module, qtensors: dict[str, QTens
             if field not in refs.get(name, {}):
                 tensors[f"{name}.{field}"] = t
     tensors.update(shared)
+    tensors.update({f"{name}.weight": weight_marker() for name in qtensors})
     tensors.update(extra_tensors or {})
     layers = {n: {**q.meta(), **({"shared": refs[n]} if n in refs else {})} for n, q in sorted(qtensors.items())}
     qconfig = {"quant_method": QUANT_METHOD, "layers": layers, "tied": tied, **(extra_config or {})}
@@ -120,7 +135,8 @@ def read_qconfig(directory: str | Path) -> dict[str, Any] | None:
 
 def read_qtensors(directory: Path, qconfig: dict[str, Any],
                   tensors: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, QTensor], dict[str, torch.Tensor]]:
-    """Split the tensors of an lpc artifact into QTensors per layer and the plain rest."""
+    """Split the tensors of an lpc artifact into QTensors per layer and the plain rest (weight markers,
+    shared fields removed)."""
     tensors = dict(tensors if tensors is not None else load_tensors(directory / WEIGHTS))
     qtensors = {}
     for name, meta in qconfig.get("layers", {}).items():
@@ -137,7 +153,7 @@ def read_qtensors(directory: Path, qconfig: dict[str, Any],
         q = fmt.unpack(fields, meta)
         _check_fields(name, q)
         qtensors[name] = q
-    for key in [k for k in tensors if k.startswith(SHARED_PREFIX)]:
+    for key in [k for k, t in tensors.items() if k.startswith(SHARED_PREFIX) or is_weight_marker(k, t)]:
         tensors.pop(key)
     return qtensors, tensors
 

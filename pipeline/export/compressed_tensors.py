@@ -46,7 +46,7 @@ from lpc.pipeline.artifact import store as art
 from lpc.pipeline.errors import ArtifactError
 from lpc.pipeline.export.registry import EXPORTERS
 from lpc.pipeline.artifact.lpc_model import AUX_PREFIX, WEIGHTS, read_qconfig, read_qtensors
-from lpc.pipeline.io.models import copy_tokenizer_files
+from lpc.pipeline.io.models import copy_tokenizer_files, model_from_config
 
 log = logging.getLogger(__name__)
 
@@ -235,13 +235,7 @@ def unquantized_linears(src: Path, schemes: dict[str, str]) -> list[str]:
     """Names of the model's nn.Linear modules that no config group holds, in module order.
 
     The model is built on the meta device from src/config.json (no memory, no weights read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    hf_config = AutoConfig.from_pretrained(str(src))
-    if hasattr(hf_config, "quantization_config"):
-        delattr(hf_config, "quantization_config")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
+    model = model_from_config(src, empty=True)
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in schemes]
 
 

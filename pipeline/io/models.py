@@ -58,6 +58,29 @@ def load_hf_model(model: str | Path, dtype: torch.dtype | None = None, device: s
     return m.to(device)
 
 
+def model_from_config(model_dir: str | Path, dtype: torch.dtype | str | None = None, empty: bool = False) -> nn.Module:
+    """The causal LM built from `model_dir/config.json` WITHOUT its quantization_config (eval mode, no grads).
+
+    lpc rebuilds quantized weights itself, so transformers must not see the artifact's (lpc or engine)
+    quantization_config. dtype: the one given, else config.json's, else float32. empty=True puts the
+    parameters on the meta device (no memory; buffers such as rotary tables are built normally)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
+    if empty:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
 def load_tokenizer(model: str | Path):
     from transformers import AutoTokenizer
 

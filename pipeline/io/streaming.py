@@ -48,13 +48,9 @@ class WeightStore:
 
 def skeleton(model_dir: str | Path) -> nn.Module:
     """The model built from its config with parameters on meta (no weight memory), eval mode."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from lpc.pipeline.io.models import model_from_config
 
-    config = AutoConfig.from_pretrained(str(model_dir))
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
-    return model.eval().requires_grad_(False)
+    return model_from_config(model_dir, empty=True)
 
 
 def check_streamable(model: nn.Module, store: WeightStore) -> None:

@@ -54,7 +54,8 @@ def quantize(model: str, recipe: Recipe | None, out: Path, calib: Path | None = 
         qtensors, records = quantize_layers(targets, lp, stats, progress=progress, method=q.method,
                                             weights=tuned, setups=setups)
         acts, aux = activation_config(recipe, qtensors, stats, lp)
-        write_lpc_model(tmp, m, qtensors, extra_tensors=aux, extra_config={"activations": acts} if acts else None)
+        extra = {"fuse_groups": q.fuse_groups, **({"activations": acts} if acts else {})}
+        write_lpc_model(tmp, m, qtensors, extra_tensors=aux, extra_config=extra)
         copy_tokenizer_files(src, tmp)
         summary = bits_summary(m, qtensors, targets)
         _, per_layer = shared_bits(qtensors)
