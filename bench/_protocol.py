@@ -14,7 +14,7 @@ bench talks to lpc only through its command line.
   predictions); KL = mean over the same predicted positions of KL(original || compressed), fp32
   softmax, each window summed in fp64, windows added with math.fsum in input order. Batches of 8
   windows sorted longest first, right-padded and masked only when lengths differ: the same
-  arithmetic as `lpc eval --seq-len 2048 [--baseline MODEL]` (pipeline/evaluation/metrics.py).
+  arithmetic as `lpc eval --seq-len 2048 [--baseline MODEL]` (pipeline/evaluation/perplexity.py).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 
 Calibrates once (Fisher on, so ESPACE's gradient statistic is available), quantizes once with the
 `nvfp4` recipe, then runs the compensate stage for each method x rank and evaluates perplexity with
-the project's protocol (`lpc.pipeline.evaluation.metrics.perplexity`, seq_len 256). `seconds` is the
+the project's protocol (`lpc.pipeline.evaluation.perplexity.perplexity`, seq_len 256). `seconds` is the
 compensate stage's wall time, `cpu_seconds` its process CPU time. `--extra` adds the ablations
 (factor precision, normalized ESPACE statistics).
 """
@@ -32,7 +32,7 @@ EXTRA = {"eora_fp32": ["compensate.factor_format=fp32"], "eora_fp8": ["compensat
 
 
 def ppl(path: Path, heldout: Path, seq_len: int) -> float:
-    from lpc.pipeline.evaluation.metrics import perplexity
+    from lpc.pipeline.evaluation.perplexity import perplexity
     from lpc.pipeline.artifact.load import load
 
     model, tok = load(path)

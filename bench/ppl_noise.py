@@ -31,7 +31,7 @@ def main() -> None:
     from lpc.pipeline import stages
     from lpc.pipeline.allocation.plan import read_plan
     from lpc.pipeline.stages.allocate import allocate
-    from lpc.pipeline.evaluation.metrics import kl_divergence, perplexity
+    from lpc.pipeline.evaluation.perplexity import kl_divergence, perplexity
     from lpc.pipeline.io.models import find_targets, load_hf_model, load_tokenizer
     from lpc.pipeline.quantization.layers import layer_setups
     from lpc.recipes import load_recipe

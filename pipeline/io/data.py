@@ -14,6 +14,7 @@ import torch
 from lpc.pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
+JSONL_HINT = 'each line must be a JSON object like {"text": "..."}'
 
 
 def read_texts(spec: str | Path, limit: int | None = None) -> list[str]:
@@ -22,38 +23,56 @@ def read_texts(spec: str | Path, limit: int | None = None) -> list[str]:
     if p.is_dir():
         return _dataset_texts(_load_from_disk(p), limit, str(p))
     if p.suffix == ".jsonl":
-        return _jsonl_texts(p, limit)
+        return read_jsonl_texts(p, limit)
     if p.is_file():
-        text = p.read_text(encoding="utf-8", errors="replace")
-        if not text.strip():
-            raise InputError(f"{p} is empty", "give a file with text in it")
-        return [text]
+        return [read_text_file(p)]
     if str(spec).count("/") == 1 and not p.suffix:
         return _dataset_texts(_load_hub(str(spec)), limit, str(spec))
     raise InputError(f"data {spec} does not exist",
                      "give a .txt or .jsonl file, a saved datasets directory, a hub dataset id, or 'self'")
 
 
-def _jsonl_texts(p: Path, limit: int | None) -> list[str]:
+def read_text_file(path: str | Path) -> str:
+    """The UTF-8 text of a file; a missing, empty, binary or non-UTF-8 file is an InputError."""
+    p = Path(path)
     if not p.is_file():
-        raise InputError(f"data file {p} does not exist", "check the --data path")
+        raise InputError(f"text file {p} does not exist or is not a file", "check the path")
+    raw = p.read_bytes()
+    try:
+        # Universal newlines, as Path.read_text gives: "\r\n" and "\r" read as "\n".
+        text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{p} is not UTF-8 text (byte {err.start} is 0x{raw[err.start]:02x})",
+                         "give a text file (.txt, or .jsonl with a 'text' field), converted to UTF-8") from None
+    if "\x00" in text:
+        raise InputError(f"{p} holds NUL bytes: it looks like a binary file, not text",
+                         "give a text file (.txt, or .jsonl with a 'text' field)")
+    if not text.strip():
+        raise InputError(f"{p} is empty", "give a file with text in it")
+    return text
+
+
+def read_jsonl_texts(path: str | Path, limit: int | None = None) -> list[str]:
+    """The `text` field of every non-blank line of a .jsonl file (the first `limit` records).
+
+    The one JSONL reader of lpc (calibration data and evaluation text); a bad line raises an
+    InputError naming the file and the line number."""
+    p = Path(path)
+    lines = read_text_file(p).splitlines()
     texts = []
-    with open(p, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise InputError(f"{p}:{lineno} is not valid JSON", "each line must be a JSON object") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise InputError(f"{p}:{lineno} has no string field 'text'",
-                                 'each line must look like {"text": "..."}')
-            texts.append(rec["text"])
-            if limit is not None and len(texts) >= limit:
-                break
-    if not texts:
-        raise InputError(f"{p} holds no records", "give a .jsonl file with one {\"text\": ...} per line")
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{p}, line {lineno}: not valid JSON ({err.msg})", JSONL_HINT) from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+            found = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+            raise InputError(f'{p}, line {lineno}: no string field "text" (found {found})', JSONL_HINT)
+        texts.append(rec["text"])
+        if limit is not None and len(texts) >= limit:
+            break
     return texts
 
 
@@ -110,8 +129,10 @@ def calibration_batches(spec: str, tokenizer, samples: int, seq_len: int, model=
     out = [t for t in out if t.shape[1] >= 2]
     if not out:
         raise InputError(f"calibration data {spec} gives no sequence of 2 or more tokens", "give more text")
-    if len(out) < samples:
-        log.info("calibration data %s gives %d sequences (asked for %d)", spec, len(out), samples)
+    tokens = sum(t.shape[1] for t in out)
+    if len(out) < samples or tokens < seq_len:
+        log.warning("calibration data %s gives %d sequence(s), %d tokens in all (asked for %d x %d tokens); "
+                    "statistics from so little text are noisy", spec, len(out), tokens, samples, seq_len)
     return out
 
 

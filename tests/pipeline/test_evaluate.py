@@ -16,9 +16,9 @@ import yaml  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from lpc.pipeline.errors import GateFailed, InputError  # noqa: E402
-from lpc.pipeline.evaluation.metrics import (  # noqa: E402
-    BUILTIN_TASKS_DIR, check_gate, compare, kl_divergence, local_tasks, perplexity, run_tasks,
-)
+from lpc.pipeline.evaluation.compare import check_gate, compare  # noqa: E402
+from lpc.pipeline.evaluation.perplexity import kl_divergence, perplexity  # noqa: E402
+from lpc.pipeline.evaluation.tasks import BUILTIN_TASKS_DIR, local_tasks, run_tasks  # noqa: E402
 
 ASSETS = Path(os.environ.get("LPC_TEST_ASSETS", Path(__file__).parents[2] / ".." / "shared" / "assets"))
 HAS_ASSETS = (ASSETS / "models" / "stories260K").is_dir()
@@ -286,9 +286,9 @@ def test_unknown_task_lists_local_tasks(tiny_model, tokenizer, assets_env):
         run_tasks(tiny_model, tokenizer, ["no_such_task"])
 
 
-def test_missing_task_data_names_lpc_assets(tiny_model, tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setenv("LPC_ASSETS", str(tmp_path / "nowhere"))
-    with pytest.raises(InputError, match="arc_easy_test.jsonl.*set LPC_ASSETS"):
+def test_missing_task_data_names_lpc_tasks_data(tiny_model, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("LPC_TASKS_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(InputError, match="arc_easy_test.jsonl.*--tasks-data DIR or set LPC_TASKS_DATA"):
         run_tasks(tiny_model, tokenizer, ["arc_easy_local"], limit=2)
 
 

@@ -63,7 +63,7 @@ def test_data_sources(tmp_path, text_files, model_and_batches):
     assert read_texts(str(ds_dir)) == ["a small cat", "the sun was warm"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"body": "no text"}\n')
-    with pytest.raises(InputError, match=r"bad.jsonl:2 has no string field 'text'"):
+    with pytest.raises(InputError, match=r'bad.jsonl, line 2: no string field "text"'):
         read_texts(str(bad))
 
 

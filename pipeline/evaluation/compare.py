@@ -1,0 +1,100 @@
+"""Comparison of two evaluation reports (deltas, recoveries) and the CI recovery gate (exit 3)."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping
+
+from lpc.pipeline.errors import GateFailed, InputError
+
+log = logging.getLogger(__name__)
+
+# Task metrics where lower is better: their recovery is baseline / compressed.
+LOWER_IS_BETTER = frozenset({"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"})
+
+
+def compare(result: Mapping, baseline: Mapping) -> dict:
+    """Deltas and recoveries of an evaluation report against the baseline model's report.
+
+    A report is {"perplexity": P, "tasks": run_tasks() dict}, either optional; P is a perplexity()
+    dict or {label: perplexity() dict}. Per metric: delta = compressed - baseline; recovery =
+    compressed / baseline where higher is better (acc, acc_norm, ...), baseline / compressed for
+    perplexities and LOWER_IS_BETTER metrics: 1.0 = no loss, < 1.0 = worse. A zero denominator
+    gives 1.0, a non-finite compressed value 0.0. *_stderr and `samples` are not compared;
+    perplexities must share protocol and token count, tasks their sample count (else InputError).
+    Returns {"metrics": {name: {"baseline", "compressed", "delta", "recovery"}}, "recovery": the
+    minimum, "worst": its name, "unmatched": names in one report only}; names are "perplexity",
+    "perplexity <label>" and "<task>/<metric>".
+    """
+    pairs, unmatched = _ppl_pairs(result.get("perplexity"), baseline.get("perplexity"))
+    task_pairs, task_unmatched = _task_pairs(result.get("tasks") or {}, baseline.get("tasks") or {})
+    pairs, unmatched = {**pairs, **task_pairs}, unmatched + task_unmatched
+    if not pairs:
+        raise InputError(f"nothing to compare: no metric is in both reports (in one only: {unmatched})",
+                         "evaluate both models on the same files and tasks")
+    if unmatched:
+        log.warning("only in one report, not compared: %s", unmatched)
+    metrics = {name: _metric_entry(name, *values) for name, values in pairs.items()}
+    worst = min(metrics, key=lambda n: (metrics[n]["recovery"], n))
+    return {"metrics": metrics, "recovery": metrics[worst]["recovery"], "worst": worst,
+            "unmatched": unmatched}
+
+
+def check_gate(recovery: float | Mapping, fail_under: float | None) -> None:
+    """Raise GateFailed (exit code 3) if `recovery` (a float or compare()'s dict) < `fail_under`."""
+    if fail_under is None:
+        return
+    if isinstance(fail_under, bool) or not isinstance(fail_under, (int, float)) or not fail_under > 0:
+        raise InputError(f"the recovery gate must be a number > 0, got {fail_under!r}", "e.g. 0.99")
+    worst = ""
+    if isinstance(recovery, Mapping):
+        entry = recovery["metrics"][recovery["worst"]]
+        worst = f" (worst: {recovery['worst']} {entry['compressed']:.4g} vs baseline {entry['baseline']:.4g})"
+        recovery = recovery["recovery"]
+    if not recovery >= fail_under:  # written so that NaN fails too
+        raise GateFailed(f"recovery {recovery:.4f}{worst} is under the gate {fail_under:.4f}",
+                         "keep more of the model in high precision, or lower the gate")
+    log.info("recovery %.4f passes the gate %.4f", recovery, fail_under)
+
+
+def _ppl_pairs(ppl: Any, ppl_base: Any) -> tuple[dict, list[str]]:
+    """{name: (compressed, baseline, lower_is_better)} for perplexities; names in one side only."""
+    if not ppl or not ppl_base:
+        return {}, (["perplexity"] if ppl or ppl_base else [])
+    if "perplexity" in ppl and "perplexity" in ppl_base:  # one perplexity() dict each
+        ppl, ppl_base = {"": ppl}, {"": ppl_base}
+    pairs = {}
+    for label in sorted(set(ppl) & set(ppl_base)):
+        name = f"perplexity {label}".strip()
+        _same(f"{name} protocol", ppl[label].get("protocol"), ppl_base[label].get("protocol"))
+        _same(f"{name} token count", ppl[label].get("tokens"), ppl_base[label].get("tokens"))
+        pairs[name] = (ppl[label]["perplexity"], ppl_base[label]["perplexity"], True)
+    return pairs, [f"perplexity {label}" for label in sorted(set(ppl) ^ set(ppl_base))]
+
+
+def _task_pairs(tasks: Mapping, tasks_base: Mapping) -> tuple[dict, list[str]]:
+    """{"<task>/<metric>": (compressed, baseline, lower_is_better)}; tasks in one side only."""
+    pairs = {}
+    for task in sorted(set(tasks) & set(tasks_base)):
+        row, row_base = tasks[task], tasks_base[task]
+        _same(f"{task} sample count", row.get("samples"), row_base.get("samples"))
+        for metric in sorted(set(row) & set(row_base)):
+            if metric != "samples" and not metric.endswith("_stderr"):
+                lower = metric.split("[")[0] in LOWER_IS_BETTER
+                pairs[f"{task}/{metric}"] = (row[metric], row_base[metric], lower)
+    return pairs, sorted(set(tasks) ^ set(tasks_base))
+
+
+def _same(what: str, value: Any, base: Any) -> None:
+    if value != base:
+        raise InputError(f"{what} differs: {value!r} here, {base!r} in the baseline",
+                         "evaluate both models with the same file, seq_len, max_tokens and limit")
+
+
+def _metric_entry(name: str, compressed: float, baseline: float, lower_is_better: bool) -> dict:
+    if not math.isfinite(baseline):
+        raise InputError(f"baseline {name} is {baseline}", "the baseline must evaluate to finite values")
+    num, den = (baseline, compressed) if lower_is_better else (compressed, baseline)
+    recovery = 0.0 if not math.isfinite(compressed) else num / den if den != 0 else 1.0
+    return {"baseline": baseline, "compressed": compressed, "delta": compressed - baseline,
+            "recovery": recovery}
