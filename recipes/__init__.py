@@ -47,7 +47,8 @@ def read_recipe_dict(name_or_path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise RecipeError(f"recipe {name_or_path} is not valid YAML: {err}".splitlines()[0]) from None
+        raise RecipeError(f"recipe {name_or_path} is not valid YAML: {_yaml_problem(err)}",
+                          "fix the YAML at that line and column") from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {name_or_path} must be a YAML mapping, got {type(data).__name__}")
     return data
@@ -68,8 +69,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(node[part], dict):
                 raise RecipeError(f"override '{item}': '{part}' is not a section")
             node = node[part]
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise RecipeError(f"override '{item}': the value is not valid YAML ({_yaml_problem(err)})",
+                              "quote it, or write a complete value, e.g. --set 'x=[1, 2]'") from None
     return data
+
+
+def _yaml_problem(err: Exception) -> str:
+    """A YAML error as 'problem at line L, column C' (1-based), the way editors count."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:

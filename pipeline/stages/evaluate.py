@@ -24,12 +24,15 @@ def evaluate_model(path: str | Path, ppl: list[str] | None = None, seq_len: int 
                    device: str = "cpu", progress: Progress | None = None, batch_size: int = 8,
                    max_length: int | None = None) -> dict[str, Any]:
     """Evaluate one model directory: {"perplexity": {file: value}, "tasks": {...}, "details": ...}."""
-    from lpc.pipeline.evaluation.metrics import perplexity, run_tasks
+    from lpc.pipeline.evaluation.perplexity import perplexity
+    from lpc.pipeline.evaluation.tasks import run_tasks
     from lpc.pipeline.artifact.load import load
+    from lpc.pipeline.artifact.store import check_before_loading
 
     if not ppl and not tasks:
         raise InputError("nothing to evaluate", "give --ppl FILE and/or --tasks NAME[,NAME]")
     t0 = time.perf_counter()
+    check_before_loading(path)  # a damaged artifact is refused, as lpc verify refuses it
     model, tok = load(path, device=device)
     report: dict[str, Any] = {"model": str(path), "perplexity": {}, "tasks": {}, "details": {}}
     for f in ppl or []:
@@ -50,7 +53,7 @@ def evaluate_report(path: str | Path, baseline: str | Path | None = None, fail_u
     Returns {"perplexity", "tasks", "baseline": report | None, "recovery": float | None, "compare": ...}.
     Raises GateFailed (exit 3) when recovery < fail_under_recovery.
     """
-    from lpc.pipeline.evaluation.metrics import check_gate, compare
+    from lpc.pipeline.evaluation.compare import check_gate, compare
 
     if fail_under_recovery is not None and baseline is None:
         raise InputError("--fail-under-recovery needs --baseline MODEL", "give the model to compare against")
@@ -123,7 +126,7 @@ def _kl_to_baseline(path: str | Path, baseline: str | Path, ppl: list[str], seq_
                     device: str = "cpu", progress: Progress | None = None, batch_size: int = 8,
                     **_: Any) -> dict[str, float]:
     """KL(baseline || model) per token on each perplexity file (both models loaded at once)."""
-    from lpc.pipeline.evaluation.metrics import kl_divergence
+    from lpc.pipeline.evaluation.perplexity import kl_divergence
     from lpc.pipeline.artifact.load import load
 
     model, tok = load(path, device=device)
