@@ -98,7 +98,7 @@ def compensate(quant: Annotated[Path, typer.Argument(help="quantize artifact (lp
 @app.command()
 @guarded
 def export(src: Annotated[Path, typer.Argument(help="quantize/compensate artifact")], out: Out,
-           fmt: Annotated[str, typer.Option("--format", help="an exporter: lpc | dense | peft | compressed-tensors")] = "lpc",
+           fmt: Annotated[str, typer.Option("--format", help="an exporter: auto | compressed-tensors | modelopt | lpc | dense | peft")] = "lpc",
            overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False) -> None:
     """Write a deployable model: packed lpc, dense (dequantized), a PEFT adapter, or compressed-tensors."""
     from lpc.pipeline import stages

@@ -122,7 +122,8 @@ class CompensateConfig(Section):
 
 
 class ExportConfig(Section):
-    format: str = Field("lpc", description="a registered exporter: lpc, dense, peft, compressed-tensors")
+    format: str = Field("auto", description="a registered exporter: auto (compressed-tensors when it holds every "
+                                             "quantized layer, else lpc), compressed-tensors, modelopt, lpc, dense, peft")
 
 
 class EvalConfig(Section):

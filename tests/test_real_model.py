@@ -21,6 +21,6 @@ def test_nvfp4_compress_meets_the_perplexity_goal(tmp_path, stories_dir, assets_
     base = out["eval"]["baseline"]["perplexity"][str(heldout)]
     assert base == pytest.approx(6.366, abs=0.005)        # fp32 reference figure of the assets
     assert ppl <= 6.90                                    # NVFP4 goal (plain RTN gives ~7.1-7.2)
-    manifest = json.loads((tmp_path / "run" / "model" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["layers"]["model.layers.0.mlp.down_proj"]["shape"] == [64, 172]  # padded, not skipped
     assert len(manifest["layers"]) == 35

@@ -6,5 +6,7 @@ from lpc.pipeline.export import lpc  # noqa: E402,F401
 from lpc.pipeline.export import dense  # noqa: E402,F401
 from lpc.pipeline.export import peft  # noqa: E402,F401
 from lpc.pipeline.export import compressed_tensors  # noqa: E402,F401
+from lpc.pipeline.export import auto  # noqa: E402,F401
+from lpc.pipeline.export import modelopt  # noqa: E402,F401
 
 __all__ = ["EXPORTERS", "Exporter"]

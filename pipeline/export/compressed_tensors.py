@@ -53,9 +53,13 @@ log = logging.getLogger(__name__)
 QUANT_METHOD = "compressed-tensors"
 NVFP4_FORMAT = "nvfp4-pack-quantized"
 FP8_FORMAT = "float-quantized"
+MXFP4_FORMAT = "mxfp4-pack-quantized"
+MXFP8_FORMAT = "mxfp8-quantized"
 MIXED_FORMAT = "mixed-precision"
 GROUP = 16  # NVFP4 block width
-SUPPORTED = ("nvfp4", "fp8_e4m3")
+MX_GROUP = 32  # MXFP4 / MXFP8 block width
+BLOCK = {"nvfp4": GROUP, "mxfp4": MX_GROUP, "mxfp8": MX_GROUP, "fp8_e4m3": 1}
+SUPPORTED = tuple(BLOCK)
 _HINT = "export with --format lpc (every format) or --format dense (loadable anywhere)"
 
 _NVFP4_ARGS = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": GROUP,
@@ -69,7 +73,15 @@ SCHEMES: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None]] = {
                                  "dynamic": False}, None),
     "fp8_tensor": (FP8_FORMAT, {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
                                 "dynamic": False}, None),
+    "mxfp4a16": (MXFP4_FORMAT, {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "group",
+                                "group_size": MX_GROUP, "dynamic": False, "scale_dtype": "torch.uint8",
+                                "zp_dtype": "torch.uint8"}, None),
+    "mxfp8a16": (MXFP8_FORMAT, {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "group",
+                                "group_size": MX_GROUP, "dynamic": False, "scale_dtype": "torch.uint8",
+                                "zp_dtype": "torch.uint8"}, None),
 }
+# Formats compressed-tensors decompresses to bfloat16 whatever the model's dtype.
+BF16_DECOMPRESSED = ("nvfp4a16", "nvfp4", "mxfp4a16", "mxfp8a16")
 
 
 @dataclass
@@ -123,9 +135,10 @@ def runtime_dtype(config: dict[str, Any], schemes: dict[str, str]) -> str:
     defaults to bfloat16), so a float32 model fails on its first forward (float input, bf16 weight);
     NVFP4 engines run bf16/fp16 anyway. Unquantized tensors keep their stored dtype (loaders cast them)."""
     name = str(model_dtype(config)).removeprefix("torch.")
-    if name == "float32" and any(SCHEMES[k][0] == NVFP4_FORMAT for k in schemes.values()):
+    if name == "float32" and any(k in BF16_DECOMPRESSED for k in schemes.values()):
         log.warning("compressed-tensors export: the float32 model is declared bfloat16 in config.json "
-                    "(compressed-tensors decompresses NVFP4 weights to bfloat16)")
+                    "(compressed-tensors decompresses NVFP4/MX weights to bfloat16; dtype=torch.float32 "
+                    "loads of weight-only exports work too: see `dequantize` in ct_config)")
         name = "bfloat16"
         config["dtype"] = name
         if "torch_dtype" in config:
@@ -137,6 +150,9 @@ def check_exportable(qconfig: dict[str, Any]) -> None:
     """Raise ArtifactError naming the first layer whose format, spec or extra path has no CT form."""
     for name, meta in sorted(qconfig.get("layers", {}).items()):
         fmt = meta.get("format")
+        if fmt == "fgmp":
+            raise ArtifactError(f"layer {name} is an FGMP block mix (FP8 and NVFP4 blocks inside one tensor), "
+                                "which no engine format holds", _HINT)
         if fmt not in SUPPORTED:
             raise ArtifactError(f"layer {name} is in format '{fmt}', which compressed-tensors cannot hold "
                                 f"(it holds {', '.join(SUPPORTED)})", _HINT)
@@ -181,20 +197,22 @@ def convert_layers(qtensors: dict[str, QTensor], acts: dict[str, dict[str, Any]]
     out = Converted()
     for name in sorted(qtensors):
         q = qtensors[name]
-        if q.format == "nvfp4" and q.shape[-1] % GROUP:
+        if q.shape[-1] % BLOCK[q.format]:
             out.tensors[f"{name}.weight"] = get_format(q.format).dequantize(q).to(torch.float32)
             out.dense.append(name)
             continue
         if q.format == "nvfp4":
             fields, scheme = nvfp4_tensors(q, acts.get(name))
+        elif q.format in ("mxfp4", "mxfp8"):
+            fields, scheme = mx_tensors(q)
         else:
             fields, scheme = fp8_tensors(q)
         out.tensors.update({f"{name}.{k}": v for k, v in fields.items()})
         out.schemes[name] = scheme
     if out.dense:
-        log.warning("compressed-tensors export: %d NVFP4 layer(s) whose input width is not a multiple of %d "
-                    "written dequantized (%s): compressed-tensors cannot hold padded blocks",
-                    len(out.dense), GROUP, ", ".join(out.dense))
+        log.warning("compressed-tensors export: %d block-format layer(s) whose input width is not a multiple of "
+                    "their block written dequantized (%s): compressed-tensors cannot hold padded blocks",
+                    len(out.dense), ", ".join(out.dense))
     lost = [n for n in out.dense if n in acts]
     if lost:
         out.dropped.append(f"activation quantization of the layers written dense: {', '.join(lost)}")
@@ -220,6 +238,17 @@ def nvfp4_tensors(q: QTensor, act: dict[str, Any] | None) -> tuple[dict[str, tor
     # lpc's activation quantizer uses s2 = global_scale_for(amax); CT divides by its reciprocal
     out["input_global_scale"] = reciprocal_scale(global_scale_for(torch.tensor(float(act["global_amax"]))))
     return out, "nvfp4"
+
+
+def mx_tensors(q: QTensor) -> tuple[dict[str, torch.Tensor], str]:
+    """MXFP4 / MXFP8 QTensor (in a multiple of 32) -> compressed-tensors' MX layout and scheme key:
+    mxfp4: weight_packed u8 (out, in/2) = lpc's qdata (same nibble order), weight_scale u8 (out, in/32)
+    = lpc's biased E8M0 exponents; mxfp8: weight f8e4m3 (out, in) = lpc's qdata, weight_scale as above."""
+    scale = q.data["scale"].to(torch.uint8).contiguous()
+    if q.format == "mxfp4":
+        return {"weight_packed": q.data["qdata"].contiguous(), "weight_scale": scale}, "mxfp4a16"
+    return {"weight": q.data["qdata"].view(torch.float8_e4m3fn).reshape(q.shape).contiguous(),
+            "weight_scale": scale}, "mxfp8a16"
 
 
 def fp8_tensors(q: QTensor) -> tuple[dict[str, torch.Tensor], str]:
@@ -253,9 +282,39 @@ def ct_config(schemes: dict[str, str], ignore: list[str]) -> dict[str, Any]:
                                 None if inputs is None else dict(inputs), "output_activations": None,
                                 "format": fmt}
     formats = {SCHEMES[k][0] for k in used}
-    return {"quant_method": QUANT_METHOD, "format": formats.pop() if len(formats) == 1 else MIXED_FORMAT,
-            "quantization_status": "compressed", "config_groups": groups, "ignore": list(ignore),
-            "kv_cache_scheme": None, "global_compression_ratio": None}
+    single = len(formats) == 1
+    config = {"quant_method": QUANT_METHOD, "format": next(iter(formats)) if single else MIXED_FORMAT,
+              "quantization_status": "compressed", "config_groups": groups, "ignore": list(ignore),
+              "kv_cache_scheme": None, "global_compression_ratio": None}
+    if single and all(SCHEMES[k][2] is None for k in used):
+        # transformers then dequantizes at load time into the model's dtype (compressed-tensors' run-time
+        # path decompresses NVFP4/MX to bf16 and fails in a float32 model); engines ignore the key.
+        # Not for mixed-precision (transformers 5.24 dequantizes every group with one compressor) nor
+        # with quantized activations (dequantizing drops them).
+        config["dequantize"] = True
+    return validated(config)
+
+
+def validated(config: dict[str, Any]) -> dict[str, Any]:
+    """The config, checked by compressed-tensors' own QuantizationConfig where the package is installed."""
+    try:
+        from compressed_tensors.quantization import QuantizationConfig
+    except ImportError:
+        return config
+    try:
+        QuantizationConfig.model_validate({k: v for k, v in config.items() if k != "dequantize"})
+    except ValueError as err:
+        raise ArtifactError(f"compressed-tensors refuses the export's quantization_config: {err}", _HINT) from None
+    return config
+
+
+def expressible(qconfig: dict[str, Any]) -> str | None:
+    """None when compressed-tensors holds every quantized layer of the artifact, else the reason why not."""
+    try:
+        check_exportable(qconfig)
+    except ArtifactError as err:
+        return err.args[0] if err.args else str(err)
+    return None
 
 
 EXPORTERS.add("compressed-tensors", write_compressed_tensors)

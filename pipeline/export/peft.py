@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -60,13 +61,20 @@ def write_peft(src: Path, tmp: Path) -> dict[str, Any]:
         adapter[f"base_model.model.{name}.lora_B.weight"] = factors[f"{name}.lora_B"].to(dtype)
     (tmp / ADAPTER_DIR).mkdir()
     art.save_tensors(adapter, tmp / ADAPTER_DIR / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    art.write_json(tmp / ADAPTER_DIR / ADAPTER_CONFIG, adapter_config(ranks))
+    art.write_json(tmp / ADAPTER_DIR / ADAPTER_CONFIG, {**adapter_config(ranks), "base_model_name_or_path": final_path(tmp)})
     dropped = []
     if qconfig.get("activations"):
         dropped.append("activation quantization (PEFT models run dense activations; evaluate the lpc artifact for W+A)")
         log.warning("peft export drops the simulated activation quantization")
     return {"adapter": ADAPTER_DIR, "adapter_modules": len(ranks), "adapter_dtype": str(dtype).removeprefix("torch."),
             "dropped": dropped}
+
+
+def final_path(tmp: Path) -> str:
+    """The absolute path the staging directory `tmp` (`.<name>.tmp-<pid>`, store.staging) is renamed to:
+    the base model of the adapter, so AutoPeftModelForCausalLM finds it without the hub."""
+    m = re.match(r"^\.(?P<name>.+)\.tmp-\d+$", tmp.name)
+    return str((tmp.parent / (m["name"] if m else tmp.name)).resolve())
 
 
 def _adapter_dtype(layers: dict[str, dict[str, Any]]) -> torch.dtype:

@@ -1,5 +1,5 @@
 """`lpc export`: write a deployable model from a quantize/compensate artifact with a registered
-exporter (export/registry.py): lpc, dense, peft, compressed-tensors."""
+exporter (export/registry.py): auto, lpc, dense, peft, compressed-tensors, modelopt."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,8 +19,9 @@ def export(src: Path, out: Path, fmt: str = "lpc", overwrite: bool = False,
 
     def body(tmp: Path) -> dict[str, Any]:
         summary = dict(manifest.get("summary", {}))
-        summary.update(writer(Path(src), tmp))
-        summary["format"] = fmt
+        written = writer(Path(src), tmp)
+        summary.update(written)
+        summary["format"] = written.get("format", fmt)  # `auto` says which format it chose
         return {"recipe": manifest.get("recipe"), "layers": manifest.get("layers", {}), "summary": summary,
                 "bits_per_weight": manifest.get("bits_per_weight")}
 

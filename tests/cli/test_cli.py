@@ -84,8 +84,8 @@ def test_compress_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, text_fi
     assert not any(s["skipped"] for s in first["stages"]) and first["eval"]["recovery"] > 0.5
     second = json.loads(lpc(*args).stdout)
     assert all(s["skipped"] for s in second["stages"])
-    assert (out / "model" / "manifest.json").is_file() and (out / "eval" / "eval.json").is_file()
-    assert (out / "eval" / "manifest.json").is_file()
+    assert (out / "manifest.json").is_file() and (out / "stages" / "eval" / "eval.json").is_file()
+    assert (out / "stages" / "eval" / "manifest.json").is_file()
 
 
 def test_identical_inputs_give_identical_bytes(tmp_path, tiny_model_dir, text_files):
@@ -94,7 +94,7 @@ def test_identical_inputs_give_identical_bytes(tmp_path, tiny_model_dir, text_fi
         out = tmp_path / name
         lpc("compress", tiny_model_dir, "--recipe", "nvfp4", "--data", text_files["jsonl"],
             "--set", "calibrate.samples=3", "-o", out)
-        m = json.loads((out / "model" / "manifest.json").read_text())
+        m = json.loads((out / "manifest.json").read_text())
         digests.append((m["files"]["model.safetensors"], m["files"]["config.json"]))
     assert digests[0] == digests[1]
 
