@@ -157,7 +157,9 @@ def markdown(rows: list[dict]) -> str:
             secs, rss = r.get("compress_seconds"), r.get("compress_peak_rss_mb")
         kl = r.get("kl_to_original")
         cells = [name, bits, f"{r['perplexity']:.3f}", f"{kl:.4f}" if kl is not None else "",
-                 f"{secs:.0f}" if secs is not None else "", f"{rss:.0f}" if rss is not None else ""]
+                 (f"{secs:.0f}" if secs is not None else "")
+                 + (" (calibration reused)" if "calibrate" in r.get("stages_skipped", []) else ""),
+                 f"{rss:.0f}" if rss is not None else ""]
         if with_tasks:
             mean = (r.get("accuracy") or {}).get("mean")
             cells.append(f"{mean:.4f}" if mean is not None else "")
