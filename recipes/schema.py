@@ -93,12 +93,24 @@ class AllocateConfig(Section):
     predictor: Literal["fisher", "measured"] = Field("fisher", description="VaPr: sensitivity estimate")
     refine: bool = Field(False, description="VaPr: refine the knapsack choice with measured loss")
     pareto_budgets: list[float] = Field(default_factory=list, description="VaPr: also solve at these budgets")
+    engine: Literal["vllm"] | None = Field(
+        None, description="VaPr: only layouts engines run (bf16, fp8_e4m3, nvfp4, mxfp4, mxfp8) and one format per "
+                          "fused group (q/k/v, gate/up), so the mix exports to compressed-tensors / modelopt")
     seed: int = 0
 
     @model_validator(mode="after")
     def _vapr_needs_a_budget(self) -> "AllocateConfig":
         if self.policy == "vapr" and self.budget_bits is None:
             raise ValueError("the vapr policy needs a budget: set allocate.budget_bits, e.g. --set allocate.budget_bits=5.5")
+        return self
+
+    @model_validator(mode="after")
+    def _engine_candidates(self) -> "AllocateConfig":
+        engine_formats = ("bf16", "fp8_e4m3", "nvfp4", "mxfp4", "mxfp8")  # = allocation/engine.py ENGINE_FORMATS
+        kept = [c.format for c in self.candidates if c.format in engine_formats]
+        if self.engine is not None and self.candidates and not kept:
+            raise ValueError(f"allocate.engine={self.engine} runs {', '.join(engine_formats)}, and no candidate "
+                             f"({', '.join(c.format for c in self.candidates)}) is one: add one, or unset allocate.engine")
         return self
 
 
@@ -134,6 +146,16 @@ class EvalConfig(Section):
     fail_under_recovery: float | None = Field(None, gt=0, le=1.5)
 
 
+class KVCacheConfig(TensorQuant):
+    """KV cache quantization, simulated through a quantize-on-write cache at evaluation."""
+
+    scales: Literal["tensor", "head", "dynamic"] = Field(
+        "tensor", description="static scales from the calibrated K/V absmax of each layer (tensor) or KV head "
+                              "(head), or only the format's own dynamic block scales (dynamic)")
+    kivi: bool = Field(False, description="KIVI: keys grouped per channel along tokens, values per token")
+    group: int = Field(32, gt=0, description="KIVI: tokens per key group (a shorter recent tail stays full precision)")
+
+
 class Recipe(Section):
     """A full compression recipe. `lpc recipes` lists the built-in ones."""
 
@@ -147,3 +169,4 @@ class Recipe(Section):
     compensate: CompensateConfig | None = None
     export: ExportConfig = Field(default_factory=ExportConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    kv_cache: KVCacheConfig | None = Field(None, description="KV cache quantization (format, scales, KIVI)")

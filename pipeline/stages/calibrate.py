@@ -21,7 +21,8 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
     c = recipe.calibrate
     src = resolve_model(model)
     config = {"model": src, "data": data, "samples": c.samples, "seq_len": c.seq_len, "fisher": c.fisher,
-              "seed": c.seed, "targets": recipe.targets, "ignore": recipe.ignore}
+              "seed": c.seed, "targets": recipe.targets, "ignore": recipe.ignore,
+              "kv_cache": recipe.kv_cache is not None}
 
     def body(tmp: Path) -> dict[str, Any]:
         tok = load_tokenizer(src)
@@ -36,11 +37,13 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
         if c.fisher:
             _add_fisher(m, batches, targets, stats, progress, device)
         art.save_tensors(stats_tensors(stats), tmp / STATS_FILE)
+        if recipe.kv_cache is not None:
+            _add_kv_stats(src, m, store, batches, tmp, progress, device)
         tokens = sum(b.shape[1] for b in batches)
         layers = {n: {"in_features": mod.in_features, "out_features": mod.out_features, "rows": stats[n].count}
                   for n, mod in targets.items()}
         return {"layers": layers, "summary": {"samples": len(batches), "tokens": tokens, "layers": len(layers),
-                                             "fisher": c.fisher}}
+                                             "fisher": c.fisher, "kv_cache": recipe.kv_cache is not None}}
 
     return run_stage("calibrate", out, model_files(src) + data_inputs(data), config, overwrite, body)
 
@@ -54,3 +57,17 @@ def _add_fisher(model, batches, targets, stats, progress, device) -> None:
     for name, f in fisher.items():
         stats[name].extra["weight_fisher"] = f["weight_fisher"].float().cpu()
         stats[name].extra["act_fisher"] = f["act_fisher"].float().cpu()
+
+
+def _add_kv_stats(src, model, store, batches, tmp: Path, progress, device) -> None:
+    """K/V absmax per layer and head, as the cache stores them (keys after RoPE): a forward pass of the
+    whole model per sequence (a streamed skeleton is replaced by the loaded model for this pass)."""
+    from lpc.pipeline.kvcache import KV_STATS_FILE, kv_stat_tensors, kv_statistics
+
+    whole = load_hf_model(src) if store is not None else model
+    whole.to(device)
+    try:
+        stats = kv_statistics(whole, [b.to(device) for b in batches], progress)
+    finally:
+        whole.to("cpu")
+    art.save_tensors(kv_stat_tensors(stats), tmp / KV_STATS_FILE)

@@ -56,7 +56,7 @@ def compensate(quant_dir: str | Path, calib_dir: str | Path, recipe: Recipe, out
     """
     cfg = _config_of(recipe)
     quant_dir, calib_dir, out = Path(quant_dir), Path(calib_dir), Path(out)
-    qman = _read_quant(quant_dir)
+    qman = art.read_checked_manifest(quant_dir, "quantize")
     _check_calib(calib_dir)
     src = str(qman.get("config", {}).get("model") or "")
     if not src:
@@ -81,14 +81,6 @@ def _config_of(recipe: Recipe) -> CompensateConfig:
         raise InputError(f"recipe '{recipe.name}' has no compensate section",
                          "use --recipe nvfp4_eora, or add one with --set compensate.method=eora")
     return cfg
-
-
-def _read_quant(quant_dir: Path) -> dict[str, Any]:
-    manifest = art.read_manifest(quant_dir, "quantize")
-    problems = art.verify_files(quant_dir, manifest)
-    if problems:
-        raise ArtifactError(f"{quant_dir}: {problems[0]}", "the artifact was changed or damaged; re-run lpc quantize")
-    return manifest
 
 
 def _check_calib(calib_dir: Path) -> None:

@@ -10,6 +10,7 @@ from lpc.pipeline.artifact import store as art
 from lpc.pipeline.artifact.lpc_model import shared_bits, write_lpc_model
 from lpc.pipeline.calibration.stats import STATS_FILE, calibration_batches_of, read_stats
 from lpc.pipeline.errors import RecipeError
+from lpc.pipeline.kvcache import KV_STATS_FILE, read_kv_stats
 from lpc.pipeline.io.models import copy_tokenizer_files, find_targets, load_hf_model, model_files, resolve_model
 from lpc.pipeline.progress import Progress
 from lpc.pipeline.quantization import QUANTIZE_METHODS, TuneInputs
@@ -34,10 +35,12 @@ def quantize(model: str, recipe: Recipe | None, out: Path, calib: Path | None = 
         raise RecipeError("quantize needs a recipe or an allocation plan", "pass --recipe R or --plan alloc/")
     q = recipe.quantize
     method = QUANTIZE_METHODS.get(q.method)
-    if method.needs_calibration and calib is None:
-        raise RecipeError(f"quantize.method={q.method} needs a calibration, but no calibration was given",
+    if (method.needs_calibration or recipe.kv_cache is not None) and calib is None:
+        need = "kv_cache" if not method.needs_calibration else f"quantize.method={q.method}"
+        raise RecipeError(f"{need} needs a calibration, but no calibration was given",
                           "pass --calib DIR (from `lpc calibrate`), or use `lpc compress`")
     stats_path = [Path(calib) / STATS_FILE] if calib else []
+    stats_path += [Path(calib) / KV_STATS_FILE] if calib and recipe.kv_cache is not None else []
     config = {"model": src, "recipe": recipe.model_dump(mode="json"), "calib": str(calib) if calib else None,
               "plan": str(plan) if plan else None}
 
@@ -55,7 +58,10 @@ def quantize(model: str, recipe: Recipe | None, out: Path, calib: Path | None = 
                                             weights=tuned, setups=setups)
         acts, aux = activation_config(recipe, qtensors, stats, lp)
         extra = {"fuse_groups": q.fuse_groups, **({"activations": acts} if acts else {})}
-        write_lpc_model(tmp, m, qtensors, extra_tensors=aux, extra_config=extra)
+        if recipe.kv_cache is not None:
+            aux = {**aux, **read_kv_stats(calib)}
+            extra["kv_cache"] = recipe.kv_cache.model_dump(mode="json")
+        write_lpc_model(tmp, m, qtensors, extra_tensors=aux, extra_config=extra or None)
         copy_tokenizer_files(src, tmp)
         summary = bits_summary(m, qtensors, targets)
         _, per_layer = shared_bits(qtensors)

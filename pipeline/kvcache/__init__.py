@@ -1,0 +1,63 @@
+"""KV cache compression: calibrated K/V quantization simulated through a transformers Cache.
+
+The recipe's `kv_cache` section names a format (any lpc format), its spec, where static scales come from
+(`scales: tensor | head | dynamic`) and KIVI grouping (`kivi: true`: keys per channel in groups of
+`group` tokens, values per token). Calibration writes calib/kv_stats.safetensors (per layer and KV head
+absmax of keys after RoPE and of values); quantize stores them in the artifact as `lpc.kv.<i>.k_amax` /
+`v_amax` with the section in quantization_config["kv_cache"]; load attaches the quantized cache.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lpc.pipeline.errors import ArtifactError, InputError
+from lpc.pipeline.kvcache.cache import QuantizedKVCache, attach_kv_quantization
+from lpc.pipeline.kvcache.calibrate import kv_statistics
+from lpc.pipeline.kvcache.quantizer import KVSpec
+
+KV_STATS_FILE = "kv_stats.safetensors"
+KV_PREFIX = "lpc.kv."
+
+
+def kv_stat_tensors(stats: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{layer: {k_amax, v_amax}} -> flat tensors `<layer>.k_amax` for safetensors."""
+    return {f"{i}.{key}": t.float().contiguous() for i, s in sorted(stats.items()) for key, t in s.items()}
+
+
+def read_kv_stats(calib_dir: str | Path) -> dict[str, torch.Tensor]:
+    """calib/kv_stats.safetensors as artifact tensors `lpc.kv.<layer>.k_amax` / `v_amax`."""
+    from lpc.pipeline.artifact.store import load_tensors
+
+    path = Path(calib_dir) / KV_STATS_FILE
+    if not path.is_file():
+        raise InputError(f"calibration {calib_dir} has no K/V statistics ({KV_STATS_FILE})",
+                         "calibrate with a recipe that has a kv_cache section (the same recipe as quantize)")
+    return {KV_PREFIX + k: v for k, v in load_tensors(path).items()}
+
+
+def kv_specs(config: dict[str, Any], tensors: dict[str, torch.Tensor], n_layers: int
+             ) -> list[tuple[KVSpec | None, KVSpec | None]]:
+    """quantization_config["kv_cache"] and the artifact's `lpc.kv.*` tensors -> (keys, values) per layer."""
+    specs = []
+    for i in range(n_layers):
+        pair = []
+        for part in ("k", "v"):
+            amax = None
+            if config.get("scales", "tensor") != "dynamic":
+                key = f"{KV_PREFIX}{i}.{part}_amax"
+                if key not in tensors:
+                    raise ArtifactError(f"the artifact's KV cache section has no {key}",
+                                        "re-run quantize with a calibration made with the kv_cache recipe")
+                amax = tensors[key].float()
+                amax = amax.amax() if config.get("scales", "tensor") == "tensor" else amax
+            pair.append(KVSpec(config["format"], dict(config.get("spec", {})), amax,
+                               per_channel=part == "k" and bool(config.get("kivi")), group=int(config.get("group", 32))))
+        specs.append((pair[0], pair[1]))
+    return specs
+
+
+__all__ = ["KVSpec", "KV_PREFIX", "KV_STATS_FILE", "QuantizedKVCache", "attach_kv_quantization", "kv_specs",
+           "kv_stat_tensors", "kv_statistics", "read_kv_stats"]

@@ -1,0 +1,50 @@
+"""Fake quantization of K/V states as a cache would store them, with any lpc format.
+
+States are (batch, kv_heads, tokens, head_dim), keys after RoPE. The format's blocks run along the
+last dimension: per token across head_dim (values, and keys by default). With `kivi`, keys are
+grouped per channel instead (KIVI, arXiv 2402.02750): blocks run along the token axis in groups of
+`group` tokens; the most recent tokens that do not fill a group stay in full precision until it fills.
+Static scales come from calibration: the amax of the layer (`scales: tensor`) or of each KV head
+(`scales: head`) is passed to the format as its global amax.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lpc.formats import get_format
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """One layer's K or V quantization: format, spec, calibrated amax (scalar or (kv_heads,)), KIVI grouping."""
+
+    format: str
+    spec: dict[str, Any]
+    amax: torch.Tensor | None = None
+    per_channel: bool = False
+    group: int = 32
+
+    def fake(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, H, T, D) -> Q(x) in x's dtype. With per_channel, T must be a multiple of `group`."""
+        fmt = get_format(self.format)
+        y = x.transpose(-1, -2) if self.per_channel else x
+        if self.per_channel:  # (B, H, D, T) -> blocks of `group` tokens along the last axis
+            b, h, d, t = y.shape
+            y = y.reshape(b, h, d, t // self.group, self.group)
+        static = self.amax is not None and "global_amax" in fmt.context_keys
+        if not static:  # dynamic scales only (or a format without a tensor scale)
+            out = fmt.fake_quantize(y.float(), **self.spec)
+        elif self.amax.ndim == 0:
+            out = fmt.fake_quantize(y.float(), **self.spec, global_amax=self.amax)
+        else:  # one amax per KV head: quantize head by head
+            out = torch.stack([fmt.fake_quantize(y[:, i].float(), **self.spec, global_amax=self.amax[i])
+                               for i in range(y.shape[1])], dim=1)
+        if self.per_channel:
+            out = out.reshape(b, h, d, t).transpose(-1, -2)
+        return out.to(x.dtype)
+
+    def bits_per_element(self) -> float:
+        return get_format(self.format).bits_per_weight(**self.spec)

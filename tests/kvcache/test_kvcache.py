@@ -1,0 +1,133 @@
+"""KV cache quantization: the quantize-on-write cache, KIVI grouping, calibration of K/V absmax after
+RoPE, and the artifact path (calibrate -> quantize -> load -> eval) on the tiny Llama."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.cache_utils import DynamicCache
+
+from lpc.formats import get_format
+from lpc.pipeline import stages
+from lpc.pipeline.artifact.load import load
+from lpc.pipeline.evaluation.perplexity import perplexity
+from lpc.pipeline.kvcache import KVSpec, QuantizedKVCache, attach_kv_quantization, kv_statistics
+from lpc.recipes import RecipeError, load_recipe
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def ids(model):
+    return torch.randint(3, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+def _raw_kv(model, ids):
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache, use_cache=True)
+    return [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+
+
+def test_lossless_cache_equals_the_plain_cache(model, ids):
+    n = model.config.num_hidden_layers
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        same = model(input_ids=ids, cache=QuantizedKVCache([(None, None)] * n), use_cache=True).logits
+        bf = model.to(torch.bfloat16)
+        try:
+            ref = bf(input_ids=ids).logits
+            spec = KVSpec("bf16", {})
+            lossless = bf(input_ids=ids, cache=QuantizedKVCache([(spec, spec)] * n), use_cache=True).logits
+        finally:
+            model.to(torch.float32)
+    assert torch.equal(plain, same) and torch.equal(ref, lossless)
+
+
+@pytest.mark.parametrize("fmt, spec", [("fp8_e4m3", {"granularity": "tensor"}), ("nvfp4", {}),
+                                       ("int", {"bits": 4, "vector": 16})])
+def test_stored_states_are_the_formats_fake_quantize(model, ids, fmt, spec):
+    raw = _raw_kv(model, ids)
+    amax = torch.tensor(3.0)
+    specs = [(KVSpec(fmt, spec, amax), KVSpec(fmt, spec, amax))] * model.config.num_hidden_layers
+    cache = QuantizedKVCache(specs)
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache, use_cache=True)
+    f = get_format(fmt)
+    (k, v), first = raw[0], cache.layers[0]  # later layers see the quantized cache of earlier ones
+    assert torch.equal(first.keys, f.fake_quantize(k, **spec, global_amax=amax))
+    assert torch.equal(first.values, f.fake_quantize(v, **spec, global_amax=amax))
+    assert not torch.equal(first.keys, k)
+    for layer in cache.layers:  # every stored state lies on the format's grid
+        assert torch.equal(layer.keys, f.fake_quantize(layer.keys, **spec, global_amax=amax))
+
+
+def test_kivi_keys_keep_a_full_precision_tail_until_the_group_fills():
+    spec = KVSpec("int", {"bits": 4, "vector": 16}, per_channel=True, group=32)
+    cache = QuantizedKVCache([(spec, None)])
+    k = torch.randn(1, 2, 40, 8, generator=torch.Generator().manual_seed(1))
+    v = torch.randn(1, 2, 40, 8)
+    keys, values = cache.update(k, v, 0)
+    assert torch.equal(keys[..., 32:, :], k[..., 32:, :]) and torch.equal(values, v)
+    expect = get_format("int").fake_quantize(k[..., :32, :].transpose(-1, -2).reshape(1, 2, 8, 1, 32),
+                                             bits=4, vector=16).reshape(1, 2, 8, 32).transpose(-1, -2)
+    assert torch.equal(keys[..., :32, :], expect)
+    more = torch.randn(1, 2, 24, 8)
+    keys, _ = cache.update(more, torch.randn(1, 2, 24, 8), 0)
+    assert keys.shape[-2] == 64 and not torch.equal(keys[..., 32:40, :], k[..., 32:, :])
+
+
+def test_calibrated_amax_is_the_post_rope_absmax(model, ids):
+    stats = kv_statistics(model, [ids[:1], ids[1:]])
+    raw = _raw_kv(model, ids)
+    assert sorted(stats) == list(range(model.config.num_hidden_layers))
+    for i, (k, v) in enumerate(raw):
+        assert torch.allclose(stats[i]["k_amax"], k.abs().amax(dim=(0, 2, 3)))
+        assert torch.allclose(stats[i]["v_amax"], v.abs().amax(dim=(0, 2, 3)))
+        assert stats[i]["k_amax"].shape == (model.config.num_key_value_heads,)
+
+
+def test_hook_gives_every_call_and_generation_a_quantized_cache(model, ids):
+    spec = KVSpec("nvfp4", {})
+    handle = attach_kv_quantization(model, [(spec, spec)] * model.config.num_hidden_layers)
+    try:
+        with torch.no_grad():
+            quant = model(input_ids=ids).logits
+            gen = model.generate(ids[:1, :8], max_new_tokens=6, do_sample=False,
+                                 return_dict_in_generate=True)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    assert not torch.equal(quant, plain) and (quant - plain).abs().max() < 1.0
+    assert isinstance(gen.past_key_values, QuantizedKVCache) and gen.sequences.shape[1] == 14
+
+
+def test_artifact_carries_the_kv_scheme(tmp_path, tiny_model_dir, text_files):
+    recipe = load_recipe("fp8", ["calibrate.samples=4", "calibrate.seq_len=32",
+                                 "kv_cache={format: nvfp4, scales: head}"])
+    calib = stages.calibrate(str(tiny_model_dir), str(text_files["jsonl"]), tmp_path / "c", recipe).out
+    assert (calib / "kv_stats.safetensors").is_file()
+    quant = stages.quantize(str(tiny_model_dir), recipe, tmp_path / "q", calib=calib).out
+    qconfig = json.loads((quant / "config.json").read_text())["quantization_config"]
+    assert qconfig["kv_cache"]["format"] == "nvfp4" and qconfig["kv_cache"]["scales"] == "head"
+    with_kv, tok = load(quant)
+    plain = stages.quantize(str(tiny_model_dir), load_recipe("fp8"), tmp_path / "p").out
+    without, _ = load(plain)
+    ppl_kv = perplexity(with_kv, tok, text_files["jsonl"], seq_len=32)["perplexity"]
+    ppl = perplexity(without, tok, text_files["jsonl"], seq_len=32)["perplexity"]
+    assert ppl_kv != ppl and abs(ppl_kv / ppl - 1) < 0.5
+    with pytest.raises(Exception, match="needs a calibration"):
+        stages.quantize(str(tiny_model_dir), recipe, tmp_path / "x")
+
+
+def test_bad_kv_sections_are_refused():
+    with pytest.raises(RecipeError, match="kv_cache"):
+        load_recipe("fp8", ["kv_cache={format: nvfp5}"])
+    with pytest.raises(RecipeError, match="scales"):
+        load_recipe("fp8", ["kv_cache={format: fp8_e4m3, scales: row}"])
