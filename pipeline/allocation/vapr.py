@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lpc.pipeline.artifact import store as art
+from lpc.pipeline.allocation.engine import ENGINE_FORMATS, engine_groups, expand
 from lpc.pipeline.allocation.registry import ALLOCATION_POLICIES
 from lpc.pipeline.allocation.knapsack import Layer, Option, Solution, lagrangian_hull, pareto_front, solve
 from lpc.pipeline.allocation.measure import mean_loss, swapped_weights
@@ -45,6 +46,8 @@ def search(ctx, tmp: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dic
 
     a = ctx.recipe.allocate
     cands = [c.model_dump() for c in a.candidates] or DEFAULT_CANDIDATES
+    if a.engine is not None:
+        cands = [c for c in cands if c["format"] in ENGINE_FORMATS]
     labels = _labels(cands)
     books = _shared_codebooks(ctx, cands)
     total = sum(m.weight.numel() for m in ctx.targets.values())
@@ -78,6 +81,8 @@ def search(ctx, tmp: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dic
                     loss = mean_loss(ctx.model, batches) - base
             options.append(Option(label, bits, loss))
         layers.append(Layer(name, w.numel(), tuple(options)))
+    if a.engine is not None:  # one format per fused group, so engines can fuse its members
+        layers = engine_groups(layers, ctx.recipe.quantize.fuse_groups)
     best = solve(layers, budget)
     if a.refine:
         best = _refine(ctx, layers, best, deq, batches, budget)
@@ -89,7 +94,7 @@ def search(ctx, tmp: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dic
         plot_pareto(front, tmp / "pareto.png")
     by_label = dict(zip(labels, cands))
     plan_layers = {n: {"format": by_label[l]["format"], "spec": by_label[l]["spec"], "label": l}
-                   for n, l in best.choice.items()}
+                   for n, l in expand(best.choice).items()}
     tensors = {}
     for entry in plan_layers.values():
         if entry["format"] == "bcq" and _nc(entry) in books:
@@ -130,7 +135,7 @@ def _reserved(choice: dict[str, str], by_label: dict[str, dict[str, Any]], reser
 
 
 def _plan_loss(ctx, sol: Solution, deq, batches) -> float:
-    with swapped_weights(ctx.model, {n: deq[(n, l)] for n, l in sol.choice.items()}):
+    with swapped_weights(ctx.model, {n: deq[(n, l)] for n, l in expand(sol.choice).items()}):
         return mean_loss(ctx.model, batches)
 
 

@@ -58,7 +58,8 @@ MXFP8_FORMAT = "mxfp8-quantized"
 MIXED_FORMAT = "mixed-precision"
 GROUP = 16  # NVFP4 block width
 MX_GROUP = 32  # MXFP4 / MXFP8 block width
-BLOCK = {"nvfp4": GROUP, "mxfp4": MX_GROUP, "mxfp8": MX_GROUP, "fp8_e4m3": 1}
+# bf16 (a format search's "keep it") is written as a plain weight and listed in `ignore`
+BLOCK = {"nvfp4": GROUP, "mxfp4": MX_GROUP, "mxfp8": MX_GROUP, "fp8_e4m3": 1, "bf16": 1}
 SUPPORTED = tuple(BLOCK)
 _HINT = "export with --format lpc (every format) or --format dense (loadable anywhere)"
 
@@ -197,7 +198,7 @@ def convert_layers(qtensors: dict[str, QTensor], acts: dict[str, dict[str, Any]]
     out = Converted()
     for name in sorted(qtensors):
         q = qtensors[name]
-        if q.shape[-1] % BLOCK[q.format]:
+        if q.shape[-1] % BLOCK[q.format] or q.format == "bf16":
             out.tensors[f"{name}.weight"] = get_format(q.format).dequantize(q).to(torch.float32)
             out.dense.append(name)
             continue
@@ -209,10 +210,11 @@ def convert_layers(qtensors: dict[str, QTensor], acts: dict[str, dict[str, Any]]
             fields, scheme = fp8_tensors(q)
         out.tensors.update({f"{name}.{k}": v for k, v in fields.items()})
         out.schemes[name] = scheme
-    if out.dense:
+    padded = [n for n in out.dense if qtensors[n].format != "bf16"]
+    if padded:
         log.warning("compressed-tensors export: %d block-format layer(s) whose input width is not a multiple of "
                     "their block written dequantized (%s): compressed-tensors cannot hold padded blocks",
-                    len(out.dense), ", ".join(out.dense))
+                    len(padded), ", ".join(padded))
     lost = [n for n in out.dense if n in acts]
     if lost:
         out.dropped.append(f"activation quantization of the layers written dense: {', '.join(lost)}")

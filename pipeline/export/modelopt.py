@@ -51,7 +51,7 @@ def check_modelopt(qconfig: dict[str, Any]) -> None:
     """Raise ArtifactError naming the first layer or feature the modelopt layout cannot hold."""
     for name, meta in sorted(qconfig.get("layers", {}).items()):
         fmt, spec = meta.get("format"), meta.get("spec", {})
-        if fmt not in ("nvfp4", "fp8_e4m3"):
+        if fmt not in ("nvfp4", "fp8_e4m3", "bf16"):
             raise ArtifactError(f"layer {name} is in format '{fmt}', which the modelopt layout here cannot hold "
                                 "(it holds nvfp4 and per-tensor fp8_e4m3)", _HINT)
         if fmt == "fp8_e4m3" and spec.get("granularity", "channel") != "tensor":
@@ -109,13 +109,13 @@ def write_modelopt(src: Path, tmp: Path) -> dict[str, Any]:
     tensors, algos, dense = {}, {}, []
     for name in sorted(qtensors):
         q = qtensors[name]
-        if q.format == "nvfp4" and q.shape[-1] % GROUP:
+        if q.format == "bf16" or (q.format == "nvfp4" and q.shape[-1] % GROUP):
             tensors[f"{name}.weight"] = get_format(q.format).dequantize(q).to(model_dtype(config))
             dense.append(name)
             continue
         fields, algos[name] = layer_tensors(q, acts.get(name))
         tensors.update({f"{name}.{k}": v for k, v in fields.items()})
-    if dense:
+    if any(qtensors[n].format != "bf16" for n in dense):
         log.warning("modelopt export: padded NVFP4 layers written dense and excluded: %s", ", ".join(dense))
     tensors.update({k: v for k, v in plain.items() if not k.startswith(AUX_PREFIX)})
     section = quant_section(algos, unquantized_linears(Path(src), algos))
