@@ -30,8 +30,8 @@ def inspect_artifact(path: Path, plot: Path | None = None) -> dict[str, Any]:
     info = {"stage": m.get("stage"), "bits_per_weight": m.get("bits_per_weight", m.get("summary", {}).get("bits_per_weight")),
             "summary": m.get("summary", {}), "layers": rows, "has_rank": any(r["rank"] is not None for r in rows)}
     if plot is not None:
-        from lpc.pipeline.artifact.plots import plot_precision_map
-        plot_precision_map({r["layer"]: r["bits"] for r in rows if r["bits"] is not None}, plot)
+        from lpc.pipeline.artifact.plots import plot_artifact
+        plot_artifact(path, m, plot)
         info["plot"] = str(plot)
     return info
 
