@@ -7,9 +7,26 @@ from typing import Annotated, Optional
 import typer
 
 from lpc.cli import render
-from lpc.cli.app import Debug, Device, Json, Out, Overwrite, Sets, emit, load_recipe_arg, stage_rows, app, guarded
+from lpc.cli.app import (Data, Debug, Device, Gate, Json, Limit, ModelArg, Out, Overwrite, Ppl, Samples, SeqLen, Sets,
+                         Tasks, TasksData, TasksDir, app, emit, guarded, load_recipe_arg, split_tasks, stage_rows)
 
 RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="built-in recipe name (`lpc recipes`) or YAML path")]
+
+
+def _calibration_sets(sets: list[str] | None, samples: int | None, seq_len: int | None) -> list[str]:
+    """--samples/--seq-len as the recipe overrides they stand for."""
+    return (list(sets or []) + ([f"calibrate.samples={samples}"] if samples is not None else [])
+            + ([f"calibrate.seq_len={seq_len}"] if seq_len is not None else []))
+
+
+def _set_tasks_data(tasks_data: str | None) -> None:
+    """--tasks-data is LPC_TASKS_DATA for this run (the built-in local tasks read their JSON there)."""
+    if tasks_data is not None:
+        import os
+
+        from lpc.pipeline.evaluation.tasks import TASKS_DATA_ENV
+
+        os.environ[TASKS_DATA_ENV] = str(Path(tasks_data).expanduser().resolve())
 
 
 def _stage_done(result, as_json: bool) -> None:
@@ -20,28 +37,23 @@ def _stage_done(result, as_json: bool) -> None:
 
 @app.command()
 @guarded
-def calibrate(model: Annotated[str, typer.Argument(help="model directory or hub id")],
-              data: Annotated[str, typer.Option("--data", help=".txt, .jsonl, datasets dir, hub id, or 'self'")],
-              out: Out, recipe: RecipeOpt = "nvfp4", samples: Annotated[Optional[int], typer.Option(help="sequences")] = None,
-              seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="tokens per sequence")] = None,
-              fisher: Annotated[bool, typer.Option("--fisher", help="also collect Fisher statistics")] = False,
+def calibrate(model: ModelArg, data: Data, out: Out, recipe: RecipeOpt = "nvfp4", samples: Samples = None,
+              seq_len: SeqLen = None,
+              fisher: Annotated[bool, typer.Option("--fisher", help="also collect Fisher statistics (for fgmp/vapr)")] = False,
               sets: Sets = None, device: Device = "cpu", overwrite: Overwrite = False,
               json_out: Json = False, debug: Debug = False) -> None:
     """Collect input statistics (absmax, X^T X) and optionally Fisher information."""
     from lpc.pipeline import stages
 
-    sets = list(sets or [])
-    sets += [f"calibrate.samples={samples}"] if samples else []
-    sets += [f"calibrate.seq_len={seq_len}"] if seq_len else []
-    sets += ["calibrate.fisher=true"] if fisher else []
-    with render.RichProgress(not json_out) as progress:
+    sets = _calibration_sets(sets, samples, seq_len) + (["calibrate.fisher=true"] if fisher else [])
+    with render.progress(not json_out) as progress:
         result = stages.calibrate(model, data, out, load_recipe_arg(recipe, sets), overwrite, device, progress)
     _stage_done(result, json_out)
 
 
 @app.command()
 @guarded
-def quantize(model: Annotated[str, typer.Argument(help="model directory or hub id")], out: Out,
+def quantize(model: ModelArg, out: Out,
              recipe: Annotated[Optional[str], typer.Option(
                  "--recipe", "-r", help="built-in recipe name or YAML path (default: nvfp4, or the plan's recipe)")] = None,
              calib: Annotated[Optional[Path], typer.Option("--calib", help="calibration artifact (lpc calibrate)")] = None,
@@ -57,7 +69,7 @@ def quantize(model: Annotated[str, typer.Argument(help="model directory or hub i
         r = plan_recipe(plan, sets or [])
     else:
         r = load_recipe_arg(recipe or "nvfp4", sets)
-    with render.RichProgress(not json_out) as progress:
+    with render.progress(not json_out) as progress:
         result = stages.quantize(model, r, out, calib=calib, plan=plan, overwrite=overwrite, progress=progress,
                                  device=device)
     _stage_done(result, json_out)
@@ -74,7 +86,7 @@ def allocate(calib: Annotated[Path, typer.Argument(help="calibration artifact (l
     reads the result."""
     from lpc.pipeline import stages
 
-    with render.RichProgress(not json_out) as progress:
+    with render.progress(not json_out) as progress:
         result = stages.allocate(calib, load_recipe_arg(recipe, sets), out, model=model, overwrite=overwrite,
                                  progress=progress)
     _stage_done(result, json_out)
@@ -89,7 +101,7 @@ def compensate(quant: Annotated[Path, typer.Argument(help="quantize artifact (lp
     """Low-rank compensation of the quantization error (e.g. --set compensate.method=svd --set compensate.rank=16)."""
     from lpc.pipeline import stages
 
-    with render.RichProgress(not json_out) as progress:
+    with render.progress(not json_out) as progress:
         result = stages.compensate(quant, calib, load_recipe_arg(recipe, sets), out, overwrite=overwrite, progress=progress,
                                    device=device)
     _stage_done(result, json_out)
@@ -103,7 +115,7 @@ def export(src: Annotated[Path, typer.Argument(help="quantize/compensate artifac
     """Write a deployable model: packed lpc, dense (dequantized), a PEFT adapter, or compressed-tensors."""
     from lpc.pipeline import stages
 
-    with render.RichProgress(not json_out) as progress:
+    with render.progress(not json_out) as progress:
         result = stages.export(src, out, fmt, overwrite, progress)
     _stage_done(result, json_out)
 
@@ -111,16 +123,13 @@ def export(src: Annotated[Path, typer.Argument(help="quantize/compensate artifac
 @app.command(name="eval")
 @guarded
 def eval_cmd(path: Annotated[str, typer.Argument(help="artifact or model directory")],
-             ppl: Annotated[Optional[list[str]], typer.Option("--ppl", help="text file for perplexity (repeatable)")] = None,
-             seq_len: Annotated[int, typer.Option("--seq-len")] = 256,
-             tasks: Annotated[Optional[str], typer.Option("--tasks", help="comma-separated lm-eval tasks")] = None,
-             tasks_dir: Annotated[Optional[str], typer.Option("--tasks-dir", help="folder of task YAMLs")] = None,
-             limit: Annotated[Optional[int], typer.Option("--limit", help="documents per task")] = None,
+             ppl: Ppl = None,
+             seq_len: Annotated[int, typer.Option("--seq-len", min=2, help="perplexity window in tokens")] = 256,
+             tasks: Tasks = None, tasks_dir: TasksDir = None, tasks_data: TasksData = None, limit: Limit = None,
              max_length: Annotated[Optional[int], typer.Option("--max-length",
                                                                help="lm-eval context length (default: the model's)")] = None,
              baseline: Annotated[Optional[str], typer.Option("--baseline", help="model to compare against")] = None,
-             fail_under_recovery: Annotated[Optional[float], typer.Option("--fail-under-recovery",
-                                                                          help="exit 3 when recovery is lower")] = None,
+             fail_under_recovery: Gate = None,
              out: Annotated[Optional[Path], typer.Option(
                  "-o", "--out", help="write the report as an eval artifact here (eval.json + manifest.json)")] = None,
              device: Device = "cpu", overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False) -> None:
@@ -129,10 +138,11 @@ def eval_cmd(path: Annotated[str, typer.Argument(help="artifact or model directo
     from lpc.pipeline.errors import GateFailed
     from lpc.pipeline.stages.evaluate import read_report
 
-    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    task_list = split_tasks(tasks)
+    _set_tasks_data(tasks_data)
     kwargs = dict(baseline=baseline, fail_under_recovery=fail_under_recovery, ppl=ppl, seq_len=seq_len,
                   tasks=task_list, tasks_dir=tasks_dir, limit=limit, max_length=max_length, device=device)
-    with render.RichProgress(not json_out) as progress:
+    with render.progress(not json_out) as progress:
         try:
             if out is None:
                 result = stages.evaluate_report(path, progress=progress, **kwargs)
@@ -160,36 +170,33 @@ def show_eval(result: dict, as_json: bool) -> None:
         for m, v in metrics.items():
             if "stderr" not in m and m != "samples":
                 rows.append([f"{task} {m}", base.get("tasks", {}).get(task, {}).get(m), v])
-    render.out_console.print(render.table(f"lpc eval {result.get('model')}", ["metric", "baseline", "model"], rows))
+    render.print_table(f"lpc eval {result.get('model')}", ["metric", "baseline", "model"], rows)
     if result.get("recovery") is not None:
         render.out_console.print(f"recovery: {result['recovery']:.4f}")
 
 
 @app.command()
 @guarded
-def compress(model: Annotated[str, typer.Argument(help="model directory or hub id")], out: Out,
-             recipe: RecipeOpt = "nvfp4",
-             data: Annotated[str, typer.Option("--data", help=".txt, .jsonl, datasets dir, hub id, or 'self'")] = "self",
-             ppl: Annotated[Optional[list[str]], typer.Option("--ppl", help="evaluate perplexity on this file")] = None,
-             tasks: Annotated[Optional[str], typer.Option("--tasks", help="comma-separated lm-eval tasks")] = None,
-             tasks_dir: Annotated[Optional[str], typer.Option("--tasks-dir")] = None,
-             limit: Annotated[Optional[int], typer.Option("--limit")] = None,
-             fail_under_recovery: Annotated[Optional[float], typer.Option("--fail-under-recovery")] = None,
+def compress(model: ModelArg, out: Out, recipe: RecipeOpt = "nvfp4", data: Data = "self",
+             samples: Samples = None, seq_len: SeqLen = None, ppl: Ppl = None, tasks: Tasks = None,
+             tasks_dir: TasksDir = None, tasks_data: TasksData = None, limit: Limit = None,
+             fail_under_recovery: Gate = None,
              sets: Sets = None, device: Device = "cpu", overwrite: Overwrite = False,
              json_out: Json = False, debug: Debug = False) -> None:
     """Every stage in order (calibrate, allocate, quantize, compensate, export, eval); resumable."""
     from lpc.pipeline.stages.compress import compress as run
 
-    r = load_recipe_arg(recipe, sets)
-    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-    with render.RichProgress(not json_out) as progress:
+    r = load_recipe_arg(recipe, _calibration_sets(sets, samples, seq_len))
+    task_list = split_tasks(tasks)
+    _set_tasks_data(tasks_data)
+    with render.progress(not json_out) as progress:
         result = run(model, r, data, out, overwrite=overwrite, device=device, progress=progress, ppl=ppl,
                      tasks=task_list, tasks_dir=tasks_dir, limit=limit, fail_under_recovery=fail_under_recovery)
     if json_out:
         render.print_json(result)
     else:
         rows = [[s["stage"], "skipped" if s["skipped"] else f"{s['seconds']:.1f}s", s["out"]] for s in result["stages"]]
-        render.out_console.print(render.table(f"lpc compress {model} ({r.name})", ["stage", "time", "output"], rows))
+        render.print_table(f"lpc compress {model} ({r.name})", ["stage", "time", "output"], rows)
         render.out_console.print(f"bits per weight: {result['bits_per_weight']:.4f}   "
                                  f"wall {result['seconds']:.1f}s   peak RSS {result['peak_rss_mb']:.0f} MB")
         if result.get("eval"):
@@ -214,7 +221,7 @@ def inspect(path: Annotated[Path, typer.Argument(help="any lpc artifact director
     cols += ["rank", "err before"] if info["has_rank"] else []
     rows = [[r["layer"], r["format"], r["shape"], r["bits"], r.get("sqnr_db"), r.get("rel_output_error")]
             + ([r.get("rank"), r.get("rel_output_error_before")] if info["has_rank"] else []) for r in info["layers"]]
-    render.out_console.print(render.table(f"{info['stage']} artifact {path}", cols, rows))
+    render.print_table(f"{info['stage']} artifact {path}", cols, rows)
     render.out_console.print(f"bits per weight: {render.fmt(info.get('bits_per_weight'))}")
 
 

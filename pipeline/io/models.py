@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import os
 import shutil
@@ -28,10 +29,32 @@ def resolve_model(model: str | Path) -> str:
         if not p.is_dir() or not (p / "config.json").is_file():
             raise InputError(f"{model} is not a Hugging Face model directory (no config.json)",
                              "give a directory written by save_pretrained, or a hub id")
+        _check_config(p / "config.json")
         return str(p)
     if str(model).count("/") == 1 and not str(model).startswith((".", "/", "~")):
         return str(model)  # a hub id
     raise InputError(f"model {model} does not exist", "give a local model directory or a hub id like org/name")
+
+
+def _check_config(path: Path) -> None:
+    """A config.json that is not a JSON object is reported as such (not as a tokenizer problem later)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        where = f" at line {err.lineno}, column {err.colno}" if isinstance(err, json.JSONDecodeError) else ""
+        raise InputError(f"{path} is not valid JSON{where}", "restore the model's config.json") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path} is not a JSON object", "restore the model's config.json")
+
+
+def _hub_hint(model: str | Path, err: Exception) -> tuple[str, str] | None:
+    """(message, hint) when `model` is a hub id that could not be fetched (offline or no network)."""
+    if Path(model).expanduser().exists():
+        return None
+    why = "the Hugging Face hub is switched off (HF_HUB_OFFLINE)" if offline() else "the Hugging Face hub is unreachable"
+    return (f"cannot load {model}: it is not a local directory and {why}",
+            "give a local model directory (as written by save_pretrained / huggingface-cli download), "
+            "or run with network and HF_HUB_OFFLINE unset")
 
 
 def model_files(model: str | Path) -> list[Path]:
@@ -51,8 +74,16 @@ def load_hf_model(model: str | Path, dtype: torch.dtype | None = None, device: s
     try:
         m = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or "auto")
     except OSError as err:
+        hub = _hub_hint(model, err)
+        if hub:
+            raise InputError(*hub) from None
         raise InputError(f"cannot load model {model}: {str(err).splitlines()[0]}",
                          "check the path; a hub id needs network access (HF_HUB_OFFLINE unset)") from None
+    except Exception as err:  # safetensors raises its own type for a truncated or corrupt file
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise InputError(f"cannot load model {model}: a weight file is damaged or truncated ({err})",
+                         "re-download or re-save the model") from None
     m.eval().requires_grad_(False)
     _check_finite(m, model)
     return m.to(device)
@@ -87,6 +118,9 @@ def load_tokenizer(model: str | Path):
     try:
         return AutoTokenizer.from_pretrained(resolve_model(model))
     except (OSError, ValueError) as err:
+        hub = _hub_hint(model, err)
+        if hub:
+            raise InputError(*hub) from None
         raise InputError(f"cannot load a tokenizer from {model}: {str(err).splitlines()[0]}",
                          "the model directory needs its tokenizer files") from None
 
