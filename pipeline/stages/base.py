@@ -3,7 +3,8 @@ directory holding `manifest.json`, and returns a `StageResult`.
 
 `run_stage` is the frame every stage runs in: it skips a stage whose output is complete for the
 same inputs and config (resume), refuses an existing different output unless `overwrite`, builds the
-output in a staging directory renamed into place when complete, and writes the manifest.
+output in a staging directory renamed into place when complete, and writes a model card (README.md)
+and the manifest.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lpc.pipeline.artifact import store as art
+from lpc.pipeline.artifact.card import write_card
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,9 @@ def run_stage(stage: str, out: Path, inputs: list[str | Path], config: dict[str,
         return StageResult(stage, out, art.read_manifest(out, stage), skipped=True)
     art.check_output(out, [p for p in inputs if Path(p).exists()], overwrite)
     with art.staging(out) as tmp:
-        manifest = body(tmp)
-        manifest = art.finish_manifest(tmp, {"stage": stage, "config": config, "inputs": records, **manifest})
+        fields = {"stage": stage, "config": config, "inputs": records, **body(tmp)}
+        write_card(tmp, {"lpc_version": art.lpc_version(), **fields}, name=out.name)  # README.md, hashed too
+        manifest = art.finish_manifest(tmp, fields)
     return StageResult(stage, out, manifest, seconds=time.perf_counter() - t0)
 
 
