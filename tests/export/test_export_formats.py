@@ -193,3 +193,15 @@ def test_modelopt_own_dequantizer_reads_lpc_nvfp4(modelopt_export, exports):
 def test_modelopt_refuses_formats_it_cannot_hold(tmp_path, exports):
     with pytest.raises(ArtifactError, match=r"format 'mxfp4'.*modelopt"):
         stages.export(exports["mxfp4"]["quant"], tmp_path / "mo", "modelopt")
+
+
+def test_modelopt_w4a4_carries_calibrated_input_scales(tmp_path, aligned_dir, text_files):
+    recipe = load_recipe("nvfp4_w4a4", ["calibrate.samples=4", "calibrate.seq_len=24"])
+    stages.calibrate(str(aligned_dir), str(text_files["jsonl"]), tmp_path / "calib", recipe)
+    stages.quantize(str(aligned_dir), recipe, tmp_path / "q", calib=tmp_path / "calib")
+    stages.export(tmp_path / "q", tmp_path / "mo", "modelopt")
+    tensors = load_file(str(tmp_path / "mo" / "model.safetensors"))
+    acts = read_qconfig(tmp_path / "q")["activations"]["layers"]
+    assert acts
+    for name, entry in acts.items():
+        assert tensors[f"{name}.input_scale"].item() == pytest.approx(entry["global_amax"] / (6 * 448), rel=1e-6)
