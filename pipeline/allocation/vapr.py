@@ -91,7 +91,7 @@ def search(ctx, tmp: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dic
     if front:
         art.write_json(tmp / "pareto.json", {"baseline_loss": base, "points": front})
         from lpc.pipeline.artifact.plots import plot_pareto
-        plot_pareto(front, tmp / "pareto.png")
+        plot_pareto(front, tmp / "pareto.png", chosen_budget=a.budget_bits)
     by_label = dict(zip(labels, cands))
     plan_layers = {n: {"format": by_label[l]["format"], "spec": by_label[l]["spec"], "label": l}
                    for n, l in expand(best.choice).items()}
@@ -144,7 +144,7 @@ def _refine(ctx, layers, best: Solution, deq, batches, budget: float, neighbours
     hull = [s for s in lagrangian_hull(layers) if s.bits_per_weight <= budget + 1e-12]
     hull = sorted(hull, key=lambda s: -s.bits_per_weight)[:neighbours]
     scored = []
-    for i, sol in enumerate([best] + hull):
+    for i, sol in enumerate(track([best] + hull, "vapr refinement (measured loss)", ctx.progress)):
         scored.append((_plan_loss(ctx, sol, deq, batches), i, sol))
     loss, _, chosen = min(scored, key=lambda t: (t[0], t[1]))
     log.info("refinement: measured loss %.5f (knapsack optimum %.5f)", loss, scored[0][0])
@@ -154,7 +154,8 @@ def _refine(ctx, layers, best: Solution, deq, batches, budget: float, neighbours
 def _pareto(ctx, layers, deq, batches, budgets: list[float], base: float | None, reserve: dict[int, float],
             by_label: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     points = []
-    for b, sol in zip(budgets, pareto_front(layers, [b - sum(reserve.values()) for b in budgets])):
+    solved = list(zip(budgets, pareto_front(layers, [b - sum(reserve.values()) for b in budgets])))
+    for b, sol in track(solved, "vapr pareto front (measured loss)", ctx.progress):
         measured = _plan_loss(ctx, sol, deq, batches)
         points.append({"budget_bits_per_weight": b,
                        "bits_per_weight": sol.bits_per_weight + _reserved(sol.choice, by_label, reserve),
