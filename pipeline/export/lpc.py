@@ -14,7 +14,7 @@ from lpc.pipeline.export.registry import EXPORTERS
 def write_lpc(src: Path, tmp: Path) -> dict[str, Any]:
     for name in sorted(art.read_manifest(src)["files"]):
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-        link_or_copy(Path(src) / name, tmp / name)
+        link_or_copy(art.artifact_file(src, name), art.artifact_file(tmp, name))
     return {}
 
 
