@@ -6,7 +6,7 @@
     w2 = f.dequantize(q)
 """
 from lpc.formats.errors import FormatError, LpcError
-from lpc.formats.qtensor import QTensor
+from lpc.formats.qtensor import QTensor, stored_bits
 from lpc.formats.registry import Format, FormatSpec, get_format, list_formats, register
 
 # One import line per format: importing registers it.
@@ -21,4 +21,4 @@ from lpc.formats import bcq  # noqa: E402,F401
 from lpc.formats import int  # noqa: E402,F401  (shadows the builtin in this namespace only)
 
 __all__ = ["Format", "FormatError", "FormatSpec", "LpcError", "QTensor", "get_format",
-           "list_formats", "register"]
+           "list_formats", "register", "stored_bits"]

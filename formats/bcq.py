@@ -109,6 +109,16 @@ class BCQ(Format):
     def fields(self, meta: dict[str, Any]) -> tuple[str, ...]:
         return ("qdata", "selector", "scale", "global_scale", "codebook")
 
+    def _block_width(self, spec: BCQSpec) -> int:
+        return LA
+
+    def pinned_context(self, x: torch.Tensor, spec: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+        """Adds the codebook fitted on the whole x (int8 (Nc, 16)) when none is given."""
+        ctx = super().pinned_context(x, spec, context)
+        if ctx.get("codebook") is None:
+            ctx["codebook"] = self.quantize(x, **spec, **ctx).data["codebook"]
+        return ctx
+
     def _bits_per_weight(self, spec: BCQSpec) -> float:
         return 4.0 + _sel_bits(spec) / LB + 8.0 / LA
 

@@ -115,6 +115,17 @@ class FGMP(Format):
     def fields(self, meta: dict[str, Any]) -> tuple[str, ...]:
         return ("qdata", "scale", "qdata_hi", "mask", "global_scale")
 
+    def _block_width(self, spec: FGMPSpec) -> int:
+        return BLOCK
+
+    def pinned_context(self, x: torch.Tensor, spec: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+        """Adds the mask chosen over the whole x (bool (R, Kp/16), top high_fraction) when none is given."""
+        ctx = super().pinned_context(x, spec, context)
+        if ctx.get("mask") is None:
+            q = self.quantize(x, **spec, **ctx)
+            ctx["mask"] = unpack_bits(q.data["mask"], 1, padded(x.shape[-1], BLOCK) // BLOCK).bool()
+        return ctx
+
     def _bits_per_weight(self, spec: FGMPSpec) -> float:
         p = spec.high_fraction
         return p * 8.0 + (1.0 - p) * (4.0 + 8.0 / BLOCK) + 1.0 / BLOCK

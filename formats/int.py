@@ -5,7 +5,9 @@ scale s_v = c_v / (2^(N-1)-1) from the (clipped) vector amax c_v is stored as
   e4m3:      an E4M3 value times a per-tensor FP32 `global_scale` = amax / (qmax * 448);
   bf16:      a bfloat16 value;
   two_level: an M-bit unsigned integer times a per-row FP32 `row_scale`
-             gamma = max_v s_v / (2^M - 1)  (M-bit integers bit-packed).
+             gamma = max_v s_v / (2^M - 1)  (M-bit integers bit-packed); a `row_scale` given as
+             context (R,) is used instead (stored scales then clamp to 2^M - 1), which is how
+             GPTQ keeps the row scale of the whole row while it quantizes column groups.
 int4 codes are packed two per byte (two's complement nibbles, element 2j low); int8 as int8.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from lpc.formats.numerics import (
     amax_of, as_rows, blocks_of, importance_rows, pack_bits, pack_nibbles, pad_last, padded, round_e4m3, row_chunks,
     unpack_bits, unpack_nibbles,
 )
+from lpc.formats.errors import FormatError
 from lpc.formats.qtensor import QTensor
 from lpc.formats.registry import BlockSpec, Format, register
 
@@ -38,20 +41,23 @@ class Int(Format):
     name = "int"
     Spec = IntSpec
     description = "VS-Quant INT4/INT8, per-vector scale (two-level by default, 4.375 bits)"
-    context_keys = ("importance", "global_amax")
+    context_keys = ("importance", "global_amax", "row_scale")
     clip_methods = ("none", "mse", "octav", "sensitivity")
 
     def _quantize(self, x: torch.Tensor, spec: IntSpec, importance: Any = None,
-                  global_amax: Any = None) -> QTensor:
-        """x: (..., K) -> qdata (R, Kp/2) uint8 or (R, Kp) int8, scale (R, Kp/V) + unit fields."""
-        if spec.clip == "none":
+                  global_amax: Any = None, row_scale: Any = None) -> QTensor:
+        """x: (..., K) -> qdata (R, Kp/2) uint8 or (R, Kp) int8, scale (R, Kp/V) + unit fields.
+
+        row_scale: optional (R,) positive float32 gamma of a two-level spec (default: from x's rows).
+        """
+        if spec.clip == "none" and row_scale is None:
             return self._quantize_plain(x, spec, global_amax)
         rows = as_rows(x)
         n_rows, k = rows.shape
         kp, v = padded(k, spec.vector), spec.vector
         qmax = 2 ** (spec.bits - 1) - 1
         weight = importance_rows(importance, tuple(x.shape)) if spec.clip == "sensitivity" else None
-        unit = _units(rows, spec, qmax, global_amax)
+        unit = _units(rows, spec, qmax, global_amax) if row_scale is None else _given_rows(row_scale, spec, n_rows)
         qdata = torch.empty(n_rows, kp // 2 if spec.bits == 4 else kp,
                             dtype=torch.uint8 if spec.bits == 4 else torch.int8, device=x.device)
         stored = torch.empty(n_rows, kp // v, dtype=torch.float32, device=x.device)
@@ -97,9 +103,31 @@ class Int(Format):
         extra = {"e4m3": ("global_scale",), "bf16": (), "two_level": ("row_scale",)}[scale_format]
         return ("qdata", "scale", *extra)
 
+    def _block_width(self, spec: IntSpec) -> int:
+        return spec.vector
+
+    def pinned_context(self, x: torch.Tensor, spec: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+        """Adds the two-level per-row scale of the whole x: `row_scale` (R,) float32."""
+        ctx = super().pinned_context(x, spec, context)
+        if self.spec(**spec).scale_format == "two_level" and ctx.get("row_scale") is None:
+            ctx["row_scale"] = self.quantize(x, **spec, **ctx).data["row_scale"]
+        return ctx
+
     def _bits_per_weight(self, spec: IntSpec) -> float:
         scale_bits = {"e4m3": 8, "bf16": 16, "two_level": spec.scale_bits}[spec.scale_format]
         return spec.bits + scale_bits / spec.vector
+
+
+def _given_rows(row_scale: Any, spec: IntSpec, n_rows: int) -> torch.Tensor:
+    """A caller's per-row gamma (R,) or (R, 1) -> (R, 1) float32, checked."""
+    if spec.scale_format != "two_level":
+        raise FormatError(f"int: row_scale= applies to scale_format='two_level', not '{spec.scale_format}'",
+                          "drop row_scale or use scale_format='two_level'")
+    gamma = torch.as_tensor(row_scale, dtype=torch.float32)
+    if gamma.numel() != n_rows or not bool((gamma > 0).all()) or not bool(torch.isfinite(gamma).all()):
+        raise FormatError(f"int: row_scale of shape {tuple(gamma.shape)} does not give {n_rows} positive "
+                          "finite row scales", f"pass a float tensor of shape ({n_rows},), e.g. a QTensor's row_scale")
+    return gamma.reshape(n_rows, 1)
 
 
 def _round(y: torch.Tensor, qmax: int) -> torch.Tensor:

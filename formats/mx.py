@@ -100,6 +100,9 @@ class MXFormat(Format):
     def fields(self, meta: dict[str, Any]) -> tuple[str, ...]:
         return ("qdata", "scale")
 
+    def _block_width(self, spec: MXSpec) -> int:
+        return BLOCK
+
     def _bits_per_weight(self, spec: MXSpec) -> float:
         return self.elem_bits + 8.0 / BLOCK
 

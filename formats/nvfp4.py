@@ -76,6 +76,9 @@ class NVFP4(Format):
     def fields(self, meta: dict[str, Any]) -> tuple[str, ...]:
         return ("qdata", "scale", "global_scale")
 
+    def _block_width(self, spec: NVFP4Spec) -> int:
+        return BLOCK
+
     def _bits_per_weight(self, spec: NVFP4Spec) -> float:
         return 4.0 + 8.0 / BLOCK
 

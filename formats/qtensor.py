@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import torch
+
+from lpc.formats.errors import FormatError
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class QTensor:
 
     def storage_bits(self) -> int:
         """Bits actually stored across all fields (padding included)."""
-        return sum(t.numel() * t.element_size() * 8 for t in self.data.values())
+        return stored_bits(*self.data.values())
 
     def bits_per_weight(self) -> float:
         """Stored bits divided by the number of original elements (scales and padding included)."""
@@ -41,3 +43,21 @@ class QTensor:
     def meta(self) -> dict[str, Any]:
         """What, besides `data`, is needed to rebuild this QTensor (goes to JSON)."""
         return {"format": self.format, "shape": list(self.shape), "spec": dict(self.spec)}
+
+
+def stored_bits(*items: Union[torch.Tensor, "QTensor"]) -> int:
+    """Bits stored for tensors and QTensors, summed: numel * element bits of a tensor (any dtype),
+    every packed field of a QTensor (scales, masks, codebooks and padding included).
+
+    The one place lpc counts stored bits; bits per weight divide this by the original numel.
+    """
+    total = 0
+    for t in items:
+        if isinstance(t, QTensor):
+            total += t.storage_bits()
+        elif isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size() * 8
+        else:
+            raise FormatError(f"stored_bits counts tensors and QTensors, not {type(t).__name__}",
+                              "pass torch tensors or QTensors")
+    return total

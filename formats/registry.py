@@ -91,7 +91,9 @@ class Format(ABC):
     """A number format: pure tensor -> tensor numerics.
 
     Subclasses set `name`, `Spec` (a `FormatSpec` subclass; `BlockSpec` adds clipping and
-    rotation) and implement `_quantize`, `_dequantize` and `_bits_per_weight`; `quantize` and
+    rotation) and implement `_quantize`, `_dequantize` and `_bits_per_weight` (block formats also
+    `_block_width`, and `pinned_context` when they derive more than the tensor amax from
+    several blocks); `quantize` and
     `dequantize` here validate, rotate and unrotate around them. Fields in a `QTensor.data` are already packed, so
     `pack`/`unpack` move them to and from a flat dict of named tensors for safetensors.
     """
@@ -159,6 +161,27 @@ class Format(ABC):
 
     @abstractmethod
     def _bits_per_weight(self, spec: FormatSpec) -> float: ...
+
+    def block_width(self, **spec: Any) -> int | None:
+        """Elements per scale block along the last (input) dimension for this spec; None when the
+        scales are per channel or per tensor (no blocks along the input)."""
+        return self._block_width(self.spec(**spec))
+
+    def _block_width(self, spec: FormatSpec) -> int | None:
+        return None
+
+    def pinned_context(self, x: torch.Tensor, spec: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+        """Context that fixes every quantity this format derives from more than one scale block of
+        x: x (..., K) float; spec: the format's spec; context: tensors already chosen (kept as given).
+
+        With it, quantizing column slices of x that start on block boundaries gives the codes of
+        quantizing x whole (what GPTQ's error feedback relies on). Here: the tensor amax
+        (`global_amax`); formats with row scales, fitted codebooks or a chosen mask add theirs.
+        """
+        ctx = dict(context)
+        if "global_amax" in self.context_keys and ctx.get("global_amax") is None:
+            ctx["global_amax"] = x.detach().abs().amax()
+        return ctx
 
     def pack(self, q: QTensor) -> dict[str, torch.Tensor]:
         """QTensor -> {field: tensor} ready for safetensors (no copy of the data)."""

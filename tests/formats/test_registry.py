@@ -51,3 +51,40 @@ def test_nominal_bits_match_stored_bits(name, spec, heavy):
 def test_int4_packs_two_per_byte():
     q = get_format("int").quantize(torch.randn(4, 64))
     assert q.data["qdata"].dtype == torch.uint8 and q.data["qdata"].shape == (4, 32)
+
+
+WIDTH = {"nvfp4": 16, "fgmp": 16, "mxfp4": 32, "mxfp8": 32, "bcq": 64}
+
+
+def test_block_width_is_where_scales_change(fmt_case, heavy):
+    """Over the registry: a block format names its scale-block width along the input dimension
+    (None for per-channel/per-tensor scales); with its pinned context, changing values inside the
+    first block leaves every other block as it was, and the first block is changed."""
+    name, spec = fmt_case
+    fmt = get_format(name)
+    width = fmt.block_width(**spec)
+    if width is None:
+        assert name in {"fp8_e4m3", "fp8_e5m2", "bf16"}
+        return
+    assert width == (spec.get("vector", 16) if name == "int" else WIDTH[name])
+    x = heavy((6, 3 * 64))
+    ctx = fmt.pinned_context(x, spec, {})
+    y = x.clone()
+    y[:, : width // 2] *= 3.0
+    a = fmt.dequantize(fmt.quantize(x, **spec, **ctx))
+    b = fmt.dequantize(fmt.quantize(y, **spec, **ctx))
+    assert torch.equal(a[:, width:], b[:, width:])
+    assert not torch.equal(a[:, :width], b[:, :width])
+
+
+def test_stored_bits_counts_tensors_and_qtensors(fmt_case, heavy):
+    from lpc.formats import FormatError, stored_bits
+
+    name, spec = fmt_case
+    q = get_format(name).quantize(heavy((8, 40)), **spec)
+    fields = sum(t.numel() * t.element_size() * 8 for t in q.data.values())
+    assert stored_bits(q) == q.storage_bits() == fields == stored_bits(*q.data.values())
+    assert stored_bits(q, torch.zeros(3, 5, dtype=torch.bfloat16)) == fields + 15 * 16
+    assert stored_bits() == 0
+    with pytest.raises(FormatError, match="tensors and QTensors"):
+        stored_bits([1, 2])
