@@ -1,12 +1,14 @@
 """Second-order error feedback (GPTQ, arXiv 2210.17323) for any block format.
 
-Columns are taken in groups of the format's scale block (16 for NVFP4/FGMP, 32 for MX, V for
-VS-Quant, 64 for LO-BCQ arrays). When a group is reached, its current (already corrected) values are
-quantized with the format as they are, and the error e_S is pushed onto the remaining columns R by
-the optimal update dW_R = -e_S U_SS^-1 U_SR, U the upper Cholesky factor of H^-1 (H = X^T X / n,
-dampened). The values each group had when it was quantized form W~; quantizing W~ with the format in
-one call gives exactly the per-group result (block scales depend on their block only and the
-global scale is fixed), so the artifact stores an ordinary QTensor of the format.
+Columns are taken in groups of the format's scale block (`Format.block_width`: 16 for NVFP4/FGMP,
+32 for MX, V for VS-Quant, 64 for LO-BCQ arrays). When a group is reached, its current (already
+corrected) values are quantized with the format as they are, and the error e_S is pushed onto the
+remaining columns R by the optimal update dW_R = -e_S U_SS^-1 U_SR, U the upper Cholesky factor of
+H^-1 (H = X^T X / n, dampened). The values each group had when it was quantized form W~; quantizing
+W~ with the format in one call gives exactly the per-group result, because block scales depend on
+their block only and everything wider (tensor amax, a two-level row scale, a fitted codebook, an
+FGMP mask) is pinned from W before the loop (`Format.pinned_context`). So the artifact stores an
+ordinary QTensor of the format, and its dequantized values are the values fed back.
 """
 from __future__ import annotations
 
@@ -18,28 +20,28 @@ from lpc.formats import QTensor, get_format
 from lpc.pipeline.errors import InputError
 from lpc.pipeline.quantization.registry import QUANTIZE_METHODS, QuantizeMethod
 
-# Scale-group width along the input dimension of each format that GPTQ can drive.
-GROUP = {"nvfp4": 16, "fgmp": 16, "mxfp4": 32, "mxfp8": 32, "bcq": 64}
-
 
 def group_width(fmt: str, spec: dict[str, Any]) -> int | None:
-    if fmt == "int":
-        return int(spec.get("vector", 16))
-    return GROUP.get(fmt)
+    """Columns GPTQ quantizes at once: the format's scale-block width (None: not a block format)."""
+    return get_format(fmt).block_width(**spec)
 
 
 def gptq_quantize(w: torch.Tensor, cov: torch.Tensor, fmt_name: str, spec: dict[str, Any],
                   context: dict[str, Any], damp: float = 0.01) -> QTensor:
     """w: (out, in) float, cov: (in, in) X^T X / n -> QTensor of `fmt_name` with error feedback.
 
-    context: the format's context tensors (global_amax is required so every group shares the
-    tensor scale; an FGMP `mask` (out, nb) and an `importance` (in,) or (out, in) are sliced per group).
+    context: the format's context tensors; what the format derives from more than one block
+    (global_amax, a row scale, a codebook, an FGMP mask) is pinned from w when missing, and an FGMP
+    `mask` (out, nb) and an `importance` (in,) or (out, in) are sliced per group. Returns the
+    QTensor of the values each group had when quantized (float32), whose dequantization equals the
+    values fed back during the loop.
     """
     width = group_width(fmt_name, spec)
     if width is None:
         raise InputError(f"GPTQ needs a block format, not {fmt_name}",
                          "use quantize.method: rtn for per-channel/per-tensor formats")
     fmt = get_format(fmt_name)
+    context = fmt.pinned_context(w.detach().float(), spec, context)
     W = w.detach().to(torch.float64).clone()
     out_f, k = W.shape
     U = _inverse_cholesky(cov.to(torch.float64), W, damp)
@@ -54,7 +56,8 @@ def gptq_quantize(w: torch.Tensor, cov: torch.Tensor, fmt_name: str, spec: dict[
             # dW_R = -e_S U_SS^-1 U_SR, solved without forming the inverse.
             coef = torch.linalg.solve_triangular(U[start:stop, start:stop], U[start:stop, stop:], upper=True)
             W[:, stop:] -= err @ coef
-    return fmt.quantize(frozen.to(w.dtype if w.is_floating_point() else torch.float32), **spec, **context)
+    # float32, as each group was quantized: a cast to a narrower weight dtype would round W~ again.
+    return fmt.quantize(frozen.float(), **spec, **context)
 
 
 def _inverse_cholesky(H: torch.Tensor, W: torch.Tensor, damp: float) -> torch.Tensor:
@@ -73,7 +76,7 @@ def _slice_context(context: dict[str, Any], start: int, stop: int, width: int, k
     out = {}
     for key, val in context.items():
         if key == "mask":
-            out[key] = val[:, start // 16: -(-stop // 16)]
+            out[key] = val[:, start // width: -(-stop // width)]
         elif key == "importance" and isinstance(val, torch.Tensor):
             out[key] = val[..., start:stop]
         else:
@@ -86,7 +89,6 @@ def _gptq_round(fmt: Any, w: torch.Tensor, spec: dict[str, Any], ctx: dict[str, 
     """GPTQ where it applies (a block format with a calibrated X^T X), the format's rounding elsewhere."""
     if cov is None or not group_width(fmt.name, spec):
         return fmt.quantize(w, **spec, **ctx)
-    ctx = {"global_amax": w.detach().abs().amax(), **ctx}
     return gptq_quantize(w, cov, fmt.name, spec, ctx)
 
 
