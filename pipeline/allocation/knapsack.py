@@ -9,7 +9,9 @@ sum c <= budget_bits_per_weight * sum numel.
   exactly by merging the layers' hull segments in order of efficiency (loss saved per bit).
 - `solve`: exact dynamic programme. Costs are exact rationals (every float is one), so on the grid
   unit g = gcd of the costs above each layer's cheapest option (in units of 1/lcm of the
-  bits-per-weight denominators) the DP is exact for the given costs.
+  bits-per-weight denominators) the DP is exact for the given costs. Give measured costs as
+  `Fraction(stored_bits, numel)`: a float such as 5.4 is the binary fraction nearest to it, whose
+  denominator near 2^51 makes the exact grid too fine (it is then coarsened, `exact` False).
 - Ties: the minimum of (loss, bits) wins; among equal (cost, loss) options of a layer the earlier
   one in its list; the result is a deterministic function of the input order.
 """
@@ -37,10 +39,13 @@ _CASTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 @dataclass(frozen=True)
 class Option:
-    """One candidate for a layer: a format label, its bits per weight, its predicted loss."""
+    """One candidate for a layer: a format label, its bits per weight, its predicted loss.
+
+    bits_per_weight: a float or, exactly, a `Fraction` (stored bits / numel of the layer).
+    """
 
     label: str
-    bits_per_weight: float
+    bits_per_weight: float | Fraction
     loss: float
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lpc.formats import get_format, stored_bits
 from lpc.pipeline.artifact import store as art
 from lpc.pipeline.allocation.engine import ENGINE_FORMATS, engine_groups, expand
 from lpc.pipeline.allocation.registry import ALLOCATION_POLICIES
@@ -42,8 +44,6 @@ def _labels(cands: list[dict[str, Any]]) -> list[str]:
 
 def search(ctx, tmp: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """Run the search for a recipe's allocate section; returns (plan, tensors, summary)."""
-    from lpc.formats import get_format
-
     a = ctx.recipe.allocate
     cands = [c.model_dump() for c in a.candidates] or DEFAULT_CANDIDATES
     if a.engine is not None:
@@ -53,7 +53,7 @@ def search(ctx, tmp: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dic
     total = sum(m.weight.numel() for m in ctx.targets.values())
     # A model-wide codebook set is stored once, whichever layers use it: its bits are reserved from
     # the budget up front and each bcq option is costed without it (as the artifact counts it).
-    reserve = {nc: _tensor_bits(book) / total for nc, book in books.items()}
+    reserve = {nc: stored_bits(book) / total for nc, book in books.items()}
     budget = a.budget_bits - sum(reserve.values())
     need_loss = a.predictor == "measured" or a.refine or bool(a.pareto_budgets)
     batches = ctx.batches() if need_loss else []
@@ -72,7 +72,8 @@ def search(ctx, tmp: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dic
                 extra["codebook"] = book
             q = fmt.quantize(w, **c["spec"], **extra)
             wq = fmt.dequantize(q)
-            bits = (q.storage_bits() - (_tensor_bits(q.data["codebook"]) if book is not None else 0)) / q.numel
+            # Exact rational bits per weight (integer stored bits / numel): the knapsack stays exact.
+            bits = Fraction(stored_bits(q) - (stored_bits(q.data["codebook"]) if book is not None else 0), q.numel)
             deq[(name, label)] = wq
             if fisher is not None:
                 loss = float(((w - wq).double().square() * fisher.double()).sum())
@@ -110,10 +111,6 @@ def search(ctx, tmp: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dic
 
 def _nc(candidate: dict[str, Any]) -> int:
     return int(candidate.get("spec", {}).get("codebooks", 16))
-
-
-def _tensor_bits(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size() * 8
 
 
 def _shared_codebooks(ctx, cands: list[dict[str, Any]]) -> dict[int, torch.Tensor]:

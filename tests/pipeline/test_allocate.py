@@ -88,6 +88,18 @@ def test_vapr_respects_budget_and_writes_pareto(fisher_calib, tiny_model_dir):
                  fisher_calib / "a-vapr-low")
 
 
+def test_vapr_is_exact_on_stored_bits(fisher_calib, caplog):
+    """Costs are the exact stored bits (rows of 40 pad to blocks: non-dyadic bits per weight), so
+    the DP grid is never coarsened and the stage records a proven optimum."""
+    recipe = load_recipe("vapr", SMALL + ["allocate.budget_bits=6.0", "allocate.pareto_budgets=[]",
+                                          "allocate.refine=false"])
+    with caplog.at_level("WARNING"):
+        res = allocate(fisher_calib / "calib", recipe, fisher_calib / "a-vapr-exact")
+    assert res.manifest["summary"]["exact"] is True
+    assert "rounded up" not in caplog.text
+    assert res.manifest["bits_per_weight"] <= 6.0
+
+
 def test_vapr_costs_the_model_wide_codebook_once(fisher_calib, tiny_model_dir):
     from lpc.pipeline.artifact.store import load_tensors
     from lpc.pipeline.artifact.lpc_model import read_qconfig, read_qtensors

@@ -70,6 +70,35 @@ def test_dp_equals_brute_force(seed):
     assert sol.bits == pytest.approx(float(want_bits)) and sol.bits_per_weight <= budget
 
 
+def _stored_bits_instance(rng: random.Random) -> list[Layer]:
+    """Costs as measured on padded layers: integer stored bits over odd numels (non-dyadic
+    bits per weight such as 5.4 = 6912 / 1280), given exactly as Fractions."""
+    layers = []
+    for j in range(rng.randint(2, 6)):
+        numel = rng.choice([40 * 32, 32 * 40, 172 * 64, 3 * 7 * 11, 1000])
+        opts = []
+        for i in range(rng.randint(2, 4)):
+            bits = rng.randint(2 * numel, 16 * numel) // 8 * 8 + rng.choice([0, 32])
+            opts.append(Option(f"f{i}", Fraction(bits, numel), rng.uniform(0, 3) * 2.0 ** (-bits / numel)))
+        layers.append(Layer(f"l{j}", numel, tuple(opts)))
+    return layers
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_dp_exact_on_non_dyadic_stored_bits(seed):
+    rng = random.Random(1000 + seed)
+    layers = _stored_bits_instance(rng)
+    lo = sum(min(o.bits_per_weight for o in lay.options) * lay.numel for lay in layers)
+    hi = sum(max(o.bits_per_weight for o in lay.options) * lay.numel for lay in layers)
+    n = sum(lay.numel for lay in layers)
+    budget = float(lo / n) + rng.uniform(0.01, 0.9) * float((hi - lo) / n)
+    sol = solve(layers, budget, max_cells=2_000_000)
+    want_loss, want_bits = _brute(layers, budget)
+    assert sol.exact
+    assert sol.predicted_loss == pytest.approx(want_loss, abs=1e-12)
+    assert _bits(sol, layers) == want_bits and want_bits <= Fraction(budget) * n
+
+
 def test_tie_break_prefers_earlier_option():
     layer = Layer("a", 16, (Option("x", 4.5, 1.0), Option("y", 4.5, 1.0), Option("z", 8.0, 1.0)))
     assert solve([layer], 16.0).choice == {"a": "x"}
