@@ -26,7 +26,7 @@ def block_plan(ctx: AllocationContext, tmp: Path | None = None) -> tuple[dict[st
         scores = fp.weight_block_scores(weights, {n: ctx.fisher(n) for n in weights}, {n: float(v) for n, v in amax.items()})
         masks = fp.select_high_blocks(scores, a.fraction)
     elif a.policy == "random":
-        shapes = {n: (w.shape[0], -(-w.shape[1] // 16)) for n, w in weights.items()}
+        shapes = {n: (w.shape[0], -(-w.shape[1] // fp.BLOCK)) for n, w in weights.items()}
         masks = fp.random_high_blocks(shapes, a.fraction, seed=a.seed)
     else:
         masks = fp.magnitude_high_blocks(weights, a.fraction)

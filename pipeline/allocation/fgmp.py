@@ -23,14 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lpc.formats import get_format, stored_bits
 from lpc.formats.fgmp import block_scores
 from lpc.pipeline.errors import InputError, RecipeError
 from lpc.pipeline.calibration.fisher import input_device
+from lpc.pipeline.modes import eval_mode
 from lpc.pipeline.progress import Progress, track
 
 logger = logging.getLogger(__name__)
 
-BLOCK = 16
+BLOCK = get_format("fgmp").block_width()  # weights per mask entry along the input dimension
 
 
 def _count_high(fraction: float, total: int) -> int:
@@ -106,7 +108,7 @@ def magnitude_high_blocks(weights: dict[str, torch.Tensor], fraction: float,
 
 
 def _blocks(x: torch.Tensor) -> torch.Tensor:
-    """(R, K) -> (R, ceil(K/16), 16), zero-padded."""
+    """(R, K) -> (R, ceil(K/BLOCK), BLOCK), zero-padded (BLOCK = the fgmp block width, 16)."""
     k = x.shape[-1]
     return F.pad(x, (0, -k % BLOCK)).view(x.shape[0], -1, BLOCK)
 
@@ -178,7 +180,7 @@ def collect_activation_scores(model: nn.Module, batches: Iterable[torch.Tensor],
             pools[name].add(scores.reshape(-1).cpu())
         return on_forward
 
-    with _eval_no_grad(model), _forward_hooks(targets, hook):
+    with eval_mode(model), _forward_hooks(targets, hook):
         for batch in track(batches, "activation scores", progress):
             model(input_ids=batch.reshape(-1, batch.shape[-1]).to(input_device(model)), use_cache=False)
     return {name: pool.result() for name, pool in pools.items()}
@@ -211,18 +213,6 @@ class _Pool:
 
 
 @contextmanager
-def _eval_no_grad(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-@contextmanager
 def _forward_hooks(targets: dict[str, nn.Linear], make: Callable[[str], Callable]) -> Iterator[None]:
     handles = [mod.register_forward_hook(make(name)) for name, mod in targets.items()]
     try:
@@ -247,7 +237,10 @@ def fgmp_layer_bits(mask: torch.Tensor, in_features: int | None = None) -> int:
                          f"{-(-in_features // BLOCK)}", "pass the mask made for this weight")
     n_high = int(mask.sum())
     n_low = rows * nb - n_high
-    return n_low * 72 + n_high * 128 + rows * 8 * (-(-nb // 8)) + 32
+    # The format's fields, as shapes only (meta tensors: nothing allocated).
+    fields = [((n_low, BLOCK // 2), torch.uint8), ((n_low,), torch.float8_e4m3fn),
+              ((n_high, BLOCK), torch.float8_e4m3fn), ((rows, -(-nb // 8)), torch.uint8), ((1,), torch.float32)]
+    return stored_bits(*(torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in fields))
 
 
 def plan_bits_per_weight(masks: dict[str, torch.Tensor], in_features: dict[str, int]) -> float:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lpc.formats import QTensor, get_format
+from lpc.formats import QTensor, get_format, stored_bits
 from lpc.pipeline.artifact.store import load_tensors, save_tensors, write_json
 from lpc.pipeline.errors import ArtifactError
 
@@ -90,9 +90,8 @@ def share_fields(qtensors: dict[str, QTensor]) -> tuple[dict[str, dict[str, str]
 def shared_bits(qtensors: dict[str, QTensor]) -> tuple[int, dict[str, int]]:
     """(bits of the shared tensors, counted once; per layer, the bits its shared fields would cost)."""
     refs, shared = share_fields(qtensors)
-    per_layer = {n: sum(qtensors[n].data[f].numel() * qtensors[n].data[f].element_size() * 8 for f in r)
-                 for n, r in refs.items()}
-    return sum(t.numel() * t.element_size() * 8 for t in shared.values()), per_layer
+    per_layer = {n: stored_bits(*(qtensors[n].data[f] for f in r)) for n, r in refs.items()}
+    return stored_bits(*shared.values()), per_layer
 
 
 def write_lpc_model(directory: Path, model: nn.Module, qtensors: dict[str, QTensor],

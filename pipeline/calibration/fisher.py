@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lpc.pipeline.errors import InputError
+from lpc.pipeline.modes import eval_mode
 from lpc.pipeline.progress import Progress, track
 
 logger = logging.getLogger(__name__)
@@ -190,26 +191,23 @@ def eval_with_checkpointing(model: nn.Module, enable: bool) -> Iterator[None]:
     transformers checkpoints a `GradientCheckpointingLayer` only while that module is in training
     mode, so its own `training` flag (not its children's) is set True; dropout lives in children.
     """
-    modes = [(m, m.training) for m in model.modules()]
     layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")] if enable else []
     saved = [(m, m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func")) for m in layers]
-    model.eval()
-    func = functools.partial(checkpoint, use_reentrant=False)
-    for m in layers:
-        m.gradient_checkpointing, m._gradient_checkpointing_func, m.training = True, func, True
-    if layers:
-        logger.debug("fisher: gradient checkpointing on %d modules", len(layers))
-    try:
-        yield
-    finally:
-        for m, flag, old in saved:
-            m.gradient_checkpointing = flag
-            if old is None:
-                m.__dict__.pop("_gradient_checkpointing_func", None)
-            else:
-                m._gradient_checkpointing_func = old
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(model, grad=True):  # restores every module's training flag, these layers' too
+        func = functools.partial(checkpoint, use_reentrant=False)
+        for m in layers:
+            m.gradient_checkpointing, m._gradient_checkpointing_func, m.training = True, func, True
+        if layers:
+            logger.debug("fisher: gradient checkpointing on %d modules", len(layers))
+        try:
+            yield
+        finally:
+            for m, flag, old in saved:
+                m.gradient_checkpointing = flag
+                if old is None:
+                    m.__dict__.pop("_gradient_checkpointing_func", None)
+                else:
+                    m._gradient_checkpointing_func = old
 
 
 @contextmanager

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from lpc.formats import QTensor, get_format
+from lpc.formats import QTensor, get_format, stored_bits
 from lpc.pipeline.compensation.lowrank import allocate_ranks, output_error, quantize_factors
 from lpc.pipeline.compensation.methods import COMPENSATION_METHODS, LayerInputs, LowRankPath
 from lpc.pipeline.progress import Progress, track
@@ -37,7 +37,7 @@ def compensate_layer(cfg: CompensateConfig, recipe: Recipe, name: str, x: LayerI
     stored = _store(cfg, recipe, B, A, x.C)
     target = x.W if cfg.mode == "compress" else dW
     err = target - stored["B"].to(target) @ stored["A"].to(target)
-    weight_bits = 0 if cfg.mode == "compress" else q.storage_bits()
+    weight_bits = 0 if cfg.mode == "compress" else stored_bits(q)
     rec.update(rel_output_error=output_error(err, x.C) / ref, factor_bits=stored["bits"],
                bits_per_weight=(weight_bits + stored["bits"]) / q.numel)
     log.debug("compensate %s: rank %d, rel output error %.4g -> %.4g", name, rank, before, rec["rel_output_error"])
@@ -51,12 +51,8 @@ def _store(cfg: CompensateConfig, recipe: Recipe, B: torch.Tensor, A: torch.Tens
     if cfg.mode != "compress":
         return {"B": s.B, "A": s.A, "bits": s.bits, "packed": dict(s.packed)}
     qb, a_packed = _quantize_projected(B.cpu(), A.cpu(), C.cpu(), recipe), s.packed["lora_A"]
-    return {"B": get_format(qb.format).dequantize(qb), "A": s.A, "bits": qb.storage_bits() + _stored_bits(a_packed),
+    return {"B": get_format(qb.format).dequantize(qb), "A": s.A, "bits": stored_bits(qb, a_packed),
             "packed": {"lora_B": qb, "lora_A": a_packed}}
-
-
-def _stored_bits(v: torch.Tensor | QTensor) -> int:
-    return v.storage_bits() if isinstance(v, QTensor) else v.numel() * v.element_size() * 8
 
 
 def _quantize_projected(WP: torch.Tensor, Pt: torch.Tensor, C: torch.Tensor, recipe: Recipe) -> QTensor:

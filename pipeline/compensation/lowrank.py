@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from lpc.formats import get_format, stored_bits
 from lpc.pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -254,13 +255,11 @@ def quantize_factors(B: torch.Tensor, A: torch.Tensor, fmt: str | None = None, *
     if name in ("bf16", "fp32"):
         dtype = torch.bfloat16 if name == "bf16" else torch.float32
         sb, sa = B.to(dtype), A.to(dtype)
-        bits = (sb.numel() + sa.numel()) * sb.element_size() * 8
+        bits = stored_bits(sb, sa)
         return StoredFactors(sb.float(), sa.float(), bits, name, {"lora_B": sb, "lora_A": sa})
-    from lpc.formats import get_format  # unknown names raise FormatError listing the valid ones
-
-    f = get_format(name)
+    f = get_format(name)  # unknown names raise FormatError listing the valid ones
     qb, qa = f.quantize(B.float(), **spec), f.quantize(A.float(), **spec)
-    return StoredFactors(f.dequantize(qb), f.dequantize(qa), qb.storage_bits() + qa.storage_bits(),
+    return StoredFactors(f.dequantize(qb), f.dequantize(qa), stored_bits(qb, qa),
                          name, {"lora_B": qb, "lora_A": qa})
 
 

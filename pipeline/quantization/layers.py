@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lpc.formats import QTensor, get_format
+from lpc.formats import QTensor, get_format, stored_bits
 from lpc.pipeline.io.models import fuse_groups
 from lpc.pipeline.progress import Progress, track
 from lpc.pipeline.quantization.registry import QUANTIZE_METHODS
@@ -154,7 +154,6 @@ def bits_summary(model: nn.Module, qtensors: dict[str, QTensor], targets: dict[s
     for name, mod in targets.items():
         n = mod.weight.numel()
         numel += n
-        stored = qtensors[name].storage_bits() - per_layer.get(name, 0) if name in qtensors else None
-        bits += stored if stored is not None else n * mod.weight.element_size() * 8
+        bits += stored_bits(qtensors[name]) - per_layer.get(name, 0) if name in qtensors else stored_bits(mod.weight)
     return {"bits_per_weight": bits / max(numel, 1), "quantized_layers": len(qtensors),
             "target_layers": len(targets), "target_params": numel}
