@@ -43,17 +43,22 @@ def build_tokenizer(path: Path):
     return fast
 
 
-def build_tiny_llama(path: Path, seed: int = 0, intermediate: int = 40, layers: int = 2):
-    """A random LlamaForCausalLM (hidden 32, intermediate 40: not a multiple of 16) saved to `path`."""
+def tiny_llama(vocab_size: int = 64, seed: int = 0, intermediate: int = 40, layers: int = 2, **config):
+    """A random LlamaForCausalLM in eval mode, in memory: hidden 32, intermediate 40 (not a
+    multiple of 16), 4 heads over 2 KV heads; `config` sets any other LlamaConfig field."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = build_tokenizer(path)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=1,
-                         eos_token_id=2)
-    model = LlamaForCausalLM(config).eval()
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, **config)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def build_tiny_llama(path: Path, seed: int = 0, intermediate: int = 40, layers: int = 2):
+    """`tiny_llama` with the small tokenizer of SENTENCES, tied embeddings, saved to `path`."""
+    tok = build_tokenizer(path)
+    model = tiny_llama(len(tok), seed, intermediate, layers, max_position_embeddings=128,
+                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     model.save_pretrained(str(path), safe_serialization=True)
     return model
 
@@ -93,3 +98,9 @@ def assets_dir() -> Path:
 def build_llama():
     """The tiny-Llama builder, for tests that need another depth or seed."""
     return build_tiny_llama
+
+
+@pytest.fixture(scope="session")
+def make_llama():
+    """The in-memory tiny-Llama builder (`tiny_llama`), for tests that need no files."""
+    return tiny_llama

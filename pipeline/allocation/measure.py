@@ -3,18 +3,10 @@ Linears temporarily replaced by their quantized-dequantized weights."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
-
-from lpc.formats import get_format
-
-
-def fake_weight(w: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
-    """w (out, in) -> dequantized weight of the plan entry {"format", "spec", "context"?}."""
-    fmt = get_format(entry["format"])
-    return fmt.dequantize(fmt.quantize(w, **entry.get("spec", {}), **entry.get("context", {}))).to(w.dtype)
 
 
 @contextmanager

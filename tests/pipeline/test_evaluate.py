@@ -13,7 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from lpc.pipeline.errors import GateFailed, InputError  # noqa: E402
 from lpc.pipeline.evaluation.compare import check_gate, compare  # noqa: E402
@@ -48,13 +48,9 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tokenizer):
+def tiny_model(tokenizer, make_llama):
     """Random 2-layer Llama (GQA), fp32, eval mode."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(config).eval()
+    return make_llama(len(tokenizer), intermediate=64, max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
 
 
 STORY = ("Once upon a time there was a little dog named Max. Max liked to run in the park and "
@@ -121,10 +117,8 @@ def test_kl_to_baseline_equals_reference_loop(tiny_model, tokenizer, jsonl_file)
     assert got["kl"] == pytest.approx(total / count, rel=1e-4)
 
 
-def test_kl_needs_the_same_vocabulary(tiny_model, tokenizer, jsonl_file):
-    config = LlamaConfig(vocab_size=len(tokenizer) + 5, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
-    other = LlamaForCausalLM(config).eval()
+def test_kl_needs_the_same_vocabulary(tiny_model, tokenizer, jsonl_file, make_llama):
+    other = make_llama(len(tokenizer) + 5, intermediate=64, layers=1)
     with pytest.raises(InputError, match="output classes"):
         kl_divergence(other, tiny_model, tokenizer, jsonl_file[0], seq_len=64)
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lpc.formats import get_format
 from lpc.formats.fgmp import block_scores
@@ -192,11 +191,8 @@ def test_high_fraction_by_group():
 
 
 @pytest.fixture(scope="module")
-def tiny_llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg)
+def tiny_llama(make_llama):
+    return make_llama(vocab_size=64, max_position_embeddings=64).train()
 
 
 def test_collect_activation_scores(tiny_llama):

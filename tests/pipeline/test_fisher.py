@@ -4,19 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lpc.pipeline.errors import InputError
 from lpc.pipeline.calibration.fisher import fisher_statistics
 
 
 @pytest.fixture(scope="module")
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).eval()
+def tiny_llama(make_llama):
+    model = make_llama(vocab_size=64, max_position_embeddings=64, tie_word_embeddings=False)
     with torch.no_grad():  # bigger weights than the default init: gradients far from zero
         for p in model.parameters():
             if p.ndim == 2:
