@@ -71,5 +71,5 @@ def test_a_registered_exporter_is_reachable_from_the_stage(tmp_path, tiny_model_
     finally:
         EXPORTERS.remove("config-only")
     manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
-    assert result.summary()["note"] == "config only" and set(manifest["files"]) == {"config.json"}
+    assert result.summary()["note"] == "config only" and set(manifest["files"]) == {"config.json", "README.md"}
     assert "config-only" not in EXPORTERS
