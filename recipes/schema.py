@@ -96,24 +96,12 @@ class AllocateConfig(Section):
     engine: Literal["vllm"] | None = Field(
         None, description="VaPr: only layouts engines run (bf16, fp8_e4m3, nvfp4, mxfp4, mxfp8) and one format per "
                           "fused group (q/k/v, gate/up), so the mix exports to compressed-tensors / modelopt")
-    engine: Literal["vllm"] | None = Field(
-        None, description="VaPr: only layouts engines run (bf16, fp8_e4m3, nvfp4, mxfp4, mxfp8) and one format per "
-                          "fused group (q/k/v, gate/up), so the mix exports to compressed-tensors / modelopt")
     seed: int = 0
 
     @model_validator(mode="after")
     def _vapr_needs_a_budget(self) -> "AllocateConfig":
         if self.policy == "vapr" and self.budget_bits is None:
             raise ValueError("the vapr policy needs a budget: set allocate.budget_bits, e.g. --set allocate.budget_bits=5.5")
-        return self
-
-    @model_validator(mode="after")
-    def _engine_candidates(self) -> "AllocateConfig":
-        engine_formats = ("bf16", "fp8_e4m3", "nvfp4", "mxfp4", "mxfp8")  # = allocation/engine.py ENGINE_FORMATS
-        kept = [c.format for c in self.candidates if c.format in engine_formats]
-        if self.engine is not None and self.candidates and not kept:
-            raise ValueError(f"allocate.engine={self.engine} runs {', '.join(engine_formats)}, and no candidate "
-                             f"({', '.join(c.format for c in self.candidates)}) is one: add one, or unset allocate.engine")
         return self
 
     @model_validator(mode="after")
