@@ -160,6 +160,9 @@ def check_exportable(qconfig: dict[str, Any]) -> None:
         if meta.get("spec", {}).get("rotate"):
             raise ArtifactError(f"layer {name} ({fmt}) uses a Hadamard rotation (rotate: true), which "
                                 "compressed-tensors' formats cannot undo", _HINT)
+    if qconfig.get("kv_cache"):  # compressed-tensors' kv_cache_scheme is not written yet: never drop it silently
+        raise ArtifactError(f"the artifact quantizes the KV cache ({qconfig['kv_cache'].get('format')}), which this "
+                            "compressed-tensors export does not write yet", _HINT)
     lowrank = sorted((qconfig.get("lowrank") or {}).get("layers") or {})
     if lowrank:
         raise ArtifactError(f"layer {lowrank[0]} has a low-rank residual path, which compressed-tensors "

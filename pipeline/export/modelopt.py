@@ -59,6 +59,8 @@ def check_modelopt(qconfig: dict[str, Any]) -> None:
                                 "re-quantize with --set quantize.weights.spec.granularity=tensor, or " + _HINT)
         if spec.get("rotate"):
             raise ArtifactError(f"layer {name} ({fmt}) uses a Hadamard rotation, which modelopt cannot undo", _HINT)
+    if qconfig.get("kv_cache"):
+        raise ArtifactError("the artifact quantizes the KV cache, which this modelopt export does not write yet", _HINT)
     lowrank = sorted((qconfig.get("lowrank") or {}).get("layers") or {})
     if lowrank:
         raise ArtifactError(f"layer {lowrank[0]} has a low-rank residual path, which modelopt cannot hold",

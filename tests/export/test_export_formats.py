@@ -142,6 +142,13 @@ def test_auto_falls_back_to_lpc_and_says_why(tmp_path, aligned_dir):
     assert load_recipe("int4").export.format == "auto"
 
 
+def test_kv_cache_quantization_is_never_dropped_by_an_engine_export():
+    from lpc.pipeline.export.compressed_tensors import expressible
+
+    qc = {"layers": {"m.a": {"format": "nvfp4", "shape": [32, 32], "spec": {}}}, "kv_cache": {"format": "fp8_e4m3"}}
+    assert "KV cache" in expressible(qc)  # so `auto` keeps the lpc format
+
+
 def test_fgmp_block_mix_is_refused_with_one_line_reason():
     layer = {"format": "fgmp", "shape": [32, 32], "spec": {}}
     with pytest.raises(ArtifactError, match=r"FGMP block mix") as err:
