@@ -4,15 +4,20 @@ The Python API is three calls, the same pipeline as the `lpc` command:
 
     import lpc
     summary = lpc.compress("path/to/model", "nvfp4", "calib.jsonl", "run/", calibrate__samples=64)
-    model, tokenizer = lpc.load("run/model")
-    report = lpc.evaluate("run/model", ppl=["heldout.jsonl"], baseline="path/to/model")
+    model, tokenizer = lpc.load("run/")
+    report = lpc.evaluate("run/", ppl=["heldout.jsonl"], baseline="path/to/model")
 
 This file is the package `lpc` itself (pyproject maps `lpc` to the repository root, and
 `lpc.cli`, `lpc.pipeline`, `lpc.formats`, `lpc.recipes` to their folders). Heavy imports wait
-until a function is called, so `import lpc` stays cheap.
+until a function is called, so `import lpc` stays cheap; the `lpc` quantization method is
+registered with transformers as soon as transformers is imported (now, if it already is), so that
+`import lpc` then `AutoModelForCausalLM.from_pretrained(artifact)` gives lpc's model.
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,48 @@ def _version() -> str:
 
 
 __version__ = _version()
+
+
+def _register_with_transformers() -> None:
+    from lpc.pipeline.artifact import hf_quantizer  # noqa: F401  (registers on import)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs `then()` right after the module `name` is first imported (transformers is heavy: lpc does
+    not import it for the user, only hooks its import)."""
+
+    def __init__(self, name: str, then: Any):
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenLoader(spec.loader, self.then)
+        return spec
+
+
+class _ThenLoader(importlib.abc.Loader):
+    def __init__(self, inner: Any, then: Any):
+        self.inner, self.then = inner, then
+
+    def create_module(self, spec: Any) -> Any:
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self.inner.exec_module(module)
+        self.then()
+
+    def __getattr__(self, name: str) -> Any:  # resource readers and the like
+        return getattr(self.inner, name)
+
+
+if "transformers" in sys.modules:
+    _register_with_transformers()
+elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _AfterImport("transformers", _register_with_transformers))
 
 
 def compress(model: Any, recipe: Any = "nvfp4", data: str | Path = "self", out: str | Path = "lpc-out", *,

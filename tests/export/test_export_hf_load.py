@@ -48,3 +48,20 @@ def test_from_pretrained_without_lpc_fails_loudly(quant_dirs):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode != 0, "transformers loaded an lpc artifact without lpc"
     assert "RuntimeError" in run.stderr and "mismatch" in (run.stderr + run.stdout).lower()
+
+
+def test_import_lpc_first_is_enough(quant_dirs):
+    """`import lpc`, then transformers: the lpc quantizer is registered when transformers is imported,
+    and from_pretrained gives lpc.load's logits (a fresh interpreter, nothing else of lpc imported)."""
+    code = ("import lpc, sys, torch\n"
+            "assert 'transformers' not in sys.modules\n"
+            "from transformers import AutoModelForCausalLM\n"
+            f"d = {str(quant_dirs['int4'])!r}\n"
+            "hf = AutoModelForCausalLM.from_pretrained(d)\n"
+            "ref, tok = lpc.load(d)\n"
+            f"ids = tok({PROMPT!r}, return_tensors='pt').input_ids\n"
+            "with torch.no_grad():\n"
+            "    assert torch.equal(hf(ids).logits, ref(ids).logits)\n"
+            "print('same')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "same" in run.stdout, run.stderr[-2000:]
