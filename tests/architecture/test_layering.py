@@ -90,3 +90,17 @@ def test_a_violation_is_caught(tmp_path):
     found = _imports(bad)
     assert ("lpc.cli.app", ["app"], 1) in found and _layer(found[0][0]) == "cli"
     assert found[1][1] == ["_matches"]
+
+
+def test_every_package_folder_is_packaged():
+    """A sub-package missing from pyproject imports in an editable checkout but not from a wheel."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed, dirs = set(project["packages"]), project["package-dir"]
+    for folder, pkg in PACKAGES.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO / folder).parts
+            name = ".".join([pkg, *rel])
+            assert name in listed, f"{name} ({init.parent}) is not in pyproject's packages"
+            assert dirs.get(name) == "/".join([folder, *rel]), f"{name} has no package-dir entry"
