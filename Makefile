@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := $(OFFLINE)
 export HF_DATASETS_OFFLINE := $(OFFLINE)
 export LPC_ASSETS := $(abspath $(ASSETS))
 
-.PHONY: demo test bench clean peers
+.PHONY: demo test test-slow bench clean peers
 
 $(BIN)/lpc: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ demo: $(BIN)/lpc
 
 test: $(BIN)/lpc
 	$(BIN)/python -m pytest tests -q
+
+test-slow: $(BIN)/lpc   # the real-model tier (SmolLM2 through ../shared/assets/smollm2/get.sh): tens of minutes on 2 cores
+	$(BIN)/python -m pytest tests -q -m slow
 
 bench: $(BIN)/lpc
 	$(BIN)/python bench/formats.py
