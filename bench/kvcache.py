@@ -1,11 +1,12 @@
 """KV cache quantization on SmolLM2-135M under the SmolLM2 protocol: JSON per KV setting.
 
-Each setting is a recipe whose weights stay as they are (bf16) and whose kv_cache section quantizes
-keys (after RoPE) and values on write. `lpc compress` calibrates the K/V absmax on calib_tail.txt
-(128 windows of 512 tokens) and evaluates perplexity and KL to the original on eval_head.txt in
-2048-token windows, with the quantized cache simulated through a transformers Cache (every position
-attends to the quantized K/V, the current ones included). `kv_bits` counts the stored bits per K/V
-element (block scales included) against the bf16 cache's 16.
+The weights stay as they are; keys (after RoPE) and values are quantized on write through lpc's
+quantize-on-write transformers Cache, exactly as an lpc artifact with a `kv_cache` section is
+evaluated (`lpc.pipeline.kvcache`). Calibration: the K/V absmax per layer (and KV head) over the
+protocol's 128 windows of 512 tokens of calib_tail.txt (`kv_statistics`, what `lpc calibrate` runs for
+such a recipe). Perplexity: eval_head.txt in 2048-token windows with lpc eval's own function, the
+model loaded as `lpc eval` loads it. `kv_bits` counts stored bits per K/V element (block scales
+included) against the bf16 cache's 16.
 
     python bench/kvcache.py [--only kv_fp8,kv_nvfp4] [--markdown]
 """
@@ -13,15 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _protocol import CALIB, CALIB_SAMPLES, CALIB_SEQ_LEN, EVAL, EVAL_SEQ_LEN, OFFLINE_ENV, model_dir  # noqa: E402
+from _protocol import CALIB, CALIB_SAMPLES, CALIB_SEQ_LEN, EVAL, EVAL_SEQ_LEN, model_dir  # noqa: E402
 
 SETTINGS = {
     "kv_fp8": ("kv_fp8", []),
@@ -33,55 +31,50 @@ SETTINGS = {
 }
 
 
-def run(name: str, model: Path, work: Path) -> dict:
-    recipe, sets = SETTINGS[name]
-    sets = sets + [f"calibrate.samples={CALIB_SAMPLES}", f"calibrate.seq_len={CALIB_SEQ_LEN}",
-                   f"eval.seq_len={EVAL_SEQ_LEN}"]
-    cmd = [sys.executable, "-m", "lpc.cli", "compress", str(model), "--recipe", recipe, "--data", str(CALIB),
-           "--ppl", str(EVAL), "-o", str(work / name), "--overwrite", "--json"]
-    for s in sets:
-        cmd += ["--set", s]
-    t0 = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **OFFLINE_ENV})
-    if out.returncode != 0:
-        raise SystemExit(f"{name}: lpc compress failed: {out.stderr.strip()[-2000:]}")
-    summary = json.loads(out.stdout)
-    ev = summary["eval"]
-    ppl, base = ev["perplexity"][str(EVAL)], ev["baseline"]["perplexity"][str(EVAL)]
-    from lpc.formats import get_format  # the bench runs in the project venv
+def main() -> None:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from lpc.formats import get_format
+    from lpc.pipeline.artifact.load import load
+    from lpc.pipeline.evaluation.perplexity import perplexity
+    from lpc.pipeline.io.data import calibration_batches
+    from lpc.pipeline.kvcache import KV_PREFIX, attach_kv_quantization, kv_specs, kv_stat_tensors, kv_statistics
     from lpc.recipes import load_recipe
 
-    rec = load_recipe(recipe, sets).kv_cache
-    bits = get_format(rec.format).bits_per_weight(**rec.spec)
-    return {"setting": name, "format": rec.format, "scales": rec.scales, "kivi": rec.kivi, "kv_bits": bits,
-            "kv_fraction_of_bf16": bits / 16, "perplexity": ppl, "baseline_perplexity": base,
-            "ppl_increase_pct": 100 * (ppl / base - 1), "kl": ev["kl_to_baseline"][str(EVAL)],
-            "seconds": round(time.perf_counter() - t0, 1)}
-
-
-def markdown(rows: list[dict]) -> str:
-    lines = ["| KV cache | bits/element | perplexity | vs bf16 cache | KL |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| `{r['setting']}` | {r['kv_bits']:.2f} | {r['perplexity']:.3f} | "
-                     f"{r['ppl_increase_pct']:+.2f}% | {r['kl']:.4f} |")
-    return "\n".join(lines)
-
-
-def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="kv_fp8,kv_nvfp4", help=f"comma-separated, from {', '.join(SETTINGS)}")
     ap.add_argument("--markdown", action="store_true", help="also print the README table")
-    ap.add_argument("--work", type=Path, default=None, help="where the runs go (default: a temp dir)")
     args = ap.parse_args()
-    model = model_dir()
-    with tempfile.TemporaryDirectory() as tmp:
-        work = args.work or Path(tmp)
-        rows = []
-        for name in [s.strip() for s in args.only.split(",") if s.strip()]:
-            rows.append(run(name, model, work))
-            print(json.dumps(rows[-1]), flush=True)
+    src = model_dir()
+    model, tok = load(src)
+    t0 = time.perf_counter()
+    batches = calibration_batches(str(CALIB), tok, CALIB_SAMPLES, CALIB_SEQ_LEN)
+    amax = {KV_PREFIX + k: v for k, v in kv_stat_tensors(kv_statistics(model, batches)).items()}
+    calib_s = time.perf_counter() - t0
+    base = perplexity(model, tok, EVAL, seq_len=EVAL_SEQ_LEN)
+    rows = [{"setting": "bf16 cache", "kv_bits": 16.0, "perplexity": base["perplexity"], "ppl_increase_pct": 0.0,
+             "predictions": base.get("tokens") or base.get("predictions")}]
+    print(json.dumps(rows[-1]), flush=True)
+    for name in [s.strip() for s in args.only.split(",") if s.strip()]:
+        recipe, sets = SETTINGS[name]
+        kv = load_recipe(recipe, sets).kv_cache
+        specs = kv_specs(kv.model_dump(mode="json"), amax, model.config.num_hidden_layers)
+        handle = attach_kv_quantization(model, specs)
+        t1 = time.perf_counter()
+        try:
+            r = perplexity(model, tok, EVAL, seq_len=EVAL_SEQ_LEN)
+        finally:
+            handle.remove()
+        bits = get_format(kv.format).bits_per_weight(**kv.spec)
+        rows.append({"setting": name, "format": kv.format, "scales": kv.scales, "kivi": kv.kivi, "kv_bits": bits,
+                     "perplexity": r["perplexity"], "ppl_increase_pct": 100 * (r["perplexity"] / base["perplexity"] - 1),
+                     "eval_seconds": round(time.perf_counter() - t1, 1), "calib_seconds": round(calib_s, 1)})
+        print(json.dumps(rows[-1]), flush=True)
     if args.markdown:
-        print(markdown(rows))
+        print("| KV cache | bits/element | perplexity | vs bf16 cache |\n|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['setting']} | {r['kv_bits']:.2f} | {r['perplexity']:.3f} | {r['ppl_increase_pct']:+.2f}% |")
 
 
 if __name__ == "__main__":

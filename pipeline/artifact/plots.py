@@ -16,6 +16,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from lpc.formats import get_format
 from lpc.pipeline.errors import InputError
 
 MAX_BINS = 64  # columns of the block map: input-block positions binned to at most this many
@@ -137,7 +138,7 @@ def _model_masks(directory: Path) -> dict[str, torch.Tensor]:
     out = {}
     for name, q in qtensors.items():
         if q.format == "fgmp" and "mask" in q.data:
-            nb = -(-q.shape[-1] // 16)
+            nb = -(-q.shape[-1] // get_format(q.format).block_width(**q.spec))
             out[name] = unpack_bits(q.data["mask"], 1, nb).bool()
     return out
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from lpc.pipeline.errors import InputError
 from lpc.pipeline.io.data import read_jsonl_texts, read_text_file
+from lpc.pipeline.modes import eval_mode
 from lpc.pipeline.progress import Progress, track
 
 log = logging.getLogger(__name__)
@@ -126,17 +126,6 @@ def _cap_tokens(seqs: list[list[int]], max_tokens: int | None) -> list[list[int]
         out.append(seq[:left])
         left -= len(out[-1])
     return out
-
-
-@contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Dropout off while scoring; the caller's train/eval flag is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _score(model: torch.nn.Module, seqs: list[list[int]], batch_size: int,

@@ -16,7 +16,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import lpc.recipes.tasks as builtin_tasks
 from lpc.pipeline.errors import InputError
-from lpc.pipeline.evaluation.perplexity import check_int, eval_mode
+from lpc.pipeline.evaluation.perplexity import check_int
+from lpc.pipeline.modes import eval_mode
 
 BUILTIN_TASKS_DIR = Path(builtin_tasks.__file__).resolve().parent
 TASKS_DATA_ENV = "LPC_TASKS_DATA"

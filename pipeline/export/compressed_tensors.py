@@ -56,10 +56,11 @@ FP8_FORMAT = "float-quantized"
 MXFP4_FORMAT = "mxfp4-pack-quantized"
 MXFP8_FORMAT = "mxfp8-quantized"
 MIXED_FORMAT = "mixed-precision"
-GROUP = 16  # NVFP4 block width
-MX_GROUP = 32  # MXFP4 / MXFP8 block width
-# bf16 (a format search's "keep it") is written as a plain weight and listed in `ignore`
-BLOCK = {"nvfp4": GROUP, "mxfp4": MX_GROUP, "mxfp8": MX_GROUP, "fp8_e4m3": 1, "bf16": 1}
+GROUP = get_format("nvfp4").block_width()  # NVFP4 block width (16)
+MX_GROUP = get_format("mxfp4").block_width()  # MXFP4 / MXFP8 block width (32)
+# Width a layer's inputs must be a multiple of to be held as is; per-channel formats: any.
+# bf16 (a format search's "keep it") is written as a plain weight and listed in `ignore`.
+BLOCK = {f: get_format(f).block_width() or 1 for f in ("nvfp4", "mxfp4", "mxfp8", "fp8_e4m3", "bf16")}
 SUPPORTED = tuple(BLOCK)
 _HINT = "export with --format lpc (every format) or --format dense (loadable anywhere)"
 

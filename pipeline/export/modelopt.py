@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 QUANT_METHOD = "modelopt"
 HF_QUANT_CONFIG = "hf_quant_config.json"
-GROUP = 16
+GROUP = get_format("nvfp4").block_width()  # NVFP4 block width (16)
 _HINT = "export with --format compressed-tensors, lpc (every format) or dense (loadable anywhere)"
 
 

@@ -25,7 +25,7 @@ def test_builtin_tasks_are_listed():
 
 
 def test_tasks_data_option_points_the_builtin_tasks_at_a_folder(tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.delenv("LPC_TASKS_DATA", raising=False)
+    monkeypatch.setenv("LPC_TASKS_DATA", "")  # recorded, so the value --tasks-data sets is undone after the test
     monkeypatch.setenv("LPC_ASSETS", str(tmp_path / "nowhere"))
     (tmp_path / "mc").mkdir()
     (tmp_path / "mc" / "arc_easy_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ARC))
