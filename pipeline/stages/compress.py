@@ -247,4 +247,19 @@ def _evaluate(out: Path, src: str, ppl, tasks, tasks_dir, limit, gate, seq_len, 
     except GateFailed as err:
         report, failed = getattr(err, "report", None), True
         log.warning("%s", err)
+    if report is not None:
+        _card_with_evaluation(out, report)
     return {"eval": report, "gate_failed": failed}
+
+
+def _card_with_evaluation(out: Path, report: dict[str, Any]) -> None:
+    """The published model's card gains the evaluation; its manifest is replaced (not written through
+    the hard link to stages/export) with the card's new hash, so `lpc verify out/` still holds."""
+    from lpc.pipeline.artifact.card import CARD, write_card
+
+    manifest = art.read_manifest(out)
+    if CARD not in manifest.get("files", {}):
+        return
+    write_card(out, manifest, evaluation=report)
+    manifest["files"][CARD] = art.sha256_file(out / CARD)
+    write_json_atomic(out / art.MANIFEST, manifest)

@@ -86,6 +86,10 @@ def test_compress_runs_every_stage_and_resumes(tmp_path, tiny_model_dir, text_fi
     assert all(s["skipped"] for s in second["stages"])
     assert (out / "manifest.json").is_file() and (out / "stages" / "eval" / "eval.json").is_file()
     assert (out / "stages" / "eval" / "manifest.json").is_file()
+    card = (out / "README.md").read_text()  # the published model's card shows its evaluation...
+    assert "## Evaluation" in card and "KL to baseline" in card
+    assert "## Evaluation" not in (out / "stages" / "export" / "README.md").read_text()  # ...not its stage's
+    lpc("verify", out)
 
 
 def test_identical_inputs_give_identical_bytes(tmp_path, tiny_model_dir, text_files):
