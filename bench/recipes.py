@@ -4,7 +4,9 @@
     python bench/recipes.py --only nvfp4 fp8      # some rows
 
 Each row runs `lpc compress MODEL --recipe R --data calib.jsonl --ppl heldout.jsonl --json` in a fresh
-process (so peak RSS is that run's), perplexity with the project protocol at seq-len 256.
+process (so peak RSS is that run's), perplexity with the project protocol at seq-len 256. Every row
+exports `lpc` (`--set export.format=lpc`): the evaluated model is lpc's artifact in the original's
+dtype (fp32), whatever engine format `auto` would pick (a compressed-tensors export loads in bf16).
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ def run_row(label: str, recipe: str, sets: list[str], work: Path) -> dict:
     cmd = [sys.executable, "-m", "lpc.cli", "compress", str(model), "--recipe", recipe,
            "--data", str(ASSETS / "data" / "tinystories" / "calib.jsonl"), "--ppl", str(heldout),
            "-o", str(work / label.replace(" ", "_").replace("/", "_")), "--overwrite", "--json"]
-    for s in sets:
+    for s in ["export.format=lpc", *sets]:
         cmd += ["--set", s]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
