@@ -101,6 +101,15 @@ def build_llama():
 
 
 @pytest.fixture(scope="session")
+def aligned_dir(tmp_path_factory) -> Path:
+    """The tiny Llama with every Linear input width a multiple of 32 (hidden 32, intermediate 64): block
+    formats need no padding and engine exports no dense fallback."""
+    path = tmp_path_factory.mktemp("tiny-llama-aligned")
+    build_tiny_llama(path, intermediate=64)
+    return path
+
+
+@pytest.fixture(scope="session")
 def make_llama():
     """The in-memory tiny-Llama builder (`tiny_llama`), for tests that need no files."""
     return tiny_llama

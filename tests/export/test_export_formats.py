@@ -34,14 +34,6 @@ CT_CASES = {
 
 
 @pytest.fixture(scope="module")
-def aligned_dir(tmp_path_factory, build_llama) -> Path:
-    """Every Linear input width a multiple of 32 (hidden 32, intermediate 64): no dense fallback."""
-    path = tmp_path_factory.mktemp("tiny-llama-aligned")
-    build_llama(path, intermediate=64)
-    return path
-
-
-@pytest.fixture(scope="module")
 def exports(tmp_path_factory, aligned_dir) -> dict[str, dict[str, Path]]:
     d = tmp_path_factory.mktemp("exports")
     out = {}

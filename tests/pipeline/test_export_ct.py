@@ -49,14 +49,6 @@ def _qconfig(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def aligned_dir(tmp_path_factory, build_llama) -> Path:
-    """The tiny Llama with every Linear input width a multiple of 16 (hidden 32, intermediate 64)."""
-    path = tmp_path_factory.mktemp("tiny-llama-64")
-    build_llama(path, intermediate=64)
-    return path
-
-
-@pytest.fixture(scope="module")
 def nvfp4_export(tmp_path_factory, aligned_dir) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("ct-nvfp4")
     quant = _quantize(aligned_dir, d / "quant", "nvfp4")
