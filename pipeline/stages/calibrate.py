@@ -8,6 +8,7 @@ from typing import Any
 from lpc.pipeline.artifact import store as art
 from lpc.pipeline.calibration.stats import STATS_FILE, collect_input_stats, data_inputs, stats_tensors
 from lpc.pipeline.io.data import calibration_batches
+from lpc.pipeline.io.device import check_device
 from lpc.pipeline.io.models import find_targets, load_hf_model, load_tokenizer, model_files, resolve_model
 from lpc.pipeline.io.streaming import open_for_calibration
 from lpc.pipeline.progress import Progress
@@ -18,6 +19,7 @@ from lpc.recipes.schema import Recipe
 def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool = False,
               device: str = "cpu", progress: Progress | None = None) -> StageResult:
     """Collect input statistics (and Fisher with recipe.calibrate.fisher) of the recipe's targets."""
+    device = check_device(device)
     c = recipe.calibrate
     src = resolve_model(model)
     config = {"model": src, "data": data, "samples": c.samples, "seq_len": c.seq_len, "fisher": c.fisher,

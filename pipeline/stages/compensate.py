@@ -54,6 +54,9 @@ def compensate(quant_dir: str | Path, calib_dir: str | Path, recipe: Recipe, out
     Inputs read: the quant artifact's files, calib/stats.safetensors and the original model's
     weight files (the quant manifest's config.model). Resumes, refuses and stages like every stage.
     """
+    from lpc.pipeline.io.device import check_device
+
+    device = check_device(device)
     cfg = _config_of(recipe)
     quant_dir, calib_dir, out = Path(quant_dir), Path(calib_dir), Path(out)
     qman = art.read_checked_manifest(quant_dir, "quantize")

@@ -174,8 +174,11 @@ def compress(model: str, recipe: Recipe, data: str, out: Path, overwrite: bool =
              fail_under_recovery: float | None = None) -> dict[str, Any]:
     """Run calibrate -> [allocate] -> quantize -> [compensate] -> export -> [eval] into `out` (the
     finished model; stage artifacts under out/stages/); returns the summary (also out/summary.json)."""
+    from lpc.pipeline.io.device import check_device
+
     t0 = time.perf_counter()
     out = Path(out)
+    device = check_device(device)
     check_recipe_names(recipe)
     src = resolve_model(model)
     ppl = ppl if ppl is not None else recipe.eval.ppl

@@ -31,6 +31,9 @@ def evaluate_model(path: str | Path, ppl: list[str] | None = None, seq_len: int 
 
     if not ppl and not tasks:
         raise InputError("nothing to evaluate", "give --ppl FILE and/or --tasks NAME[,NAME]")
+    from lpc.pipeline.io.device import check_device
+
+    device = check_device(device)
     t0 = time.perf_counter()
     check_before_loading(path)  # a damaged artifact is refused, as lpc verify refuses it
     model, tok = load(path, device=device)
@@ -84,7 +87,9 @@ def evaluate(path: str | Path, out: Path, baseline: str | Path | None = None,
     """The eval stage: `evaluate_report` written to out/eval.json with a manifest. A failed gate
     still writes the report (its `gate.passed` is false), then raises GateFailed."""
     from lpc.pipeline.artifact import store as art
+    from lpc.pipeline.io.device import check_device
 
+    kwargs["device"] = check_device(kwargs.get("device", "cpu"))  # refused before anything is written
     inputs = [*_files_of(path), *(_files_of(baseline) if baseline else []), *(kwargs.get("ppl") or [])]
     config = {"model": str(path), "baseline": str(baseline) if baseline else None,
               "fail_under_recovery": fail_under_recovery,
@@ -129,6 +134,9 @@ def _kl_to_baseline(path: str | Path, baseline: str | Path, ppl: list[str], seq_
     from lpc.pipeline.evaluation.perplexity import kl_divergence
     from lpc.pipeline.artifact.load import load
 
+    from lpc.pipeline.io.device import check_device
+
+    device = check_device(device)
     model, tok = load(path, device=device)
     base, _tok = load(baseline, device=device)
     return {str(f): kl_divergence(model, base, tok, f, seq_len=seq_len, batch_size=batch_size,

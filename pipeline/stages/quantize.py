@@ -10,6 +10,7 @@ from lpc.pipeline.artifact import store as art
 from lpc.pipeline.artifact.lpc_model import shared_bits, write_lpc_model
 from lpc.pipeline.calibration.stats import STATS_FILE, calibration_batches_of, read_stats
 from lpc.pipeline.errors import RecipeError
+from lpc.pipeline.io.device import check_device
 from lpc.pipeline.kvcache import KV_STATS_FILE, read_kv_stats
 from lpc.pipeline.io.models import copy_tokenizer_files, find_targets, load_hf_model, model_files, resolve_model
 from lpc.pipeline.progress import Progress
@@ -26,6 +27,7 @@ def quantize(model: str, recipe: Recipe | None, out: Path, calib: Path | None = 
     recipe and the calibration, unless `recipe` / `calib` are given).
 
     device: where a tuning method (distill) computes (the artifact is the same up to float rounding)."""
+    device = check_device(device)
     src = resolve_model(model)
     layer_plan, plan_files = None, []
     if plan is not None:

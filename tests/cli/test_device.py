@@ -1,0 +1,58 @@
+"""`--device`: an unknown device or CUDA on a machine without it is one red line, exit 1, nothing written."""
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lpc.cli.main import app
+from lpc.pipeline.errors import InputError
+from lpc.pipeline.io.device import check_device
+
+runner = CliRunner()
+NO_CUDA = not torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("given, expected", [("cpu", "cpu"), ("CPU", "cpu"), (None, "cpu")])
+def test_cpu_is_accepted(given, expected):
+    assert check_device(given) == expected
+
+
+@pytest.mark.parametrize("bad", ["gpu", "cuda:x", "tpu", "", "cpu:0:1"])
+def test_unknown_device_names_the_valid_ones(bad):
+    with pytest.raises(InputError, match="unknown device") as err:
+        check_device(bad)
+    assert "cuda" in err.value.hint
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="CUDA is available here: the refusal is for machines without it")
+def test_cuda_without_cuda_is_refused():
+    with pytest.raises(InputError, match="--device cuda"):
+        check_device("cuda")
+
+
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")
+def test_cuda_index_out_of_range_is_refused():
+    with pytest.raises(InputError, match="visible"):
+        check_device(f"cuda:{torch.cuda.device_count()}")
+
+
+@pytest.mark.parametrize("command", ["calibrate", "quantize", "compress"])
+@pytest.mark.parametrize("device", ["gpu0", *(["cuda"] if NO_CUDA else [])])
+def test_every_stage_refuses_a_bad_device_before_writing(tmp_path, tiny_model_dir, text_files, command, device):
+    out = tmp_path / "out"
+    args = {"calibrate": ["calibrate", tiny_model_dir, "--data", text_files["jsonl"]],
+            "quantize": ["quantize", tiny_model_dir, "--recipe", "fp8"],
+            "compress": ["compress", tiny_model_dir, "--recipe", "nvfp4", "--data", text_files["jsonl"]]}[command]
+    res = runner.invoke(app, [str(a) for a in args] + ["--device", device, "-o", str(out)])
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output and "AssertionError" not in res.output
+    assert "device" in res.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_eval_refuses_a_bad_device_before_writing(tmp_path, tiny_model_dir, text_files):
+    res = runner.invoke(app, ["eval", str(tiny_model_dir), "--ppl", str(text_files["txt"]), "--device", "npu",
+                              "-o", str(tmp_path / "e")])
+    assert res.exit_code == 1 and "unknown device" in " ".join(res.output.split())
+    assert not (tmp_path / "e").exists()
