@@ -15,7 +15,9 @@ from torch import nn
 from lpc.formats import LpcError, get_format
 from lpc.pipeline.errors import ArtifactError
 from lpc.pipeline.artifact.lpc_model import AUX_PREFIX, WEIGHTS, read_qconfig, read_qtensors
-from lpc.pipeline.io.models import load_hf_model, load_tokenizer, model_from_config, resolve_model
+from lpc.pipeline.io.experts import fuse_experts
+from lpc.pipeline.io.families import checkpoint_layout
+from lpc.pipeline.io.models import load_hf_model, load_tokenizer, model_from_config, resolve_model, to_lpc_layout
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,9 @@ def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     src = resolve_model(path)
     qconfig = read_qconfig(src) if Path(src).is_dir() else None
     tokenizer = load_tokenizer(src)
-    if qconfig is None:
-        return load_hf_model(src, dtype=dtype, device=device), tokenizer
+    if qconfig is None:  # a plain or engine-format model; a compressed-tensors one runs in the asked dtype
+        from lpc.pipeline.export.ct_runtime import settle
+        return settle(load_hf_model(src, dtype=dtype, device=device)), tokenizer
     model = build_from_lpc(Path(src), qconfig, dtype=dtype, activations=activations, merge_lowrank=merge_lowrank)
     return model.to(device), tokenizer
 
@@ -51,6 +54,7 @@ def fill_from_lpc(model: nn.Module, directory: Path, qconfig: dict[str, Any], ac
     Parameters the checkpoint replaces may have any shape beforehand (transformers leaves the empty
     weight markers in place when the lpc quantizer loads it): each is replaced by a tensor of the
     Linear's own shape in the model's dtype."""
+    to_lpc_layout(model)  # a model transformers built (from_pretrained) has fused experts and Conv1D layers
     qtensors, plain = read_qtensors(directory, qconfig)
     state = dict(plain)
     for name, q in qtensors.items():
@@ -62,6 +66,9 @@ def fill_from_lpc(model: nn.Module, directory: Path, qconfig: dict[str, Any], ac
             name = key.removesuffix(".lora_A")
             w = state[f"{name}.weight"].float()
             state[f"{name}.weight"] = w + lowrank.pop(f"{name}.lora_B").float() @ lowrank.pop(key).float()
+    for name in set(qtensors) | set((qconfig.get("lowrank") or {}).get("layers") or {}):
+        if f"{name}.weight" in state:  # (out, in) -> the state-dict layout ((in, out) for GPT-2's Conv1D)
+            state[f"{name}.weight"] = checkpoint_layout(model, name, state[f"{name}.weight"])
     _reset_linear_weights(model, [k.removesuffix(".weight") for k in state if k.endswith(".weight")])
     _load_state(model, state, qconfig, directory)
     model.eval().requires_grad_(False)
@@ -73,6 +80,7 @@ def fill_from_lpc(model: nn.Module, directory: Path, qconfig: dict[str, Any], ac
     if activations and qconfig.get("activations"):
         from lpc.pipeline.quantization.actquant import activation_plan, attach_activation_quant
         attach_activation_quant(model, activation_plan(qconfig["activations"], aux))
+    fuse_experts(model)  # a plain transformers model again (experts without hooks)
     return model
 
 

@@ -3,7 +3,10 @@
 Checks, per quantized layer: the tensors the layout needs are present with their dtypes and shapes
 consistent (packed width = in/2, one block scale per group), block and global scales finite and non-zero,
 and fused siblings (the fuse groups the artifact was quantized with, from its manifest's recipe) sharing
-one global scale, as engines that fuse q/k/v and gate/up need. Every other floating tensor must be finite.
+one global scale, as engines that fuse q/k/v and gate/up need. Group-quantized integers (int32
+`weight_packed`) must agree with their `weight_shape` and scales. An FP8 KV cache (kv_cache_scheme /
+kv_cache_quant_algo) needs a finite positive k_scale and v_scale for every decoder layer. Every other
+floating tensor must be finite.
 """
 from __future__ import annotations
 
@@ -30,9 +33,9 @@ def verify_export(path: Path, manifest: dict[str, Any]) -> dict[str, Any] | None
     if (path / "adapter" / "adapter_config.json").is_file():
         return {**_verify_peft(path), **_verify_plain(path, "peft")}
     if method == "compressed-tensors":
-        return _verify_quantized(path, "compressed-tensors", groups)
+        return _verify_quantized(path, "compressed-tensors", groups, config)
     if method == "modelopt":
-        return _verify_quantized(path, "modelopt", groups)
+        return _verify_quantized(path, "modelopt", groups, config)
     if method is None and manifest.get("stage") == "export":
         return _verify_plain(path, "dense")
     return None
@@ -55,8 +58,9 @@ def _verify_plain(path: Path, layout: str) -> dict[str, Any]:
     return {"layout": layout, "layers": 0}
 
 
-def _verify_quantized(path: Path, layout: str, groups: list[list[str]]) -> dict[str, Any]:
+def _verify_quantized(path: Path, layout: str, groups: list[list[str]], config: dict[str, Any]) -> dict[str, Any]:
     tensors = _tensors(path)
+    kv_layers = _check_kv(path, tensors, config)
     packed_field, global_field = CT_FIELDS if layout == "compressed-tensors" else MODELOPT_FIELDS
     layers = sorted(k.removesuffix(".weight_scale") for k in tensors if k.endswith(".weight_scale"))
     for name in layers:
@@ -65,7 +69,26 @@ def _verify_quantized(path: Path, layout: str, groups: list[list[str]]) -> dict[
         if t.is_floating_point() and not torch.isfinite(t.float()).all():
             raise ArtifactError(f"{path}: tensor {k} holds NaN or inf", _FIX)
     _check_fused(path, layers, tensors, global_field, groups)
-    return {"layout": layout, "layers": len(layers)}
+    return {"layout": layout, "layers": len(layers), **({"kv_layers": kv_layers} if kv_layers else {})}
+
+
+def _check_kv(path: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> int:
+    """The FP8 KV cache's scales: one finite positive k_scale and v_scale per decoder layer."""
+    qc = config.get("quantization_config") or {}
+    kv = qc.get("kv_cache_scheme") or qc.get("kv_cache_quant_algo")
+    scales = {k: t for k, t in tensors.items() if k.endswith((".k_scale", ".v_scale"))}
+    for k, t in scales.items():
+        if not torch.isfinite(t.float()).all() or (t.float() <= 0).any():
+            raise ArtifactError(f"{path}: KV cache scale {k} is not finite and positive", _FIX)
+    if not kv:
+        return 0
+    n = int(config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers") or 0)
+    for part in ("k", "v"):
+        found = len([k for k in scales if k.endswith(f".{part}_scale")])
+        if found != n:
+            raise ArtifactError(f"{path}: the config quantizes the KV cache but {found} of {n} layers have a "
+                                f"{part}_scale", _FIX)
+    return n
 
 
 def _check_layer(path: Path, name: str, tensors: dict[str, torch.Tensor], packed_field: str,
@@ -82,9 +105,26 @@ def _check_layer(path: Path, name: str, tensors: dict[str, torch.Tensor], packed
         if scale.shape[0] != weight.shape[0] or cols % scale.shape[-1] or cols // scale.shape[-1] not in (16, 32):
             raise ArtifactError(f"{path}: layer {name}: packed weight {tuple(weight.shape)} and block scales "
                                 f"{tuple(scale.shape)} do not match (expected (out, in/16) or (out, in/32))", _FIX)
+    if weight.dtype == torch.int32:
+        _check_int_layer(path, name, weight, scale, tensors.get(f"{name}.weight_shape"))
     g = tensors.get(f"{name}.{global_field}")
     if g is not None and (not torch.isfinite(g.float()).all() or (g.float() == 0).any()):
         raise ArtifactError(f"{path}: layer {name} has a zero, NaN or inf {global_field}", _FIX)
+
+
+def _check_int_layer(path: Path, name: str, packed: torch.Tensor, scale: torch.Tensor,
+                     shape: torch.Tensor | None) -> None:
+    """Group-quantized integers: (out, in*bits/32) int32 words, bits 4 or 8, (out, in/group) scales."""
+    if shape is None or shape.numel() != 2:
+        raise ArtifactError(f"{path}: layer {name} has an int32 weight_packed but no (out, in) weight_shape", _FIX)
+    out, cols = (int(v) for v in shape.tolist())
+    bits = packed.shape[-1] * 32 // max(cols, 1)
+    ok = (packed.shape[0] == out == scale.shape[0] and bits in (4, 8) and packed.shape[-1] * 32 == bits * cols
+          and scale.dim() == 2 and cols % scale.shape[-1] == 0 and cols // scale.shape[-1] in (16, 32, 64))
+    if not ok:
+        raise ArtifactError(f"{path}: layer {name}: packed weight {tuple(packed.shape)}, scales {tuple(scale.shape)} "
+                            f"and weight_shape {(out, cols)} do not match (expected (out, in*bits/32), bits 4 or 8, "
+                            "one scale per 16, 32 or 64 inputs)", _FIX)
 
 
 def _check_fused(path: Path, layers: list[str], tensors: dict[str, torch.Tensor], field: str,

@@ -1,34 +1,29 @@
 """`lpc export --format compressed-tensors`: an lpc artifact rewritten in compressed-tensors' layout.
 
 The export is a Hugging Face model directory that `AutoModelForCausalLM.from_pretrained` (through
-transformers' compressed-tensors integration) and engines such as vLLM load. Per quantized Linear `<m>`:
+transformers' compressed-tensors integration) and engines such as vLLM load. Each quantized Linear is
+written in compressed-tensors' layout of its format (ct_layouts: NVFP4 W4A16/W4A4, FP8 per tensor or per
+channel, MXFP4, MXFP8, VS-Quant int4/int8 as group-quantized "pack-quantized"), each as lpc's own bytes
+wherever the layouts agree, and the FP8 KV cache as `kv_cache_scheme` with per-layer `k_scale`/`v_scale`
+(kv_scales).
 
-    nvfp4      <m>.weight_packed        uint8 (out, in/2)      lpc's qdata as is: two E2M1 codes per
-                                                               byte, element 2j in the low nibble, code =
-                                                               sign<<3 | index (compressed-tensors' order)
-               <m>.weight_scale         float8_e4m3fn (out, in/16)   lpc's block scales as is
-               <m>.weight_global_scale  float32 (1,) = 1 / s2 = 6*448/amax   compressed-tensors divides:
-                                                               w = E2M1(q) * weight_scale / weight_global_scale
-               <m>.input_global_scale   float32 (1,) = 6*448/act_amax, only for W4A4 (calibrated amax)
-    fp8_e4m3   <m>.weight               float8_e4m3fn (out, in) lpc's qdata as is ("float-quantized")
-               <m>.weight_scale         float32 (out, 1) per channel or (1,) per tensor; w = weight * scale
+config.json's `quantization_config` holds one config group per scheme. One group targets "Linear" and
+`format` names its compressor; several groups target their exact layer names and `format` is
+"mixed-precision" with a format per group. `ignore` lists every Linear that is not quantized (lm_head,
+layers lpc left alone, layers written dense).
 
-config.json's `quantization_config` holds one config group per scheme (NVFP4 weights, NVFP4 W4A4, FP8
-per channel, FP8 per tensor). One group targets "Linear" and `format` names its compressor; several
-groups target their exact layer names and `format` is "mixed-precision" with a format per group.
-`ignore` lists every Linear that is not quantized (lm_head, layers lpc left alone, layers written dense).
+Padded layers: lpc zero-pads a block-format layer whose input width is not a multiple of its block
+(stories260K's down_proj, 172 inputs). compressed-tensors cannot hold such a layer: its module layout
+expects the Linear's own width, and its group dequantization refuses a width that is not a multiple of
+the group size. Such layers are written dequantized, in the dtype config.json declares, as a plain
+`<m>.weight`, listed in `ignore` and reported under `dense_layers` (same weights as lpc, less
+compression; their activation quantization, if any, is dropped and reported).
 
-Padded layers: lpc zero-pads an NVFP4 layer whose input width is not a multiple of 16 (stories260K's
-down_proj, 172 inputs). compressed-tensors cannot hold such a layer: its module layout expects
-`weight_packed` (out, in/2) with `in` the Linear's own width, and its group dequantization refuses a
-width that is not a multiple of the group size. Such layers are written dequantized, in the dtype
-config.json declares, as a plain `<m>.weight`, listed in `ignore` and reported under `dense_layers`
-(same weights as lpc, less compression; their activation quantization, if any, is dropped and reported).
-
-dtype: compressed-tensors decompresses NVFP4 to bfloat16, so a float32 model with NVFP4 layers is
-declared bfloat16 in config.json (see runtime_dtype). Formats and features with no compressed-tensors
-form here (mxfp4, mxfp8, int, bcq, fgmp, fp8_e5m2, Hadamard rotation, low-rank paths, other activation
-formats) are refused with an ArtifactError naming the layer.
+dtype: compressed-tensors decompresses NVFP4/MX to bfloat16, so a float32 model with such layers is
+declared bfloat16 in config.json (see runtime_dtype); `lpc.load(export, dtype=torch.float32)` and
+`ct_runtime.settle(model)` after a float32 `from_pretrained` give float32 weights. Formats and features
+with no compressed-tensors form (bcq, fgmp, fp8_e5m2, Hadamard rotation, low-rank paths, other
+activation formats, non-FP8 or non-static KV caches) are refused with an ArtifactError naming the layer.
 """
 from __future__ import annotations
 
@@ -41,49 +36,30 @@ from typing import Any
 import torch
 
 from lpc.formats import QTensor, get_format
-from lpc.formats.nvfp4 import global_scale_for
 from lpc.pipeline.artifact import store as art
 from lpc.pipeline.errors import ArtifactError
+from lpc.pipeline.export.ct_layouts import (  # noqa: F401 (the layouts are part of this module's API)
+    BF16_DECOMPRESSED, FP8_FORMAT, GROUP, INT_FORMAT, MX_GROUP, MXFP4_FORMAT, MXFP8_FORMAT, NVFP4_FORMAT, SCHEMES,
+    fp8_tensors, int_tensors, layer_tensors, mx_tensors, nvfp4_tensors, reciprocal_scale,
+)
+from lpc.pipeline.export.kv_scales import CT_KV_SCHEME, attention_modules, check_kv, ct_kv_tensors, kv_scales
 from lpc.pipeline.export.registry import EXPORTERS
 from lpc.pipeline.artifact.lpc_model import AUX_PREFIX, WEIGHTS, read_qconfig, read_qtensors
+from lpc.pipeline.io.families import engine_layout_refusal
 from lpc.pipeline.io.models import copy_tokenizer_files, model_from_config
 
 log = logging.getLogger(__name__)
 
 QUANT_METHOD = "compressed-tensors"
-NVFP4_FORMAT = "nvfp4-pack-quantized"
-FP8_FORMAT = "float-quantized"
-MXFP4_FORMAT = "mxfp4-pack-quantized"
-MXFP8_FORMAT = "mxfp8-quantized"
 MIXED_FORMAT = "mixed-precision"
-GROUP = get_format("nvfp4").block_width()  # NVFP4 block width (16)
-MX_GROUP = get_format("mxfp4").block_width()  # MXFP4 / MXFP8 block width (32)
-# Width a layer's inputs must be a multiple of to be held as is; per-channel formats: any.
 # bf16 (a format search's "keep it") is written as a plain weight and listed in `ignore`.
-BLOCK = {f: get_format(f).block_width() or 1 for f in ("nvfp4", "mxfp4", "mxfp8", "fp8_e4m3", "bf16")}
-SUPPORTED = tuple(BLOCK)
+SUPPORTED = ("nvfp4", "mxfp4", "mxfp8", "fp8_e4m3", "int", "bf16")
 _HINT = "export with --format lpc (every format) or --format dense (loadable anywhere)"
 
-_NVFP4_ARGS = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": GROUP,
-               "strategy": "tensor_group", "scale_dtype": "torch.float8_e4m3fn"}
-# Each scheme: (format, weights args, input activation args or None).
-SCHEMES: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None]] = {
-    "nvfp4a16": (NVFP4_FORMAT, {**_NVFP4_ARGS, "dynamic": False}, None),
-    "nvfp4": (NVFP4_FORMAT, {**_NVFP4_ARGS, "dynamic": False},
-              {**_NVFP4_ARGS, "dynamic": "local", "observer": "static_minmax"}),
-    "fp8_channel": (FP8_FORMAT, {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel",
-                                 "dynamic": False}, None),
-    "fp8_tensor": (FP8_FORMAT, {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
-                                "dynamic": False}, None),
-    "mxfp4a16": (MXFP4_FORMAT, {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "group",
-                                "group_size": MX_GROUP, "dynamic": False, "scale_dtype": "torch.uint8",
-                                "zp_dtype": "torch.uint8"}, None),
-    "mxfp8a16": (MXFP8_FORMAT, {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "group",
-                                "group_size": MX_GROUP, "dynamic": False, "scale_dtype": "torch.uint8",
-                                "zp_dtype": "torch.uint8"}, None),
-}
-# Formats compressed-tensors decompresses to bfloat16 whatever the model's dtype.
-BF16_DECOMPRESSED = ("nvfp4a16", "nvfp4", "mxfp4a16", "mxfp8a16")
+
+def block_of(q: QTensor) -> int:
+    """Width a layer's inputs must be a multiple of to be held as is (1 for per-channel formats)."""
+    return get_format(q.format).block_width(**q.spec) or 1
 
 
 @dataclass
@@ -114,7 +90,11 @@ def write_compressed_tensors(src: Path, tmp: Path) -> dict[str, Any]:
     for name in conv.dense:
         conv.tensors[f"{name}.weight"] = conv.tensors[f"{name}.weight"].to(getattr(torch, dtype))
     conv.tensors.update({k: v for k, v in plain.items() if not k.startswith(AUX_PREFIX)})
-    config["quantization_config"] = ct_config(conv.schemes, unquantized_linears(Path(src), conv.schemes))
+    linears = linear_names(Path(src))
+    kv = bool(qconfig.get("kv_cache"))
+    if kv:
+        conv.tensors.update(ct_kv_tensors(kv_scales(plain, attention_modules(linears))))
+    config["quantization_config"] = ct_config(conv.schemes, [n for n in linears if n not in conv.schemes], kv)
     art.write_json(tmp / "config.json", config)
     art.save_tensors(conv.tensors, tmp / WEIGHTS, metadata={"format": "pt"})
     copy_tokenizer_files(src, tmp)
@@ -126,7 +106,7 @@ def write_compressed_tensors(src: Path, tmp: Path) -> dict[str, Any]:
 def stored_bits(tensors: dict[str, torch.Tensor], qtensors: dict[str, QTensor]) -> float:
     """Bits per weight of the quantized layers as exported (dense fallbacks at their stored width)."""
     bits = sum(t.numel() * t.element_size() * 8 for k, t in tensors.items()
-               if k.rpartition(".")[0] in qtensors and not k.endswith(".input_global_scale"))
+               if k.rpartition(".")[0] in qtensors and not k.endswith((".input_global_scale", ".weight_shape")))
     return bits / max(sum(q.numel for q in qtensors.values()), 1)
 
 
@@ -150,6 +130,9 @@ def runtime_dtype(config: dict[str, Any], schemes: dict[str, str]) -> str:
 
 def check_exportable(qconfig: dict[str, Any]) -> None:
     """Raise ArtifactError naming the first layer whose format, spec or extra path has no CT form."""
+    layout = engine_layout_refusal(qconfig, "compressed-tensors")
+    if layout:
+        raise ArtifactError(layout, _HINT)
     for name, meta in sorted(qconfig.get("layers", {}).items()):
         fmt = meta.get("format")
         if fmt == "fgmp":
@@ -161,9 +144,7 @@ def check_exportable(qconfig: dict[str, Any]) -> None:
         if meta.get("spec", {}).get("rotate"):
             raise ArtifactError(f"layer {name} ({fmt}) uses a Hadamard rotation (rotate: true), which "
                                 "compressed-tensors' formats cannot undo", _HINT)
-    if qconfig.get("kv_cache"):  # compressed-tensors' kv_cache_scheme is not written yet: never drop it silently
-        raise ArtifactError(f"the artifact quantizes the KV cache ({qconfig['kv_cache'].get('format')}), which this "
-                            "compressed-tensors export does not write yet", _HINT)
+    check_kv(qconfig.get("kv_cache"), _HINT)  # an engine export never drops a quantized KV cache
     lowrank = sorted((qconfig.get("lowrank") or {}).get("layers") or {})
     if lowrank:
         raise ArtifactError(f"layer {lowrank[0]} has a low-rank residual path, which compressed-tensors "
@@ -202,16 +183,11 @@ def convert_layers(qtensors: dict[str, QTensor], acts: dict[str, dict[str, Any]]
     out = Converted()
     for name in sorted(qtensors):
         q = qtensors[name]
-        if q.shape[-1] % BLOCK[q.format] or q.format == "bf16":
+        if q.shape[-1] % block_of(q) or q.format == "bf16":
             out.tensors[f"{name}.weight"] = get_format(q.format).dequantize(q).to(torch.float32)
             out.dense.append(name)
             continue
-        if q.format == "nvfp4":
-            fields, scheme = nvfp4_tensors(q, acts.get(name))
-        elif q.format in ("mxfp4", "mxfp8"):
-            fields, scheme = mx_tensors(q)
-        else:
-            fields, scheme = fp8_tensors(q)
+        fields, scheme = layer_tensors(q, acts.get(name))
         out.tensors.update({f"{name}.{k}": v for k, v in fields.items()})
         out.schemes[name] = scheme
     padded = [n for n in out.dense if qtensors[n].format != "bf16"]
@@ -226,58 +202,26 @@ def convert_layers(qtensors: dict[str, QTensor], acts: dict[str, dict[str, Any]]
     return out
 
 
-def reciprocal_scale(s: torch.Tensor) -> torch.Tensor:
-    """lpc's per-tensor scale s (amax/(6*448), f32 (1,)) -> CT's global scale 1/s as f32 (1,).
-
-    The division is done in float64 so the result is the correctly rounded f32 reciprocal."""
-    return (1.0 / s.to(torch.float64)).to(torch.float32).reshape(1)
 
 
-def nvfp4_tensors(q: QTensor, act: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], str]:
-    """NVFP4 QTensor (in a multiple of 16) -> weight_packed u8 (out, in/2), weight_scale f8e4m3
-    (out, in/16), weight_global_scale f32 (1,) [, input_global_scale f32 (1,)] and its scheme key."""
-    out = {"weight_packed": q.data["qdata"].contiguous(),
-           "weight_scale": q.data["scale"].to(torch.float8_e4m3fn).contiguous(),
-           "weight_global_scale": reciprocal_scale(q.data["global_scale"])}
-    if act is None:
-        return out, "nvfp4a16"
-    # lpc's activation quantizer uses s2 = global_scale_for(amax); CT divides by its reciprocal
-    out["input_global_scale"] = reciprocal_scale(global_scale_for(torch.tensor(float(act["global_amax"]))))
-    return out, "nvfp4"
 
 
-def mx_tensors(q: QTensor) -> tuple[dict[str, torch.Tensor], str]:
-    """MXFP4 / MXFP8 QTensor (in a multiple of 32) -> compressed-tensors' MX layout and scheme key:
-    mxfp4: weight_packed u8 (out, in/2) = lpc's qdata (same nibble order), weight_scale u8 (out, in/32)
-    = lpc's biased E8M0 exponents; mxfp8: weight f8e4m3 (out, in) = lpc's qdata, weight_scale as above."""
-    scale = q.data["scale"].to(torch.uint8).contiguous()
-    if q.format == "mxfp4":
-        return {"weight_packed": q.data["qdata"].contiguous(), "weight_scale": scale}, "mxfp4a16"
-    return {"weight": q.data["qdata"].view(torch.float8_e4m3fn).reshape(q.shape).contiguous(),
-            "weight_scale": scale}, "mxfp8a16"
-
-
-def fp8_tensors(q: QTensor) -> tuple[dict[str, torch.Tensor], str]:
-    """fp8_e4m3 QTensor -> weight f8e4m3 (out, in), weight_scale f32 (out, 1) or (1,), scheme key."""
-    scale = q.data["scale"].to(torch.float32)
-    per_tensor = scale.numel() == 1
-    out = {"weight": q.data["qdata"].reshape(q.shape).contiguous(),
-           "weight_scale": scale.reshape(1) if per_tensor else scale.reshape(-1, 1).contiguous()}
-    return out, "fp8_tensor" if per_tensor else "fp8_channel"
+def linear_names(src: Path) -> list[str]:
+    """Names of the model's nn.Linear modules in module order; the model is built on the meta device from
+    src/config.json (no memory, no weights read)."""
+    model = model_from_config(src, empty=True)
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
 def unquantized_linears(src: Path, schemes: dict[str, str]) -> list[str]:
-    """Names of the model's nn.Linear modules that no config group holds, in module order.
-
-    The model is built on the meta device from src/config.json (no memory, no weights read)."""
-    model = model_from_config(src, empty=True)
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in schemes]
+    """Names of the model's nn.Linear modules that no config group holds, in module order."""
+    return [n for n in linear_names(src) if n not in schemes]
 
 
-def ct_config(schemes: dict[str, str], ignore: list[str]) -> dict[str, Any]:
-    """The `quantization_config` dict of config.json for layers {name: scheme key}."""
+def ct_config(schemes: dict[str, str], ignore: list[str], kv: bool = False) -> dict[str, Any]:
+    """The `quantization_config` dict of config.json for layers {name: scheme key} (+ the FP8 KV cache)."""
     used = sorted(set(schemes.values()))
-    if not used:
+    if not used and not kv:
         raise ArtifactError("no layer of the artifact can be written in compressed-tensors' packed form",
                             _HINT)
     groups = {}
@@ -288,15 +232,15 @@ def ct_config(schemes: dict[str, str], ignore: list[str]) -> dict[str, Any]:
                                 None if inputs is None else dict(inputs), "output_activations": None,
                                 "format": fmt}
     formats = {SCHEMES[k][0] for k in used}
-    single = len(formats) == 1
-    config = {"quant_method": QUANT_METHOD, "format": next(iter(formats)) if single else MIXED_FORMAT,
+    single = len(formats) <= 1
+    config = {"quant_method": QUANT_METHOD, "format": next(iter(formats), "dense") if single else MIXED_FORMAT,
               "quantization_status": "compressed", "config_groups": groups, "ignore": list(ignore),
-              "kv_cache_scheme": None, "global_compression_ratio": None}
-    if single and all(SCHEMES[k][2] is None for k in used):
+              "kv_cache_scheme": dict(CT_KV_SCHEME) if kv else None, "global_compression_ratio": None}
+    if used and single and not kv and all(SCHEMES[k][2] is None for k in used):
         # transformers then dequantizes at load time into the model's dtype (compressed-tensors' run-time
         # path decompresses NVFP4/MX to bf16 and fails in a float32 model); engines ignore the key.
         # Not for mixed-precision (transformers 5.24 dequantizes every group with one compressor) nor
-        # with quantized activations (dequantizing drops them).
+        # with quantized activations or KV cache (dequantizing drops them).
         config["dequantize"] = True
     return validated(config)
 

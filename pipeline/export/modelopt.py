@@ -14,9 +14,11 @@ Per quantized Linear `<m>`:
 
 hf_quant_config.json: {"producer": {...}, "quantization": {"quant_algo": "NVFP4" | "FP8" | "MIXED_PRECISION",
 "group_size": 16, "exclude_modules": [...], "quantized_layers": {m: {"quant_algo", "group_size"}} (mixed only),
-"kv_cache_quant_algo": null}}; config.json carries the same as `quantization_config` with quant_method
+"kv_cache_quant_algo": null | "FP8"}}; config.json carries the same as `quantization_config` with quant_method
 "modelopt". Padded NVFP4 layers (input width not a multiple of 16) are written dense and excluded.
-Everything else (MX, int, BCQ, FGMP, per-channel FP8, rotation, low-rank paths) is refused naming the layer.
+The FP8 KV cache (kv_fp8): kv_cache_quant_algo "FP8" and `<attn>.k_proj.k_scale` / `<attn>.v_proj.v_scale`
+f32 () = amax/448 (kv_scales). Everything else (MX, int, BCQ, FGMP, per-channel FP8, rotation, low-rank
+paths, other KV caches) is refused naming the layer.
 
 Plain transformers has no modelopt loader: it skips the config and refuses the NVFP4 layers (size
 mismatch), but would read FP8 layers without their scale. Load modelopt exports with an engine.
@@ -35,8 +37,10 @@ from lpc.formats.nvfp4 import global_scale_for
 from lpc.pipeline.artifact import store as art
 from lpc.pipeline.artifact.lpc_model import AUX_PREFIX, WEIGHTS, read_qconfig, read_qtensors
 from lpc.pipeline.errors import ArtifactError
-from lpc.pipeline.export.compressed_tensors import activation_entries, model_dtype, unquantized_linears
+from lpc.pipeline.export.compressed_tensors import activation_entries, linear_names, model_dtype
+from lpc.pipeline.export.kv_scales import MODELOPT_KV_ALGO, attention_modules, check_kv, kv_scales, modelopt_kv_tensors
 from lpc.pipeline.export.registry import EXPORTERS
+from lpc.pipeline.io.families import engine_layout_refusal
 from lpc.pipeline.io.models import copy_tokenizer_files
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,9 @@ _HINT = "export with --format compressed-tensors, lpc (every format) or dense (l
 
 def check_modelopt(qconfig: dict[str, Any]) -> None:
     """Raise ArtifactError naming the first layer or feature the modelopt layout cannot hold."""
+    layout = engine_layout_refusal(qconfig, "modelopt")
+    if layout:
+        raise ArtifactError(layout, _HINT)
     for name, meta in sorted(qconfig.get("layers", {}).items()):
         fmt, spec = meta.get("format"), meta.get("spec", {})
         if fmt not in ("nvfp4", "fp8_e4m3", "bf16"):
@@ -59,8 +66,7 @@ def check_modelopt(qconfig: dict[str, Any]) -> None:
                                 "re-quantize with --set quantize.weights.spec.granularity=tensor, or " + _HINT)
         if spec.get("rotate"):
             raise ArtifactError(f"layer {name} ({fmt}) uses a Hadamard rotation, which modelopt cannot undo", _HINT)
-    if qconfig.get("kv_cache"):
-        raise ArtifactError("the artifact quantizes the KV cache, which this modelopt export does not write yet", _HINT)
+    check_kv(qconfig.get("kv_cache"), _HINT)  # an engine export never drops a quantized KV cache
     lowrank = sorted((qconfig.get("lowrank") or {}).get("layers") or {})
     if lowrank:
         raise ArtifactError(f"layer {lowrank[0]} has a low-rank residual path, which modelopt cannot hold",
@@ -83,13 +89,14 @@ def layer_tensors(q: QTensor, act: dict[str, Any] | None) -> tuple[dict[str, tor
     return out, "NVFP4"
 
 
-def quant_section(algos: dict[str, str], exclude: list[str]) -> dict[str, Any]:
-    """The `quantization` section of hf_quant_config.json for layers {name: quant_algo}."""
+def quant_section(algos: dict[str, str], exclude: list[str], kv: bool = False) -> dict[str, Any]:
+    """The `quantization` section of hf_quant_config.json for layers {name: quant_algo} (+ the FP8 KV cache)."""
     used = sorted(set(algos.values()))
-    if not used:
+    if not used and not kv:
         raise ArtifactError("no layer of the artifact can be written in modelopt's layout", _HINT)
-    section: dict[str, Any] = {"quant_algo": used[0] if len(used) == 1 else "MIXED_PRECISION",
-                               "kv_cache_quant_algo": None, "exclude_modules": list(exclude)}
+    section: dict[str, Any] = {"quant_algo": (used[0] if len(used) == 1 else "MIXED_PRECISION") if used else None,
+                               "kv_cache_quant_algo": MODELOPT_KV_ALGO if kv else None,
+                               "exclude_modules": list(exclude)}
     if len(used) == 1 and used[0] == "NVFP4":
         section["group_size"] = GROUP
     if len(used) > 1:
@@ -120,14 +127,18 @@ def write_modelopt(src: Path, tmp: Path) -> dict[str, Any]:
     if any(qtensors[n].format != "bf16" for n in dense):
         log.warning("modelopt export: padded NVFP4 layers written dense and excluded: %s", ", ".join(dense))
     tensors.update({k: v for k, v in plain.items() if not k.startswith(AUX_PREFIX)})
-    section = quant_section(algos, unquantized_linears(Path(src), algos))
+    linears, kv = linear_names(Path(src)), bool(qconfig.get("kv_cache"))
+    if kv:
+        tensors.update(modelopt_kv_tensors(kv_scales(plain, attention_modules(linears))))
+    section = quant_section(algos, [n for n in linears if n not in algos], kv)
     config["quantization_config"] = {"quant_method": QUANT_METHOD, **section}
     art.write_json(tmp / "config.json", config)
     art.write_json(tmp / HF_QUANT_CONFIG, {"producer": {"name": "lpc", "version": art.lpc_version()},
                                            "quantization": section})
     art.save_tensors(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
     copy_tokenizer_files(src, tmp)
-    return {"quant_algo": section["quant_algo"], "dense_layers": dense,
+    return {"quant_algo": section["quant_algo"], "kv_cache_quant_algo": section["kv_cache_quant_algo"],
+            "dense_layers": dense,
             "dropped": [f"activation quantization of the dense layers: {', '.join(n for n in dense if n in acts)}"]
             if any(n in acts for n in dense) else []}
 

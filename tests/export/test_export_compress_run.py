@@ -34,7 +34,7 @@ def _cli(*args: object) -> dict:
 def runs(tmp_path_factory, tiny_model_dir, text_files) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("compress-runs")
     _compress(tiny_model_dir, d / "ct", "nvfp4", text_files["jsonl"])
-    _compress(tiny_model_dir, d / "lpc", "int4", text_files["jsonl"])
+    _compress(tiny_model_dir, d / "lpc", "bcq", text_files["jsonl"])  # no engine format holds BCQ: auto keeps lpc
     return {"ct": d / "ct", "lpc": d / "lpc"}
 
 

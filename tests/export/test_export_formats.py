@@ -1,6 +1,7 @@
 """Engine formats from the recipe: every compressed-tensors layout lpc writes (NVFP4, FP8, MXFP4, MXFP8,
-layer mixes), decompressed by the library and loaded by transformers with lpc's logits in bf16 and
-float32; `auto`'s choice; modelopt read back; FGMP's block mix refused with a one-line reason."""
+VS-Quant int4/int8, layer mixes), decompressed by the library and loaded by transformers with lpc's
+logits in bf16 and float32; `auto`'s choice; modelopt read back; FGMP's block mix refused with a one-line
+reason."""
 from __future__ import annotations
 
 import json
@@ -17,20 +18,25 @@ from lpc.pipeline.artifact.load import load
 from lpc.pipeline.artifact.lpc_model import read_qconfig, read_qtensors
 from lpc.pipeline.errors import ArtifactError
 from lpc.pipeline.export.compressed_tensors import check_exportable, mx_tensors
+from lpc.pipeline.export.ct_runtime import settle
 from lpc.pipeline.export.modelopt import dequantize_layer
 from lpc.recipes import load_recipe
 
 needs_ct = pytest.mark.skipif(find_spec("compressed_tensors") is None, reason="compressed_tensors is not installed")
 PROMPT = "once upon a time there was a little girl who liked to play in the park with her dog"
 MIXED = ['quantize.overrides=[{match: "*mlp*", weights: {format: fp8_e4m3}}, {match: "*o_proj", weights: {format: mxfp8}}]']
+INT8 = ["quantize.weights.spec.bits=8", "quantize.weights.spec.vector=32", "quantize.weights.spec.scale_format=e4m3"]
 # recipe -> (recipe name, --set overrides, the compressed-tensors format of its export)
 CT_CASES = {
     "nvfp4": ("nvfp4", [], "nvfp4-pack-quantized"),
     "fp8": ("fp8", [], "float-quantized"),
     "mxfp4": ("mxfp4", [], "mxfp4-pack-quantized"),
     "mxfp8": ("mxfp8", [], "mxfp8-quantized"),
+    "int4": ("int4", [], "pack-quantized"),
+    "int8": ("int4", INT8, "pack-quantized"),
     "mixed": ("nvfp4", MIXED, "mixed-precision"),
 }
+BF16_DECOMPRESSED = ("nvfp4", "mxfp4", "mxfp8")  # formats compressed-tensors decompresses in bf16
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +57,13 @@ def _logits(model, ids) -> torch.Tensor:
 
 
 def _lpc_at_ct_precision(quant: Path, dtype: torch.dtype):
-    """lpc's model in `dtype`, its quantized weights rounded through bf16 (compressed-tensors decompresses
-    NVFP4/MX in bf16; FP8 in its scale's dtype) so float32 comparisons are exact."""
+    """lpc's model in `dtype`, its NVFP4/MX weights rounded through bf16 (compressed-tensors decompresses
+    them in bf16, exactly; FP8 and int in their scale's dtype) so float32 comparisons are exact."""
     model, tok = load(quant, dtype=dtype)
-    for name in read_qconfig(quant)["layers"]:
-        w = model.get_submodule(name).weight
-        w.data = w.data.to(torch.bfloat16).to(dtype)
+    for name, meta in read_qconfig(quant)["layers"].items():
+        if meta["format"] in BF16_DECOMPRESSED:
+            w = model.get_submodule(name).weight
+            w.data = w.data.to(torch.bfloat16).to(dtype)
     return model, tok
 
 
@@ -64,24 +71,39 @@ def _lpc_at_ct_precision(quant: Path, dtype: torch.dtype):
 @pytest.mark.parametrize("key", list(CT_CASES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_transformers_loads_each_ct_layout_with_lpc_logits(exports, key, dtype):
+    """from_pretrained(dtype=...) then ct_runtime.settle (a no-op for single-format weight-only exports,
+    which transformers dequantizes at load; for mixed-precision it decompresses and gives the bf16
+    NVFP4/MX weights the float32 model's dtype) and lpc.load of the export give lpc's logits."""
     from transformers import AutoModelForCausalLM
 
-    if key == "mixed" and dtype == torch.float32:
-        pytest.skip("compressed-tensors' run-time path (used for mixed-precision) decompresses NVFP4/MX to bf16: "
-                    "a float32 model cannot run it; the export declares bfloat16")
     paths = exports[key]
     qc = json.loads((paths["ct"] / "config.json").read_text())["quantization_config"]
     assert qc["format"] == CT_CASES[key][2]
-    ct_model = AutoModelForCausalLM.from_pretrained(str(paths["ct"]), dtype=dtype)
+    ct_model = settle(AutoModelForCausalLM.from_pretrained(str(paths["ct"]), dtype=dtype))
     assert ct_model.dtype == dtype
-    ref = _lpc_at_ct_precision(paths["quant"], dtype) if key != "fp8" else load(paths["quant"], dtype=dtype)
-    lpc_model, tok = ref
+    assert all(m.weight.dtype == dtype for m in ct_model.modules() if isinstance(m, torch.nn.Linear))
+    lpc_model, tok = _lpc_at_ct_precision(paths["quant"], dtype)
     ids = tok(PROMPT, return_tensors="pt").input_ids
     got, want = _logits(ct_model, ids), _logits(lpc_model, ids)
     if key in ("fp8", "mixed") and dtype == torch.bfloat16:  # CT keeps FP8 scales in bf16: one bf16 step
         assert (got - want).abs().max().item() < 0.02 * want.abs().max().item()
     else:
         assert torch.equal(got, want), (got - want).abs().max().item()
+    assert torch.equal(_logits(load(paths["ct"], dtype=dtype)[0], ids), got)  # lpc's loader: the same model
+
+
+@needs_ct
+def test_plain_float32_load_of_a_mixed_export_needs_settle(exports):
+    """What the library alone does: the float32 model's first forward fails on the bf16 NVFP4/MX weights;
+    settle is what makes it run (and the export declares bfloat16, which loads without it)."""
+    from transformers import AutoModelForCausalLM
+
+    ct = exports["mixed"]["ct"]
+    assert json.loads((ct / "config.json").read_text())["dtype"] == "bfloat16"
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with pytest.raises(RuntimeError, match="dtype"):
+        _logits(AutoModelForCausalLM.from_pretrained(str(ct), dtype=torch.float32), ids)
+    assert torch.isfinite(_logits(settle(AutoModelForCausalLM.from_pretrained(str(ct), dtype=torch.float32)), ids)).all()
 
 
 @needs_ct
@@ -126,19 +148,22 @@ def test_auto_picks_compressed_tensors_when_it_holds_every_layer(tmp_path, align
 
 
 def test_auto_falls_back_to_lpc_and_says_why(tmp_path, aligned_dir):
-    stages.quantize(str(aligned_dir), load_recipe("int4"), tmp_path / "q")
+    stages.quantize(str(aligned_dir), load_recipe("bcq"), tmp_path / "q")
     result = stages.export(tmp_path / "q", tmp_path / "out", "auto")
     summary = result.manifest["summary"]
-    assert summary["format"] == "lpc" and "format 'int'" in summary["format_reason"]
+    assert summary["format"] == "lpc" and "format 'bcq'" in summary["format_reason"]
     assert read_qconfig(tmp_path / "out") is not None
-    assert load_recipe("int4").export.format == "auto"
+    assert load_recipe("bcq").export.format == "auto"
 
 
-def test_kv_cache_quantization_is_never_dropped_by_an_engine_export():
+@pytest.mark.parametrize("kv", [{"format": "nvfp4"}, {"format": "fp8_e4m3", "scales": "head"},
+                                {"format": "fp8_e4m3", "kivi": True}, {"format": "fp8_e4m3", "scales": "dynamic"}])
+def test_kv_cache_without_engine_form_is_never_dropped(kv):
     from lpc.pipeline.export.compressed_tensors import expressible
 
-    qc = {"layers": {"m.a": {"format": "nvfp4", "shape": [32, 32], "spec": {}}}, "kv_cache": {"format": "fp8_e4m3"}}
+    qc = {"layers": {"m.a": {"format": "nvfp4", "shape": [32, 32], "spec": {}}}, "kv_cache": kv}
     assert "KV cache" in expressible(qc)  # so `auto` keeps the lpc format
+    assert expressible({**qc, "kv_cache": {"format": "fp8_e4m3", "scales": "tensor"}}) is None
 
 
 def test_fgmp_block_mix_is_refused_with_one_line_reason():

@@ -298,7 +298,7 @@ def test_mixed_formats_give_one_group_per_scheme(tmp_path, aligned_dir):
 
 # ---- refusals ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("recipe,sets,fmt", [("int4", [], "int"),
+@pytest.mark.parametrize("recipe,sets,fmt", [("bcq", [], "bcq"),
                                              ("nvfp4", ["quantize.weights.spec.rotate=true"], "rotation")])
 def test_formats_without_ct_form_are_refused(tmp_path, aligned_dir, recipe, sets, fmt):
     quant = _quantize(aligned_dir, tmp_path / "q", recipe, sets)

@@ -1,0 +1,103 @@
+"""A compressed-tensors export loaded by transformers, made to run in the dtype it was loaded in.
+
+transformers' compressed-tensors integration leaves mixed-precision and W4A4 exports compressed and lets
+compressed-tensors decompress them on the first forward; compressed-tensors decompresses NVFP4 and MX
+weights to bfloat16 whatever the model's dtype, so a model loaded with `dtype=torch.float32` fails on
+its first matmul (float input, bf16 weight). `settle(model)` decompresses at once and gives each
+decompressed Linear weight the model's dtype: bf16 -> f32 is exact, so the float32 model computes with
+exactly the weights the library decompressed (and keeps its quantized activations). `lpc.load` applies
+it to every compressed-tensors export; after a plain `from_pretrained(export, dtype=torch.float32)`
+call it yourself:
+
+    from lpc.pipeline.export.ct_runtime import settle
+    model = settle(AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32))
+
+The FP8 KV cache (`kv_cache_scheme` with `<attn>.k_scale` / `v_scale`): compressed-tensors 0.20 finds the
+attention modules to hook by a `past_key_values` argument, which transformers 5 renamed `cache`, so
+from_pretrained loads the scales as unexpected keys and runs an unquantized cache. `settle(model, dir)`
+attaches lpc's own FP8 KV quantization with exactly those scales (what vLLM runs), so `lpc.load` and
+`lpc eval` of such an export measure the quantized cache.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def model_float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model was loaded in: its input embedding's (never quantized)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if emb is not None and emb.weight.is_floating_point():
+        return emb.weight.dtype
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def settle(model: nn.Module, directory: str | Path | None = None) -> nn.Module:
+    """Decompress a compressed-tensors model now (if its first forward would), cast each Linear's
+    decompressed weight to the model's dtype, and attach the export's FP8 KV cache scales (read from
+    `directory`, default the model's own); a model with nothing to settle is returned unchanged."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    compressor = getattr(quantizer, "compressor", None)
+    if compressor is not None and hasattr(model, "ct_decompress_hook"):
+        compressor.decompress_model(model)
+    dtype = model_float_dtype(model)
+    cast = []
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and isinstance(w, torch.Tensor) and w.is_floating_point() and w.dtype != dtype:
+            module.weight.data = w.data.to(dtype)
+            cast.append(name)
+    if cast:
+        log.info("compressed-tensors model: %d decompressed weight(s) given the model's dtype %s", len(cast), dtype)
+    directory = Path(directory or getattr(model.config, "_name_or_path", "") or ".")
+    if _kv_scheme(directory) is not None and not any(hasattr(m, "kv_cache") for m in model.modules()):
+        attach_ct_kv(model, directory)
+    return model
+
+
+def _kv_scheme(directory: Path) -> dict | None:
+    config = directory / "config.json"
+    if not config.is_file():
+        return None
+    qc = json.loads(config.read_text()).get("quantization_config") or {}
+    return qc.get("kv_cache_scheme") if qc.get("quant_method") == "compressed-tensors" else None
+
+
+def amax_for_scale(s: torch.Tensor) -> torch.Tensor:
+    """The f32 amax whose FP8 scale amax/448 is exactly s (s*448 rounded, nudged one ulp where needed)."""
+    a = (s.float() * 448.0).reshape(())
+    for _ in range(4):
+        got = a / 448.0
+        if torch.equal(got, s.float().reshape(())):
+            break
+        a = torch.nextafter(a, torch.tensor(float("inf")) if got < s.float().reshape(()) else torch.tensor(0.0))
+    return a
+
+
+def attach_ct_kv(model: nn.Module, directory: Path) -> None:
+    """lpc's FP8 E4M3 KV quantization with the export's per-layer k_scale / v_scale (per tensor, static)."""
+    from safetensors import safe_open
+
+    from lpc.pipeline.errors import ArtifactError
+    from lpc.pipeline.kvcache import KVSpec, attach_kv_quantization
+
+    specs = []
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        for i in range(model.config.num_hidden_layers):
+            pair = []
+            for part in ("k", "v"):
+                key = next((k for k in keys if k.endswith(f".{i}.self_attn.{part}_scale")), None)
+                if key is None:
+                    raise ArtifactError(f"{directory}: kv_cache_scheme is set but layer {i} has no {part}_scale",
+                                        "re-export the artifact with lpc export")
+                pair.append(KVSpec("fp8_e4m3", {"granularity": "tensor"}, amax_for_scale(f.get_tensor(key))))
+            specs.append((pair[0], pair[1]))
+    attach_kv_quantization(model, specs)
