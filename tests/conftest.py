@@ -113,3 +113,20 @@ def aligned_dir(tmp_path_factory) -> Path:
 def make_llama():
     """The in-memory tiny-Llama builder (`tiny_llama`), for tests that need no files."""
     return tiny_llama
+
+
+@pytest.fixture(scope="session")
+def family_dir(tmp_path_factory):
+    """family name (tests/families/zoo.py: llama, qwen2, ..., gpt2, mixtral, ..., bert, t5), padded=False ->
+    the directory of that family's tiny random model with the small tokenizer (built once per session)."""
+    from families.zoo import build_family
+
+    built: dict[tuple[str, bool], Path] = {}
+
+    def get(family: str, padded: bool = False) -> Path:
+        if (family, padded) not in built:
+            path = tmp_path_factory.mktemp(f"family-{family}{'-padded' if padded else ''}")
+            built[(family, padded)] = build_family(path, family, build_tokenizer, padded=padded)
+        return built[(family, padded)]
+
+    return get

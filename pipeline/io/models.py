@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from lpc.pipeline.errors import InputError
+from lpc.pipeline.io.experts import unfuse_experts
+from lpc.pipeline.io.families import linearize, model_kind, named_explicitly, routers, warn_unreached
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,12 @@ def _check_config(path: Path) -> None:
         raise InputError(f"{path} is not valid JSON{where}", "restore the model's config.json") from None
     if not isinstance(config, dict):
         raise InputError(f"{path} is not a JSON object", "restore the model's config.json")
+    kind = model_kind(config)
+    if kind != "decoder":
+        what = "an encoder-decoder" if kind == "encoder-decoder" else "an encoder-only"
+        raise InputError(f"{path.parent} is {what} model ({config.get('model_type')}): lpc compresses decoder-only "
+                         "causal language models", "give a causal LM (Llama, Qwen, Mistral, Gemma, Phi-3, GPT-2, "
+                         "OPT, GPT-NeoX, Mixtral, Qwen-MoE ...)")
 
 
 def _hub_hint(model: str | Path, err: Exception) -> tuple[str, str] | None:
@@ -86,11 +94,22 @@ def load_hf_model(model: str | Path, dtype: torch.dtype | None = None, device: s
                          "re-download or re-save the model") from None
     m.eval().requires_grad_(False)
     _check_finite(m, model)
+    to_lpc_layout(m)
     return m.to(device)
 
 
+def to_lpc_layout(model: nn.Module) -> nn.Module:
+    """Every quantizable matrix of `model` as an nn.Linear (out, in), in place: GPT-2 Conv1D layers become
+    TransposedLinear, fused 3-D MoE experts one Linear per expert and matrix (io/families.py, io/experts.py).
+    Forward results are unchanged; state dicts keep the checkpoint's layout for Conv1D."""
+    linearize(model)
+    unfuse_experts(model)
+    return model
+
+
 def model_from_config(model_dir: str | Path, dtype: torch.dtype | str | None = None, empty: bool = False) -> nn.Module:
-    """The causal LM built from `model_dir/config.json` WITHOUT its quantization_config (eval mode, no grads).
+    """The causal LM built from `model_dir/config.json` WITHOUT its quantization_config (eval mode, no grads),
+    in lpc's layout (`to_lpc_layout`).
 
     lpc rebuilds quantized weights itself, so transformers must not see the artifact's (lpc or engine)
     quantization_config. dtype: the one given, else config.json's, else float32. empty=True puts the
@@ -109,7 +128,7 @@ def model_from_config(model_dir: str | Path, dtype: torch.dtype | str | None = N
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval().requires_grad_(False)
+    return to_lpc_layout(model.eval().requires_grad_(False))
 
 
 def load_tokenizer(model: str | Path):
@@ -151,12 +170,20 @@ def find_targets(model: nn.Module, targets: list[str], ignore: list[str]) -> dic
     """Linear modules whose names match a `targets` glob and no `ignore` glob, in model order.
 
     A glob matches the full dotted name or its last component (`down_proj`, `*.mlp.*`, `lm_head`).
+    Conv1D layers and fused MoE experts are Linears once the model is in lpc's layout (`to_lpc_layout`,
+    done here when the loader did not). Routers and shared-expert gates stay unquantized unless a target
+    names them without wildcards. A warning names the share of matrix parameters left unreached.
     """
+    to_lpc_layout(model)
+    skip = [n for n in routers(model) if not named_explicitly(n, targets)]
     found = {n: m for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and _matches(n, targets) and not _matches(n, ignore)}
+             if isinstance(m, nn.Linear) and _matches(n, targets) and not _matches(n, ignore) and n not in skip}
     if not found:
-        raise InputError(f"no Linear layer matches targets {targets} (ignoring {ignore})",
+        kinds = sorted({type(m).__name__ for m in model.modules() if any(p.dim() >= 2 for p in m.parameters(False))})
+        raise InputError(f"no Linear layer matches targets {targets} (ignoring {ignore}); the model's layers with "
+                         f"weight matrices are {', '.join(kinds)}",
                          "check the recipe's targets/ignore globs against the model's module names")
+    warn_unreached(model, found, list(ignore) + skip)
     return found
 
 

@@ -59,6 +59,10 @@ def check_streamable(model: nn.Module, store: WeightStore) -> None:
     missing = [n for n, _ in model.named_parameters(remove_duplicate=False) if n not in store and n not in tied]
     if missing:
         raise StreamingUnsupported(f"checkpoint keys differ from the model's, e.g. {missing[0]}")
+    from lpc.pipeline.io.families import is_transposed
+    flipped = [n for n, m in model.named_modules() if is_transposed(m)]
+    if flipped:  # checkpoint weights are (in, out) there: loaded whole, through the model's own loader
+        raise StreamingUnsupported(f"{flipped[0]} stores its weight transposed (Conv1D)")
 
 
 def _tied_names(model: nn.Module) -> set[str]:

@@ -44,7 +44,7 @@ def gptq_quantize(w: torch.Tensor, cov: torch.Tensor, fmt_name: str, spec: dict[
     context = fmt.pinned_context(w.detach().float(), spec, context)
     W = w.detach().to(torch.float64).clone()
     out_f, k = W.shape
-    U = _inverse_cholesky(cov.to(torch.float64), W, damp)
+    U = _inverse_cholesky(cov.to(torch.float64), damp)
     frozen = torch.empty_like(W)
     for start in range(0, k, width):
         stop = min(k, start + width)
@@ -60,12 +60,16 @@ def gptq_quantize(w: torch.Tensor, cov: torch.Tensor, fmt_name: str, spec: dict[
     return fmt.quantize(frozen.float(), **spec, **context)
 
 
-def _inverse_cholesky(H: torch.Tensor, W: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1; dead inputs get H_ii = 1."""
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1; dead inputs get H_ii = 1.
+
+    An input that never fired in calibration has a zero row and column in H: giving it H_ii = 1 leaves
+    its weights to plain rounding (their error is pushed nowhere, since H couples it to no other input),
+    and W is left as it is: calibration text that never fires an input (an MoE expert no token reached)
+    says nothing about the inputs the model meets later, so zeroing those weights would be wrong."""
     H = H.clone()
     dead = torch.diagonal(H) <= 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0  # an input that never fires contributes nothing; zero is exact for it
     H += damp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
     L = torch.linalg.cholesky(H)
     Hinv = torch.cholesky_inverse(L)

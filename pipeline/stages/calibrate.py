@@ -12,6 +12,7 @@ from lpc.pipeline.io.device import check_device
 from lpc.pipeline.io.models import find_targets, load_hf_model, load_tokenizer, model_files, resolve_model
 from lpc.pipeline.io.streaming import open_for_calibration
 from lpc.pipeline.progress import Progress
+from lpc.pipeline.quantization.experts import stand_in_statistics
 from lpc.pipeline.stages.base import StageResult, run_stage
 from lpc.recipes.schema import Recipe
 
@@ -38,6 +39,7 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
         stats = collect_input_stats(m, batches, targets, progress, device, store=store)
         if c.fisher:
             _add_fisher(m, batches, targets, stats, progress, device)
+        idle = stand_in_statistics(stats)  # MoE experts no token was routed to
         art.save_tensors(stats_tensors(stats), tmp / STATS_FILE)
         if recipe.kv_cache is not None:
             _add_kv_stats(src, m, store, batches, tmp, progress, device)
@@ -45,7 +47,8 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
         layers = {n: {"in_features": mod.in_features, "out_features": mod.out_features, "rows": stats[n].count}
                   for n, mod in targets.items()}
         return {"layers": layers, "summary": {"samples": len(batches), "tokens": tokens, "layers": len(layers),
-                                             "fisher": c.fisher, "kv_cache": recipe.kv_cache is not None}}
+                                             "fisher": c.fisher, "kv_cache": recipe.kv_cache is not None,
+                                             **({"experts_without_tokens": idle} if idle else {})}}
 
     return run_stage("calibrate", out, model_files(src) + data_inputs(data), config, overwrite, body)
 

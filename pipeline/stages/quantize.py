@@ -12,6 +12,7 @@ from lpc.pipeline.calibration.stats import STATS_FILE, calibration_batches_of, r
 from lpc.pipeline.errors import RecipeError
 from lpc.pipeline.io.device import check_device
 from lpc.pipeline.kvcache import KV_STATS_FILE, read_kv_stats
+from lpc.pipeline.io.families import layout_config
 from lpc.pipeline.io.models import copy_tokenizer_files, find_targets, load_hf_model, model_files, resolve_model
 from lpc.pipeline.progress import Progress
 from lpc.pipeline.quantization import QUANTIZE_METHODS, TuneInputs
@@ -41,6 +42,8 @@ def quantize(model: str, recipe: Recipe | None, out: Path, calib: Path | None = 
         need = "kv_cache" if not method.needs_calibration else f"quantize.method={q.method}"
         raise RecipeError(f"{need} needs a calibration, but no calibration was given",
                           "pass --calib DIR (from `lpc calibrate`), or use `lpc compress`")
+    if calib is not None:  # a missing or foreign directory is the user's input error, before any work
+        art.read_manifest(calib, "calibrate")
     stats_path = [Path(calib) / STATS_FILE] if calib else []
     stats_path += [Path(calib) / KV_STATS_FILE] if calib and recipe.kv_cache is not None else []
     config = {"model": src, "recipe": recipe.model_dump(mode="json"), "calib": str(calib) if calib else None,
@@ -59,7 +62,7 @@ def quantize(model: str, recipe: Recipe | None, out: Path, calib: Path | None = 
         qtensors, records = quantize_layers(targets, lp, stats, progress=progress, method=q.method,
                                             weights=tuned, setups=setups)
         acts, aux = activation_config(recipe, qtensors, stats, lp)
-        extra = {"fuse_groups": q.fuse_groups, **({"activations": acts} if acts else {})}
+        extra = {"fuse_groups": q.fuse_groups, **({"activations": acts} if acts else {}), **layout_config(m)}
         if recipe.kv_cache is not None:
             aux = {**aux, **read_kv_stats(calib)}
             extra["kv_cache"] = recipe.kv_cache.model_dump(mode="json")

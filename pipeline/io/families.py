@@ -1,0 +1,165 @@
+"""What differs between Hugging Face model families, reduced to one in-memory form: every quantizable
+matrix an `nn.Linear` with an (out, in) weight.
+
+- GPT-2 style `Conv1D` (y = x W + b with W (in, out)) becomes a `TransposedLinear`: an nn.Linear whose
+  weight is (out, in) in memory and (in, out) in state dicts, so checkpoints keep the family's layout.
+- MoE experts stored as fused 3-D parameters become one Linear per expert and matrix (io/experts.py).
+- Routers and gates (a Linear directly inside a sparse-MoE block: Mixtral's `block_sparse_moe.gate`,
+  Qwen-MoE's `mlp.gate` and `shared_expert_gate`) stay in high precision unless a target names them.
+- Matrices lpc does not reach (unknown layouts) are counted, and a warning names their share.
+- Encoders and encoder-decoders are recognised from the config (`model_kind`).
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# A share of matrix parameters left unreached above this is reported.
+UNREACHED_WARN = 0.01
+
+
+class TransposedLinear(nn.Linear):
+    """An nn.Linear standing in for transformers' Conv1D (GPT-2, GPT, ...): the same y = x W^T + b with
+    the weight (out, in) in memory, stored (in, out) in state dicts as the family's checkpoints are."""
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "weight"
+        if key in destination and destination[key].dim() == 2:
+            destination[key] = destination[key].detach().t().contiguous()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        key = prefix + "weight"
+        if key in state_dict and state_dict[key].dim() == 2:
+            state_dict[key] = state_dict[key].t()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """A layer whose checkpoint weight is (in, out): a Conv1D or its TransposedLinear stand-in."""
+    return isinstance(module, TransposedLinear) or type(module).__name__ == "Conv1D"
+
+
+def linearize(model: nn.Module) -> list[str]:
+    """Replace every transformers Conv1D of `model` by an equal TransposedLinear (in place, any device,
+    meta included); returns the names replaced."""
+    done = []
+    for name, mod in list(model.named_modules()):
+        if type(mod).__name__ != "Conv1D" or not hasattr(mod, "nx"):
+            continue
+        lin = TransposedLinear(mod.nx, mod.nf, bias=mod.bias is not None, device="meta", dtype=mod.weight.dtype)
+        lin.weight = nn.Parameter(mod.weight.detach().t().contiguous(), requires_grad=False)
+        if mod.bias is not None:
+            lin.bias = nn.Parameter(mod.bias.detach(), requires_grad=False)
+        _replace(model, name, lin)
+        done.append(name)
+    return done
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def checkpoint_layout(model: nn.Module, name: str, w: torch.Tensor) -> torch.Tensor:
+    """The (out, in) weight `w` of layer `name` in the layout its state-dict entry has ((in, out) for Conv1D)."""
+    return w.t().contiguous() if is_transposed(model.get_submodule(name)) else w
+
+
+def moe_block(module: nn.Module) -> bool:
+    """A sparse-MoE block: a module holding an `experts` child (a ModuleList or fused experts)."""
+    return isinstance(getattr(module, "experts", None), nn.Module)
+
+
+def routers(model: nn.Module) -> list[str]:
+    """Names of the modules that route tokens or gate a shared expert: direct children of a sparse-MoE
+    block that hold a weight of their own (Mixtral `block_sparse_moe.gate`, Qwen-MoE `mlp.gate` and
+    `mlp.shared_expert_gate`, transformers 5's TopKRouter modules)."""
+    out = []
+    for name, mod in model.named_modules():
+        if moe_block(mod):
+            out += [f"{name}.{leaf}" if name else leaf for leaf, child in mod.named_children()
+                    if leaf != "experts" and isinstance(getattr(child, "weight", None), torch.Tensor)]
+    return out
+
+
+def named_explicitly(name: str, targets: Iterable[str]) -> bool:
+    """True when a target glob without wildcards names `name` (full name or last component)."""
+    leaf = name.rsplit(".", 1)[-1]
+    return any(not any(c in t for c in "*?[") and t in (name, leaf) for t in targets)
+
+
+def unreached_share(model: nn.Module, reached: Iterable[str], ignore: Iterable[str]) -> tuple[float, list[str]]:
+    """(share of matrix parameters no target covers, names of such parameters).
+
+    Matrix parameters: floating tensors of 2 or more dimensions outside embeddings and outside the
+    layers the recipe ignores (lm_head...) and outside routers; `reached`: the target Linears."""
+    reached = set(reached)
+    skip = set(routers(model))
+    emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    total, left, names = 0, 0, []
+    for mname, mod in model.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            if p.dim() < 2 or not p.is_floating_point() or id(p) in emb:
+                continue
+            if mname in skip or any(fnmatch.fnmatchcase(mname, g) or fnmatch.fnmatchcase(mname.rsplit(".", 1)[-1], g)
+                                    for g in ignore):
+                continue
+            total += p.numel()
+            if mname not in reached:
+                left += p.numel()
+                names.append(f"{mname}.{pname}" if mname else pname)
+    return (left / total if total else 0.0), names
+
+
+def warn_unreached(model: nn.Module, reached: Iterable[str], ignore: Iterable[str]) -> float:
+    """Log a warning naming the share of matrix parameters that stay unquantized (above 1%)."""
+    share, names = unreached_share(model, reached, ignore)
+    if share > UNREACHED_WARN:
+        log.warning("%.1f%% of the model's matrix parameters are in layouts lpc does not quantize and stay in "
+                    "their original precision (e.g. %s)", 100 * share, names[0])
+    return share
+
+
+def model_kind(config: Any) -> str:
+    """'encoder-decoder' (T5, BART...), 'encoder' (BERT-style: no causal LM), or 'decoder'.
+
+    config: a transformers config or config.json's dict."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    if get("is_encoder_decoder", False):
+        return "encoder-decoder"
+    if get("model_type", "") in ENCODER_TYPES:
+        return "encoder"
+    return "decoder"
+
+
+# Encoder-only model types (masked LM / embeddings, no causal head of their own).
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
+                 "camembert", "mpnet", "modernbert", "nomic_bert")
+
+
+def layout_config(model: nn.Module) -> dict[str, list[str]]:
+    """What an artifact's quantization_config records about layouts engines may not hold (empty when none):
+    `transposed`: Conv1D layers (TransposedLinear), `experts`: MoE experts split into Linears."""
+    from lpc.pipeline.io.experts import ExpertLinears
+
+    out = {"transposed": [n for n, m in model.named_modules() if isinstance(m, TransposedLinear)],
+           "experts": [n for n, m in model.named_modules() if isinstance(m, ExpertLinears)]}
+    return {k: v for k, v in out.items() if v}
+
+
+def engine_layout_refusal(qconfig: dict[str, Any], engine: str) -> str | None:
+    """Why an engine export (compressed-tensors, modelopt) cannot hold the artifact's layouts, or None."""
+    if qconfig.get("transposed"):
+        return (f"layer {qconfig['transposed'][0]} is a GPT-2 style Conv1D (weight stored (in, out)), which "
+                f"{engine}'s Linear layouts cannot hold")
+    if qconfig.get("experts"):
+        return (f"{qconfig['experts'][0]} holds MoE experts, which transformers stores as fused 3-D parameters: "
+                f"{engine}'s per-expert tensors would not load into them")
+    return None
