@@ -26,6 +26,8 @@ class QuantizedKVLayer(DynamicLayer):
         super().__init__(**kwargs)
         self.k, self.v = k, v
         self.k_tail = 0  # tokens at the end of self.keys not yet quantized (KIVI keys)
+        self.sink_k: torch.Tensor | None = None  # the leading tokens kept in full precision
+        self.sink_v: torch.Tensor | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +37,25 @@ class QuantizedKVLayer(DynamicLayer):
         self.values = torch.cat([self.values, v], dim=-2)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self._quantize_keys(key_states.shape[-2])
+        self._restore_sinks(key_states, value_states)
         return self.keys, self.values
+
+    def _restore_sinks(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """The first `sinks` tokens of the sequence keep the cache's own precision."""
+        sinks = max(self.k.sinks if self.k is not None else 0, self.v.sinks if self.v is not None else 0)
+        if not sinks:
+            return
+        have = 0 if self.sink_k is None else self.sink_k.shape[-2]
+        start = self.keys.shape[-2] - key_states.shape[-2]
+        if have < sinks and start == have:
+            take = min(sinks - have, key_states.shape[-2])
+            new_k, new_v = key_states[..., :take, :], value_states[..., :take, :]
+            self.sink_k = new_k if self.sink_k is None else torch.cat([self.sink_k, new_k], dim=-2)
+            self.sink_v = new_v if self.sink_v is None else torch.cat([self.sink_v, new_v], dim=-2)
+        if self.sink_k is not None:
+            n = self.sink_k.shape[-2]
+            self.keys[..., :n, :] = self.sink_k
+            self.values[..., :n, :] = self.sink_v
 
     def _quantize_keys(self, new: int) -> None:
         if self.k is None:

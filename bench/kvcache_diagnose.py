@@ -1,0 +1,115 @@
+"""Where the KV cache quantization error of SmolLM2-135M comes from: JSON per variant.
+
+Measured on held-out calibration text only (never eval_head.txt): the windows of calib_tail.txt after
+the 128 x 512 calibration tokens, in 2048-token windows. Variants: keys only / values only, the first
+(attention-sink) token kept in bf16, per-token scales, per-head scales, fp32 compute, and per layer
+the norm of the first token's key against the others (the attention sink). Each row gives perplexity
+and its increase over the bf16 cache in the same compute dtype, and KL to it.
+
+    python bench/kvcache_diagnose.py [--windows 6] [--only fp8,nvfp4]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _protocol import CALIB, CALIB_SAMPLES, CALIB_SEQ_LEN, model_dir, score  # noqa: E402
+
+STATS = Path("/tmp/lpc-kvcache-smollm2-stats.safetensors")
+
+
+def heldout_windows(tok, n: int, seq_len: int = 2048) -> list[list[int]]:
+    ids = list(tok(CALIB.read_text(encoding="utf-8"))["input_ids"])[CALIB_SAMPLES * CALIB_SEQ_LEN:]
+    return [ids[i:i + seq_len] for i in range(0, n * seq_len, seq_len)]
+
+
+def variants(fmt: str, spec: dict) -> dict[str, dict]:
+    return {f"{fmt}": {}, f"{fmt} keys only": {"values": False}, f"{fmt} values only": {"keys": False},
+            f"{fmt} sink kept": {"sinks": 1}, f"{fmt} 4 sinks kept": {"sinks": 4},
+            f"{fmt} per-token scales": {"per_token": True},
+            f"{fmt} per-token scales + sink kept": {"per_token": True, "sinks": 1},
+            f"{fmt} per-head scales": {"head": True}}
+
+
+def specs_for(fmt, spec, stats, n_layers, keys=True, values=True, sinks=0, per_token=False, head=False):
+    from lpc.pipeline.kvcache import KVSpec
+
+    out = []
+    for i in range(n_layers):
+        pair = []
+        for part, on in (("k", keys), ("v", values)):
+            a = stats[f"{i}.{part}_amax"].float()
+            pair.append(KVSpec(fmt, spec, a if head else a.amax(), per_token=per_token, sinks=sinks) if on else None)
+        out.append(tuple(pair))
+    return out
+
+
+def sink_profile(model, seqs) -> list[dict]:
+    """Per layer: |k| and |v| of the first token over the median token (first window)."""
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([seqs[0]]), past_key_values=cache, use_cache=True)
+    rows = []
+    for i, layer in enumerate(cache.layers):
+        kn, vn = layer.keys[0].float().norm(dim=-1), layer.values[0].float().norm(dim=-1)  # (H, T)
+        rows.append({"layer": i, "k0_over_median": round(float((kn[:, 0] / kn[:, 1:].median(-1).values).max()), 2),
+                     "v0_over_median": round(float((vn[:, 0] / vn[:, 1:].median(-1).values).min()), 3),
+                     "k_amax": round(float(layer.keys.abs().amax()), 2),
+                     "k_amax_no_first": round(float(layer.keys[:, :, 1:].abs().amax()), 2)})
+    return rows
+
+
+def main() -> None:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lpc.pipeline.artifact.load import load
+    from lpc.pipeline.io.data import calibration_batches
+    from lpc.pipeline.kvcache import attach_kv_quantization, kv_stat_tensors, kv_statistics
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--windows", type=int, default=6)
+    ap.add_argument("--only", default="fp8,nvfp4")
+    args = ap.parse_args()
+    model, tok = load(model_dir())
+    if not STATS.is_file():
+        save_file(kv_stat_tensors(kv_statistics(model, calibration_batches(str(CALIB), tok, CALIB_SAMPLES,
+                                                                           CALIB_SEQ_LEN))), str(STATS))
+    stats = load_file(str(STATS))
+    seqs = heldout_windows(tok, args.windows)
+    for r in sink_profile(model, seqs):
+        print(json.dumps({"sink_profile": r}), flush=True)
+    n = model.config.num_hidden_layers
+    formats = {"fp8": ("fp8_e4m3", {"granularity": "tensor"}), "nvfp4": ("nvfp4", {})}
+    for dtype in (torch.bfloat16, torch.float32):
+        model.to(dtype)
+        base = score(model, seqs)
+        print(json.dumps({"variant": "bf16 cache", "compute": str(dtype), **base}), flush=True)
+        for name in args.only.split(","):
+            fmt, spec = formats[name]
+            for label, kw in variants(name, spec).items():
+                if dtype == torch.float32 and label != name:
+                    continue
+                handle = attach_kv_quantization(model, specs_for(fmt, spec, stats, n, **kw))
+                t0 = time.perf_counter()
+                try:
+                    r = score(model, seqs)
+                finally:
+                    handle.remove()
+                print(json.dumps({"variant": label, "compute": str(dtype), "perplexity": r["perplexity"],
+                                  "ppl_increase_pct": round(100 * (r["perplexity"] / base["perplexity"] - 1), 3),
+                                  "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Token-by-token decoding through a `PolicyCache`: teacher-forced scoring of a continuation and greedy
+generation, as an engine holding a compressed cache would decode.
+
+The model must run eager attention when the policy reads attention (`needs_attention`); positions are
+absolute (`position_ids`) while the cache holds fewer tokens than were written.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lpc.pipeline.kvcache.cache import cache_argument
+from lpc.pipeline.kvcache.policy import KVPolicy, PolicyCache
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[int]  # the continuation: forced, or generated
+    nll: float = 0.0  # summed next-token loss of the continuation, nats
+    kl: float | None = None  # summed KL(reference || this) over the continuation
+    logprobs: torch.Tensor | None = None  # (M, vocab) fp32 when kept
+    peak_bytes: int = 0  # most bytes the cache held between steps
+    final_bytes: int = 0
+    policy_seconds: float = 0.0  # time inside the policy (observe + enforce)
+    seconds: float = 0.0
+    held_tokens: list[int] = field(default_factory=list)  # tokens held by layer 0 after each step
+
+
+ATTENTION = "lpc_policy_eager"
+
+
+def _policy_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any):
+    """Eager attention (it returns the weights) over however many tokens this layer holds: the mask
+    spans every position written so far (`PolicyLayer.get_mask_sizes`) and is cut to the held ones,
+    which a layer that evicted fewer or more tokens than another has."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    if attention_mask is not None:
+        attention_mask = attention_mask[..., -key.shape[-2]:] if attention_mask.shape[-1] > key.shape[-2] \
+            else attention_mask
+    return eager_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def use_eager_attention(model: nn.Module) -> None:
+    """Policies read attention weights and layers hold different token counts: eager attention with
+    the mask cut to each layer's held tokens."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    if ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION, _policy_attention)
+        AttentionMaskInterface.register(ATTENTION, eager_mask)
+    model.set_attn_implementation(ATTENTION)
+
+
+def new_cache(model: nn.Module, policy: KVPolicy, capacity: int) -> PolicyCache:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    policy.setup(cfg.num_key_value_heads, head_dim, capacity)
+    return PolicyCache(policy, cfg.num_hidden_layers)
+
+
+@torch.no_grad()
+def decode(model: nn.Module, prompt: list[int], policy: KVPolicy, capacity: int, steps: int,
+           forced: list[int] | None = None, reference: torch.Tensor | None = None,
+           keep_logprobs: bool = False) -> DecodeResult:
+    """Decode `steps` tokens after `prompt` with the cache kept by `policy` (budget relative to
+    `capacity` tokens). `forced`: the continuation to score (teacher forcing, len >= steps); else
+    greedy. `reference` (steps, vocab) log-probs: KL(reference || this) is summed per step."""
+    key = cache_argument(model)
+    cache = new_cache(model, policy, capacity)
+    want_attn = policy.active and policy.needs_attention
+    ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
+    res = DecodeResult(tokens=[], kl=0.0 if reference is not None else None)
+    kept = []
+    t0 = time.perf_counter()
+    for step in range(steps):
+        start = cache.written()
+        pos = torch.arange(start, start + ids.shape[1], device=ids.device)
+        out = model(input_ids=ids, position_ids=pos.unsqueeze(0), cache_position=pos, use_cache=True,
+                    output_attentions=want_attn, **{key: cache})
+        t1 = time.perf_counter()
+        cache.end_step(out.attentions if want_attn else None)
+        res.policy_seconds += time.perf_counter() - t1
+        held = cache.held_bytes()
+        res.peak_bytes = max(res.peak_bytes, held)
+        res.held_tokens.append(cache.layers[0].held())
+        logp = torch.log_softmax(out.logits[0, -1].float(), -1)
+        tok = forced[step] if forced is not None else int(logp.argmax())
+        res.tokens.append(tok)
+        res.nll -= float(logp[tok])
+        if reference is not None:
+            ref = reference[step]
+            res.kl += float((ref.exp() * (ref - logp)).sum(dtype=torch.float64))
+        if keep_logprobs:
+            kept.append(logp)
+        ids = torch.tensor([[tok]], dtype=torch.long, device=ids.device)
+    res.seconds = time.perf_counter() - t0
+    res.final_bytes = cache.held_bytes()
+    res.logprobs = torch.stack(kept) if kept else None
+    return res
+
+
+def perplexity_with_policy(model: nn.Module, windows: list[list[int]], policy_factory: Any) -> dict:
+    """Teacher-forced perplexity of token windows, each decoded token by token through a fresh cache of
+    `policy_factory()` with the window's length as the budget's capacity: the first token is the
+    prompt, every later token is predicted from the compressed cache."""
+    total, count, peak = 0.0, 0, 0
+    for w in windows:
+        r = decode(model, w[:1], policy_factory(), capacity=len(w), steps=len(w) - 1, forced=w[1:])
+        total, count, peak = total + r.nll, count + len(w) - 1, max(peak, r.peak_bytes)
+    return {"perplexity": math.exp(total / count), "tokens": count, "nll": total / count, "peak_bytes": peak}

@@ -1,0 +1,170 @@
+"""ThinKV (arXiv 2510.01290): thought-adaptive KV compression for long generations.
+
+The generated sequence is cut into segments of `group` positions (thoughts at the granularity the
+cache compresses); each closed segment is classified from the attention sparsity its tokens showed
+when they were generated (mean over layers, heads and steps of the share of held tokens whose attention
+weight is below uniform, 1/N): sparsity <= `thresholds[0]` is a reasoning thought (R), >= `thresholds[1]`
+a transition thought (T), between an execution thought (E). The prompt counts as reasoning. Importance
+R > E > T decides everything else:
+
+- Precision: a segment is compressed, oldest first and only when the budget requires it, to its type's
+  level (`levels`, default R: fp8, E: int4, T: int2). The first `sinks` tokens and the open segment
+  stay at full precision.
+- Progressive eviction: when a new transition thought starts (the trajectory changes), every older
+  transition thought keeps only the `keep` fraction of its tokens that received the most attention.
+- Budget: over budget once nothing is left to compress, segments lose precision one level at a time
+  (fp8 -> int4 -> int2), least important and oldest first, then tokens are evicted from the least
+  important, oldest segments (least attended tokens first) down to `min_tokens` per segment, and
+  finally whole segments, in the same order.
+
+The sparsity thresholds come from calibration text (`calibrate_thresholds`, tertiles of the segment
+sparsities of a full-cache pass), never from the evaluated text.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lpc.pipeline.errors import InputError
+from lpc.pipeline.kvcache.evict import evict_in_order, oldest_full_chunk
+from lpc.pipeline.kvcache.levels import KIVI_GROUP, LEVELS, check_level
+from lpc.pipeline.kvcache.policy import POLICIES, KVPolicy, PolicyCache, PolicyLayer
+
+TYPES = ("R", "E", "T")  # most important first
+LADDER = ("fp8", "int4", "int2")
+
+
+def sparsity(attn: torch.Tensor) -> float:
+    """attn (1, heads, 1, N) of one decode step -> share of the N weights below uniform (1/N)."""
+    n = attn.shape[-1]
+    return float((attn < 1.0 / n).float().mean())
+
+
+def classify(s: float, thresholds: tuple[float, float]) -> str:
+    return "R" if s <= thresholds[0] else ("T" if s >= thresholds[1] else "E")
+
+
+@POLICIES.register("thinkv")
+class ThinKVPolicy(KVPolicy):
+    name = "thinkv"
+    meta_bytes = 8  # position (int32) and accumulated attention (fp32) of each held token
+    table_entry_bytes = 8  # per live segment and layer: its type and range
+    needs_attention = True
+
+    def __init__(self, budget: float = 1.0, group: int = KIVI_GROUP, thresholds: tuple[float, float] = (0.80, 0.90),
+                 levels: dict[str, str] | None = None, sinks: int = 4, keep: float = 0.5, min_tokens: int = 2,
+                 evict_on_transition: bool = True, **options: Any):
+        """group: segment length; thresholds: sparsity (R|E, E|T); levels: {R, E, T} -> fp8|nvfp4|int4|int2;
+        sinks: full-precision leading tokens; keep: share an old transition keeps at a new transition;
+        min_tokens: tokens a segment keeps before whole segments go; evict_on_transition"""
+        super().__init__(budget, **options)
+        lo, hi = (float(t) for t in thresholds)
+        if not 0 <= lo <= hi <= 1:
+            raise InputError(f"thinkv thresholds must be 0 <= R|E <= E|T <= 1, got {thresholds}",
+                             "e.g. thresholds: [0.8, 0.9]")
+        self.levels = {"R": "fp8", "E": "int4", "T": "int2", **(levels or {})}
+        for t, lvl in self.levels.items():
+            if t not in TYPES:
+                raise InputError(f"thinkv levels: unknown thought type '{t}'", "use R, E and T")
+            check_level(lvl)
+        self.group, self.thresholds, self.sinks = int(group), (lo, hi), int(sinks)
+        self.keep, self.min_tokens, self.evict_on_transition = float(keep), int(min_tokens), bool(evict_on_transition)
+        self.types: dict[int, str] = {}  # segment -> type, shared by all layers
+        self.stats: dict[int, list[float]] = {}  # open segment -> [sparsity sum, steps]
+        self.prompt = None  # tokens of the prompt (the first forward)
+
+    # -- classification ------------------------------------------------------------------
+    def observe(self, cache: PolicyCache, attentions: tuple[torch.Tensor, ...] | None) -> None:
+        super().observe(cache, attentions)
+        written = cache.written()
+        if self.prompt is None:
+            self.prompt = written
+            for g in range(0, (written - 1) // self.group + 1):
+                self.types[g] = "R"
+            return
+        seg = (written - 1) // self.group
+        if attentions is not None and seg not in self.types:
+            s = sum(sparsity(a) for a in attentions) / len(attentions)
+            acc = self.stats.setdefault(seg, [0.0, 0])
+            acc[0], acc[1] = acc[0] + s, acc[1] + 1
+        if written % self.group == 0 and seg not in self.types:  # the segment just closed
+            total, steps = self.stats.pop(seg, [0.0, 0])
+            kind = classify(total / steps, self.thresholds) if steps else "E"
+            starts_transition = kind == "T" and self.types.get(seg - 1) != "T"
+            self.types[seg] = kind
+            if starts_transition and self.evict_on_transition:
+                for layer in cache.layers:
+                    self._shrink_transitions(layer, seg)
+
+    def segment_type(self, seg: int) -> str:
+        return self.types.get(seg, "R")
+
+    # -- budget -------------------------------------------------------------------------
+    def table_bytes(self, layer: PolicyLayer) -> int:
+        return self.table_entry_bytes * int((layer.pos // self.group).unique().numel())
+
+    def enforce(self, layer: PolicyLayer, index: int) -> None:
+        while not self.fits(layer):
+            chunk = oldest_full_chunk(layer, self.group, self.sinks)
+            if chunk is None:
+                break
+            seg = int(layer.pos[chunk[0]]) // self.group
+            layer.compress(chunk, self.levels[self.segment_type(seg)])
+        while not self.fits(layer) and self._demote_one(layer):
+            pass
+        if not self.fits(layer):
+            evict_in_order(self, layer, self._eviction_order(layer))
+
+    def _priority(self, layer: PolicyLayer) -> list[int]:
+        """Closed segments with held tokens, least important and oldest first."""
+        segs = sorted(set((layer.pos[layer.pos >= self.sinks] // self.group).tolist()))
+        closed = [g for g in segs if g < layer.written // self.group]
+        return sorted(closed, key=lambda g: (-TYPES.index(self.segment_type(g)), g))
+
+    def _demote_one(self, layer: PolicyLayer) -> bool:
+        """Requantize the least important compressed segment not yet at the ladder's end one step down."""
+        lower = [LEVELS.index(name) for name in ("fp8", "nvfp4", "int4")]
+        if not bool(torch.isin(layer.level, torch.tensor(lower, device=layer.level.device)).any()):
+            return False
+        for g in self._priority(layer):
+            idx = torch.nonzero((layer.pos // self.group == g) & (layer.pos >= self.sinks)).flatten()
+            level = LEVELS[int(layer.level[idx[0]])]
+            if level in LADDER[:-1]:
+                layer.compress(idx, LADDER[LADDER.index(level) + 1])
+                return True
+            if level == "nvfp4":
+                layer.compress(idx, "int2")
+                return True
+        return False
+
+    def _eviction_order(self, layer: PolicyLayer) -> torch.Tensor:
+        """Tokens beyond `min_tokens` of each segment (least attended first), segment by segment in
+        priority order; then the rest of each segment; the open segment and sinks last."""
+        first, second = [], []
+        seg_of = layer.pos // self.group
+        for g in self._priority(layer):
+            idx = torch.nonzero((seg_of == g) & (layer.pos >= self.sinks)).flatten()
+            idx = idx[torch.argsort(layer.score[idx], stable=True)]
+            cut = max(0, idx.numel() - self.min_tokens)
+            first.append(idx[:cut])
+            second.append(idx[cut:])
+        rest = torch.nonzero((seg_of >= layer.written // self.group) & (layer.pos >= self.sinks)).flatten()
+        return torch.cat(first + second + [rest]) if first or second else rest
+
+    def _shrink_transitions(self, layer: PolicyLayer, current: int) -> None:
+        """Older transition thoughts keep their `keep` share of most attended tokens (at least min_tokens)."""
+        if not layer.is_initialized:
+            return
+        mask = torch.ones(layer.held(), dtype=torch.bool, device=layer.pos.device)
+        seg_of = layer.pos // self.group
+        for g, kind in self.types.items():
+            if kind != "T" or g >= current:
+                continue
+            idx = torch.nonzero((seg_of == g) & (layer.pos >= self.sinks)).flatten()
+            keep = max(self.min_tokens, int(idx.numel() * self.keep))
+            if idx.numel() > keep:
+                order = idx[torch.argsort(layer.score[idx], descending=True, stable=True)]
+                mask[order[keep:]] = False
+        if not bool(mask.all()):
+            layer.keep(mask)
