@@ -74,12 +74,14 @@ def _configs(hidden: int, inter: int, vocab: int) -> dict[str, Callable[[], Any]
     }
 
 
-def family_model(family: str, vocab: int, padded: bool = False, seed: int = 0):
+def family_model(family: str, vocab: int, padded: bool = False, seed: int = 0, **overrides: Any):
     """The random model of `family` in memory (eval mode): its own class for BERT (masked LM) and T5
-    (encoder-decoder), a causal LM for every other family."""
+    (encoder-decoder), a causal LM for every other family. `overrides` set config fields."""
     from transformers import AutoModelForCausalLM, BertForMaskedLM, T5ForConditionalGeneration
 
     cfg = _configs(*_dims(padded), vocab)[family]()
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
     torch.manual_seed(seed)
     if family == "bert":
         return BertForMaskedLM(cfg).eval()
@@ -95,10 +97,15 @@ def family_model(family: str, vocab: int, padded: bool = False, seed: int = 0):
 
 
 def build_family(path: Path, family: str, build_tokenizer: Callable[[Path], Any], padded: bool = False,
-                 seed: int = 0) -> Path:
-    """Save the tiny `family` model with the small tokenizer to `path`; returns `path`."""
+                 seed: int = 0, edit: Callable[[Any], None] | None = None, **overrides: Any) -> Path:
+    """Save the tiny `family` model with the small tokenizer to `path`; returns `path`.
+
+    edit: called on the model before saving (e.g. to set router weights); overrides: config fields."""
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(path)
-    model = family_model(family, len(tok), padded, seed)
+    model = family_model(family, len(tok), padded, seed, **overrides)
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
     model.save_pretrained(str(path), safe_serialization=True)
     return path
