@@ -163,3 +163,42 @@ def engine_layout_refusal(qconfig: dict[str, Any], engine: str) -> str | None:
         return (f"{qconfig['experts'][0]} holds MoE experts, which transformers stores as fused 3-D parameters: "
                 f"{engine}'s per-expert tensors would not load into them")
     return None
+
+
+def derive_fuse_groups(model: nn.Module, targets: dict[str, nn.Linear]) -> list[list[str]]:
+    """Sibling Linears that read the very same input tensor (q/k/v, gate/up, BERT's query/key/value,
+    older MoE experts' w1/w3), found by one forward pass of four tokens: the groups engines fuse into
+    one GEMM, whatever the family calls them. Returns groups of last names (`fuse_groups`' form), each
+    with two or more members; [] when the model cannot run (weights on meta)."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        return []
+    seen: dict[str, torch.Tensor] = {}  # the inputs themselves: kept alive, so no id is reused
+
+    def hook_for(name: str):
+        def hook(_mod, args):
+            seen.setdefault(name, args[0])
+        return hook
+
+    handles = [mod.register_forward_pre_hook(hook_for(n)) for n, mod in targets.items()]
+    vocab = int(getattr(model.config, "vocab_size", 4) or 4)
+    ids = torch.arange(1, 5).remainder(vocab).unsqueeze(0)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    by_input: dict[tuple[str, int], list[str]] = {}
+    for name, x in seen.items():
+        by_input.setdefault((name.rpartition(".")[0], id(x)), []).append(name.rpartition(".")[2])
+    groups = []
+    for leaves in by_input.values():
+        if len(leaves) > 1 and sorted(leaves) not in groups:
+            groups.append(sorted(leaves))
+    return groups
+
+
+def merge_groups(given: list[list[str]], derived: list[list[str]]) -> list[list[str]]:
+    """The recipe's fuse groups plus the derived ones that share no name with them."""
+    named = {leaf for g in given for leaf in g}
+    return [list(g) for g in given] + [g for g in derived if not named & set(g)]

@@ -12,7 +12,7 @@ from lpc.pipeline.calibration.stats import STATS_FILE, calibration_batches_of, r
 from lpc.pipeline.errors import RecipeError
 from lpc.pipeline.io.device import check_device
 from lpc.pipeline.kvcache import KV_STATS_FILE, read_kv_stats
-from lpc.pipeline.io.families import layout_config
+from lpc.pipeline.io.families import derive_fuse_groups, layout_config, merge_groups
 from lpc.pipeline.io.models import copy_tokenizer_files, find_targets, load_hf_model, model_files, resolve_model
 from lpc.pipeline.progress import Progress
 from lpc.pipeline.quantization import QUANTIZE_METHODS, TuneInputs
@@ -54,7 +54,8 @@ def quantize(model: str, recipe: Recipe | None, out: Path, calib: Path | None = 
         stats = read_stats(calib) if calib else None
         targets = find_targets(m, recipe.targets, recipe.ignore)
         lp = layer_plan if layer_plan is not None else plan_from_recipe(recipe, list(targets))
-        setups = layer_setups(targets, lp, stats, q.fuse_groups, q.importance != "none", q.codebook_scope)
+        fuse = merge_groups(q.fuse_groups, derive_fuse_groups(m, targets))  # the family's own q/k/v, gate/up
+        setups = layer_setups(targets, lp, stats, fuse, q.importance != "none", q.codebook_scope)
         tuned, report = None, None
         if method.tune is not None:
             tuned, report = method.tune(TuneInputs(m, targets, setups, stats, lp, recipe,
@@ -62,7 +63,7 @@ def quantize(model: str, recipe: Recipe | None, out: Path, calib: Path | None = 
         qtensors, records = quantize_layers(targets, lp, stats, progress=progress, method=q.method,
                                             weights=tuned, setups=setups)
         acts, aux = activation_config(recipe, qtensors, stats, lp)
-        extra = {"fuse_groups": q.fuse_groups, **({"activations": acts} if acts else {}), **layout_config(m)}
+        extra = {"fuse_groups": fuse, **({"activations": acts} if acts else {}), **layout_config(m)}
         if recipe.kv_cache is not None:
             aux = {**aux, **read_kv_stats(calib)}
             extra["kv_cache"] = recipe.kv_cache.model_dump(mode="json")

@@ -84,3 +84,15 @@ def test_conv1d_becomes_a_linear_with_gpt2_state_dict_layout(family_dir):
     native.load_state_dict(before)
     assert torch.equal(native.get_submodule(names[0]).weight, conv.t())
     assert json.loads((src / "config.json").read_text())["model_type"] == "gpt2"
+
+
+@pytest.mark.parametrize("family,groups", [("llama", [["k_proj", "q_proj", "v_proj"], ["gate_proj", "up_proj"]]),
+                                           ("opt", [["k_proj", "q_proj", "v_proj"]]),  # fc1 -> fc2: not siblings
+                                           ("phi3", []), ("gpt2", [])])  # fused already: one Linear each
+def test_fuse_groups_come_from_shared_inputs_not_names(family, groups, family_dir):
+    from lpc.pipeline.io.families import derive_fuse_groups
+    from lpc.pipeline.io.models import find_targets, load_hf_model
+
+    model = load_hf_model(family_dir(family))
+    assert derive_fuse_groups(model, find_targets(model, ["*"], ["lm_head"])) == groups
+
