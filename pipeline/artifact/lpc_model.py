@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lpc.formats import QTensor, get_format, stored_bits
-from lpc.pipeline.artifact.store import load_tensors, save_tensors, write_json
+from lpc.pipeline.artifact.store import save_tensors, write_json
 from lpc.pipeline.errors import ArtifactError
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,11 @@ def read_qtensors(directory: Path, qconfig: dict[str, Any],
                   tensors: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, QTensor], dict[str, torch.Tensor]]:
     """Split the tensors of an lpc artifact into QTensors per layer and the plain rest (weight markers,
     shared fields removed)."""
-    tensors = dict(tensors if tensors is not None else load_tensors(directory / WEIGHTS))
+    if tensors is None:
+        from lpc.pipeline.artifact.shards import ModelTensors
+
+        tensors = ModelTensors(Path(directory)).load_all()  # model.safetensors or HF shards
+    tensors = dict(tensors)
     qtensors = {}
     for name, meta in qconfig.get("layers", {}).items():
         prefix = name + "."

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -23,11 +23,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class InputStats:
-    """Running statistics of a Linear's input x (in,): absmax, sum of x x^T (fp64), rows seen.
+    """Running statistics of a Linear's input x (in,): absmax, rows seen, and either the sum of
+    x x^T (`full`, fp64 (in, in)) or only its diagonal, the sum of x^2 (fp64 (in,)).
 
-    The fp64 sum is allocated on first use and dropped by `finish()`, which keeps only the fp32
-    covariance: layer-by-layer calibration finishes each layer as soon as its pass is done, so
-    only one layer's fp64 buffers exist at a time.
+    The running sums are allocated on first use; `finish()` keeps only the fp32 result (covariance
+    or second moment), so layer-by-layer calibration holds one layer's fp64 buffers at a time.
     """
 
     in_features: int
@@ -36,56 +36,78 @@ class InputStats:
     count: int = 0
     cov: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    full: bool = True
 
     @classmethod
-    def empty(cls, in_features: int) -> "InputStats":
-        return cls(in_features, torch.zeros(in_features))
+    def empty(cls, in_features: int, full: bool = True) -> "InputStats":
+        return cls(in_features, torch.zeros(in_features), full=full)
 
     def update(self, x: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> None:
         """Add the rows of x (..., in); `moments` = input_moments(x) when already computed for a sibling."""
         if self.cov is not None:
             raise RuntimeError("statistics were finished; no more updates")
-        absmax, xtx, n = moments if moments is not None else input_moments(x)
+        absmax, xtx, n = moments if moments is not None else input_moments(x, self.full)
         self.absmax = torch.maximum(self.absmax, absmax)
         if self.xtx is None:
-            self.xtx = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
+            shape = (self.in_features, self.in_features) if self.full else (self.in_features,)
+            self.xtx = torch.zeros(shape, dtype=torch.float64)
         self.xtx += xtx
         self.count += n
 
     def covariance(self) -> torch.Tensor:
-        """X^T X / n as float32 (in, in)."""
+        """X^T X / n as float32: (in, in) when `full`, else its diagonal (in,)."""
         if self.cov is not None:
             return self.cov
         if self.xtx is None:
-            return torch.zeros(self.in_features, self.in_features)
+            return torch.zeros(self.in_features, self.in_features) if self.full else torch.zeros(self.in_features)
         return (self.xtx / max(self.count, 1)).float()
 
     def finish(self) -> None:
-        """Keep only the fp32 covariance (frees the fp64 running sum)."""
+        """Keep only the fp32 result (frees the fp64 running sum)."""
         self.cov = self.covariance()
         self.xtx = None
 
 
-def input_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """x (..., in) -> (absmax (in,) fp32, X^T X (in, in) fp64, rows), on the CPU.
+def input_moments(x: torch.Tensor, full: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """x (..., in) -> (absmax (in,) fp32, X^T X (in, in) or sum x^2 (in,) fp64, rows), on the CPU.
 
-    The product runs in fp32 (a calibration batch is a few thousand rows: fp32 sums keep ~1e-6
-    relative error) and is accumulated across batches in fp64; an fp64 product costs several times more."""
+    The product runs in fp32 on x's device (a calibration batch is a few thousand rows: fp32 sums
+    keep ~1e-6 relative error) and is accumulated across batches in fp64; an fp64 product costs
+    several times more."""
     rows = x.detach().reshape(-1, x.shape[-1])
     r = rows.float()
-    return rows.abs().amax(0).float().cpu(), (r.T @ r).double().cpu(), rows.shape[0]
+    second = (r.T @ r) if full else r.square().sum(0)
+    return rows.abs().amax(0).float().cpu(), second.double().cpu(), rows.shape[0]
+
+
+def needs_covariance(recipe: Any) -> bool:
+    """Whether a recipe needs the full X^T X of each input (GPTQ, compensation, allocation), or only
+    its diagonal and absmax (round-to-nearest of any format, tuning)."""
+    return recipe.quantize.method == "gptq" or recipe.compensate is not None or recipe.allocate is not None
+
+
+def check_full_covariance(calib_dir: str | Path, what: str) -> None:
+    """RecipeError unless the calibration holds act_cov (it was made for a recipe needing it)."""
+    from lpc.pipeline.errors import RecipeError
+
+    stats = read_stats(calib_dir)
+    name = next(iter(stats), None)
+    if name is not None and "act_cov" not in stats.fields(name):
+        raise RecipeError(f"{what} needs the full input covariance, but calibration {calib_dir} holds only "
+                          "its diagonal", "re-run lpc calibrate with the same --recipe as this stage")
 
 
 class _SharedInput:
     """Siblings fed the same tensor (q/k/v, gate/up) get its moments computed once."""
 
-    def __init__(self) -> None:
+    def __init__(self, full: bool) -> None:
+        self.full = full
         self.last: torch.Tensor | None = None
         self.moments: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     def of(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         if self.last is not x:
-            self.last, self.moments = x, input_moments(x)
+            self.last, self.moments = x, input_moments(x, self.full)
         return self.moments
 
 
@@ -94,7 +116,7 @@ class _Stop(Exception):
 
 
 def _attach(targets: dict[str, nn.Linear], stats: dict[str, InputStats]) -> list[Any]:
-    shared = _SharedInput()
+    shared = _SharedInput(all(stats[n].full for n in targets))
 
     def hook_for(name: str):
         def hook(_mod, args):
@@ -106,17 +128,20 @@ def _attach(targets: dict[str, nn.Linear], stats: dict[str, InputStats]) -> list
 @torch.no_grad()
 def collect_input_stats(model: nn.Module, batches: list[torch.Tensor], targets: dict[str, nn.Linear],
                         progress: Progress | None = None, device: str = "cpu",
-                        store: Any = None) -> dict[str, InputStats]:
-    """Per target Linear: input absmax (in,), X^T X (fp64), token count, over all `batches`.
+                        store: Any = None, full: bool = True,
+                        on_layer: Callable[[dict[str, InputStats]], None] | None = None) -> dict[str, InputStats]:
+    """Per target Linear: input absmax (in,), X^T X (or its diagonal unless `full`), token count.
 
     store: a `streaming.WeightStore` when `model` is a meta skeleton: each decoder layer's weights
     are then loaded for its turn and released after it.
+    on_layer: called with a decoder layer's targets' statistics once they are finished
+    (the caller may write them out and drop them, so only one layer's statistics stay in memory).
     """
-    stats = {name: InputStats.empty(mod.in_features) for name, mod in targets.items()}
+    stats = {name: InputStats.empty(mod.in_features, full) for name, mod in targets.items()}
     found = decoder_layers(model)
     inside = {n for n in targets if found and n.startswith(found[0] + ".")}
     if found and inside:
-        _layerwise(model, batches, {n: targets[n] for n in inside}, stats, found, progress, device, store)
+        _layerwise(model, batches, {n: targets[n] for n in inside}, stats, found, progress, device, store, on_layer)
     rest = {n: m for n, m in targets.items() if n not in inside}
     if rest:
         if found is None:
@@ -167,7 +192,7 @@ def _outside_layers(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
     return [m for m in model.modules() if id(m) not in inside and not any(True for _ in m.children())]
 
 
-def _layerwise(model, batches, targets, stats, found, progress, device, store=None) -> None:
+def _layerwise(model, batches, targets, stats, found, progress, device, store=None, on_layer=None) -> None:
     path, layers = found
     states = _capture_layer0(model, layers, batches, device)
     for i, layer in track(list(enumerate(layers)), "calibrate (layer by layer)", progress):
@@ -192,6 +217,8 @@ def _layerwise(model, batches, targets, stats, found, progress, device, store=No
             if store is not None:
                 from lpc.pipeline.io.streaming import release
                 release(layer)
+        if on_layer is not None:
+            on_layer({n: stats[n] for n in mine})
 
 
 STATS_FILE = "stats.safetensors"
@@ -208,28 +235,65 @@ def data_inputs(data: str) -> list[str]:
 
 
 def stats_tensors(stats: dict[str, InputStats]) -> dict[str, torch.Tensor]:
-    """Flatten statistics into the tensors of stats.safetensors (`<name>.act_cov`, ...)."""
+    """Flatten statistics into the tensors of stats.safetensors (`<name>.act_cov`, or
+    `<name>.act_sqmean` = its diagonal E[x^2] when only that was collected, ...)."""
     out = {}
     for name, s in stats.items():
         out[f"{name}.act_absmax"] = s.absmax.float()
-        out[f"{name}.act_cov"] = s.covariance()
+        out[f"{name}.act_cov" if s.full else f"{name}.act_sqmean"] = s.covariance()
         out[f"{name}.count"] = torch.tensor([s.count], dtype=torch.int64)
         for key, t in s.extra.items():
             out[f"{name}.{key}"] = t.float()
     return out
 
 
-def read_stats(calib_dir) -> dict[str, dict[str, torch.Tensor]]:
-    """stats.safetensors of a calibration artifact -> {layer: {"act_cov": ..., "act_absmax": ...}}."""
-    from lpc.pipeline.artifact.store import load_tensors, read_manifest
+def read_stats(calib_dir) -> "LayerStats":
+    """stats.safetensors of a calibration artifact as {layer: {"act_cov": ..., "act_absmax": ...}},
+    read lazily: a layer's tensors are loaded from disk (mmap) when that layer is looked up."""
+    from lpc.pipeline.artifact.store import read_manifest
 
     read_manifest(calib_dir, "calibrate")
-    flat = load_tensors(Path(calib_dir) / STATS_FILE)
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in flat.items():
-        name, _, field_name = key.rpartition(".")
-        out.setdefault(name, {})[field_name] = t
-    return out
+    return LayerStats(Path(calib_dir) / STATS_FILE)
+
+
+class LayerStats(Mapping):
+    """Read-only mapping layer -> {field: tensor} over a stats file; one layer resident at a time
+    (the last one looked up is kept, since a stage asks for the same layer several times in a row)."""
+
+    def __init__(self, path: Path):
+        from lpc.pipeline.artifact.store import load_tensors
+
+        self.path = Path(path)
+        load_tensors(self.path, [])  # a missing or broken file is an ArtifactError now, not later
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as fh:
+            keys = list(fh.keys())
+        self._keys: dict[str, list[str]] = {}
+        for key in keys:
+            name, _, field_name = key.rpartition(".")
+            self._keys.setdefault(name, []).append(field_name)
+        self._last: tuple[str, dict[str, torch.Tensor]] | None = None
+
+    def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
+        from lpc.pipeline.artifact.store import load_tensors
+
+        if name not in self._keys:
+            raise KeyError(name)
+        if self._last is None or self._last[0] != name:
+            flat = load_tensors(self.path, [f"{name}.{f}" for f in self._keys[name]])
+            self._last = (name, {f: flat[f"{name}.{f}"] for f in self._keys[name]})
+        return dict(self._last[1])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def fields(self, name: str) -> list[str]:
+        """The statistics stored for `name` (without loading them)."""
+        return list(self._keys.get(name, []))
 
 
 def calibration_batches_of(calib: str | Path, src: str, model: Any) -> list[torch.Tensor]:

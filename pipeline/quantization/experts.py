@@ -54,7 +54,7 @@ def stand_in_statistics(stats: dict[str, Any]) -> list[str]:
             for key, t in s.extra.items():
                 s.extra[key] = torch.stack([o.extra[key].float() for o in seen if key in o.extra]).mean(0)
         else:
-            s.cov = torch.eye(s.in_features)
+            s.cov = torch.eye(s.in_features) if s.full else torch.ones(s.in_features)
             s.absmax = torch.ones(s.in_features)
             for key, t in s.extra.items():
                 s.extra[key] = torch.ones_like(t, dtype=torch.float32)

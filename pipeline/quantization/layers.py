@@ -66,12 +66,28 @@ def shared_codebooks(targets: dict[str, nn.Linear], plan: dict[str, Any]) -> dic
     return out
 
 
+def second_moment(stat: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """E[x^2] per input channel (in,): the diagonal of act_cov, or act_sqmean when only it was collected."""
+    if "act_cov" in stat:
+        return torch.diagonal(stat["act_cov"])
+    return stat.get("act_sqmean")
+
+
+def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return t.to(device) if t is not None else None
+
+
 def layer_errors(w: torch.Tensor, wq: torch.Tensor, cov: torch.Tensor | None) -> dict[str, float]:
-    """Weight SQNR (dB) and, with an input covariance C, relative output error tr(E C E^T)/tr(W C W^T)."""
+    """Weight SQNR (dB) and, with an input covariance C, relative output error tr(E C E^T)/tr(W C W^T).
+
+    cov: (in, in), or its diagonal (in,) (calibrations made for round-to-nearest keep only that; the
+    error then ignores correlations between input channels)."""
     w, e = w.float(), (w.float() - wq.float())
     err = e.square().sum().item()
     out = {"sqnr_db": 10 * torch.log10(torch.tensor(w.square().sum().item() / max(err, 1e-30))).item()}
-    if cov is not None:
+    if cov is not None and cov.dim() == 1:
+        out["rel_output_error"] = (e.square() @ cov).sum().item() / max((w.square() @ cov).sum().item(), 1e-30)
+    elif cov is not None:
         num = ((e @ cov) * e).sum().item()
         den = ((w @ cov) * w).sum().item()
         out["rel_output_error"] = num / max(den, 1e-30)
@@ -96,11 +112,11 @@ def layer_setups(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any] |
         ctx = dict(entry.get("context", {}))
         if name in shared:
             ctx.setdefault("codebook", shared[name])
-        cov = stats[name]["act_cov"] if stats and name in stats else None
+        second = second_moment(stats[name]) if stats and name in stats else None
         if "global_amax" in fmt.context_keys:
             ctx.setdefault("global_amax", amax[name])
-        if use_importance and cov is not None and "importance" in fmt.context_keys:
-            ctx.setdefault("importance", torch.diagonal(cov).clamp_min(0))
+        if use_importance and second is not None and "importance" in fmt.context_keys:
+            ctx.setdefault("importance", second.clamp_min(0))
         out[name] = (fmt, dict(entry["spec"]), ctx)
     return out
 
@@ -111,8 +127,8 @@ def quantize_layers(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any
                     progress: Progress | None = None, method: str = "rtn",
                     codebook_scope: str = "model",
                     weights: dict[str, torch.Tensor] | None = None,
-                    setups: dict[str, tuple[Any, dict[str, Any], dict[str, Any]]] | None = None
-                    ) -> tuple[dict[str, QTensor], dict[str, dict[str, Any]]]:
+                    setups: dict[str, tuple[Any, dict[str, Any], dict[str, Any]]] | None = None,
+                    device: str = "cpu") -> tuple[dict[str, QTensor], dict[str, dict[str, Any]]]:
     """Quantize each planned Linear's weight; returns QTensors and per-layer records.
 
     stats: per layer {"act_cov": (in, in), ...} from calibration; the diagonal of act_cov (the
@@ -124,6 +140,7 @@ def quantize_layers(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any
     scales that depend on the whole tensor (global amax, codebooks) still come from the layers,
     and errors are measured against the layers' own weights.
     setups: `layer_setups` of the same arguments, when the caller already has them.
+    device: where rounding, scale search and GPTQ compute (the QTensors come back on the CPU).
     """
     setups = setups if setups is not None else layer_setups(targets, plan, stats, fuse, use_importance,
                                                             codebook_scope)
@@ -134,12 +151,27 @@ def quantize_layers(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any
         fmt, spec, ctx = setups[name]
         w = targets[name].weight.detach()
         src = weights[name].to(w.dtype) if name in weights else w
-        cov = stats[name]["act_cov"] if stats and name in stats else None
+        stat = stats[name] if stats and name in stats else {}
+        cov = stat.get("act_cov")
+        if device != "cpu":
+            src, cov, ctx = src.to(device), cov.to(device) if cov is not None else None, _to(ctx, device)
         q = round_layer(fmt, src, spec, ctx, cov)
         wq = fmt.dequantize(q)
+        errors = layer_errors(w.to(wq.device), wq, cov if cov is not None else _on(stat.get("act_sqmean"), wq.device))
+        q = q if device == "cpu" else _qtensor_to_cpu(q)
         qtensors[name] = q
-        records[name] = {**q.meta(), "bits_per_weight": q.bits_per_weight(), **layer_errors(w, wq, cov)}
+        records[name] = {**q.meta(), "bits_per_weight": q.bits_per_weight(), **errors}
     return qtensors, records
+
+
+def _to(ctx: dict[str, Any], device: str) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in ctx.items()}
+
+
+def _qtensor_to_cpu(q: QTensor) -> QTensor:
+    import dataclasses
+
+    return dataclasses.replace(q, data={k: t.cpu() for k, t in q.data.items()})
 
 
 def bits_summary(model: nn.Module, qtensors: dict[str, QTensor], targets: dict[str, nn.Linear]) -> dict[str, float]:

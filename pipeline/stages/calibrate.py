@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lpc.pipeline.artifact import store as art
-from lpc.pipeline.calibration.stats import STATS_FILE, collect_input_stats, data_inputs, stats_tensors
+from lpc.pipeline.artifact.shards import ShardWriter
+from lpc.pipeline.calibration.stats import STATS_FILE, collect_input_stats, data_inputs, needs_covariance, stats_tensors
 from lpc.pipeline.io.data import calibration_batches
 from lpc.pipeline.io.device import check_device
 from lpc.pipeline.io.models import find_targets, load_hf_model, load_tokenizer, model_files, resolve_model
@@ -25,7 +28,8 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
     src = resolve_model(model)
     config = {"model": src, "data": data, "samples": c.samples, "seq_len": c.seq_len, "fisher": c.fisher,
               "seed": c.seed, "targets": recipe.targets, "ignore": recipe.ignore,
-              "kv_cache": recipe.kv_cache is not None}
+              "kv_cache": recipe.kv_cache is not None,
+              "statistics": "covariance" if needs_covariance(recipe) else "diagonal"}
 
     def body(tmp: Path) -> dict[str, Any]:
         tok = load_tokenizer(src)
@@ -36,11 +40,28 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
         m, store = opened if opened else (load_hf_model(src), None)
         targets = find_targets(m, recipe.targets, recipe.ignore)
         batches = calibration_batches(data, tok, c.samples, c.seq_len, model=m, seed=c.seed)
-        stats = collect_input_stats(m, batches, targets, progress, device, store=store)
+        writer = ShardWriter(tmp, None, filename=STATS_FILE)
+        written: set[str] = set()
+        idle: list[str] = []
+
+        def spill(done: dict[str, Any]) -> None:
+            """A finished layer's statistics go to disk (Fisher is added after the pass: kept until then)."""
+            if c.fisher:
+                return
+            idle.extend(stand_in_statistics(done))  # MoE experts no token was routed to
+            writer.add(stats_tensors(done))
+            written.update(done)
+            for s in done.values():
+                s.cov = torch.empty(0)  # the statistics live on disk now
+
+        stats = collect_input_stats(m, batches, targets, progress, device, store=store,
+                                    full=config["statistics"] == "covariance", on_layer=spill)
         if c.fisher:
             _add_fisher(m, batches, targets, stats, progress, device)
-        idle = stand_in_statistics(stats)  # MoE experts no token was routed to
-        art.save_tensors(stats_tensors(stats), tmp / STATS_FILE)
+        rest = {n: s for n, s in stats.items() if n not in written}
+        idle.extend(stand_in_statistics(rest))
+        writer.add(stats_tensors(rest))
+        writer.close(metadata={"format": "pt"})
         if recipe.kv_cache is not None:
             _add_kv_stats(src, m, store, batches, tmp, progress, device)
         tokens = sum(b.shape[1] for b in batches)

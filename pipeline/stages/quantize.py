@@ -18,16 +18,26 @@ from lpc.pipeline.progress import Progress
 from lpc.pipeline.quantization import QUANTIZE_METHODS, TuneInputs
 from lpc.pipeline.quantization.actquant import activation_config
 from lpc.pipeline.quantization.layers import bits_summary, layer_setups, plan_from_recipe, quantize_layers
+from lpc.pipeline.artifact.shards import parse_size
+from lpc.pipeline.calibration.stats import check_full_covariance
+from lpc.pipeline.io.streaming import _tied_names
 from lpc.pipeline.stages.base import StageResult, run_stage
+from lpc.pipeline.stages.layerwise import open_streamed, quantize_streamed, write_config
 from lpc.recipes.schema import Recipe
 
 
 def quantize(model: str, recipe: Recipe | None, out: Path, calib: Path | None = None, plan: Path | None = None,
-             overwrite: bool = False, progress: Progress | None = None, device: str = "cpu") -> StageResult:
+             overwrite: bool = False, progress: Progress | None = None, device: str = "cpu",
+             max_shard_size: str | int | None = "5GB") -> StageResult:
     """Quantize `model` by `recipe`, or by the allocation artifact `plan` (whose manifest gives the
     recipe and the calibration, unless `recipe` / `calib` are given).
 
-    device: where a tuning method (distill) computes (the artifact is the same up to float rounding)."""
+    device: where rounding, scale search, GPTQ and a tuning method compute (CPU is the reference).
+    max_shard_size: the largest weight file ('5GB', bytes, or None for one file); above it the
+    weights are Hugging Face shards with model.safetensors.index.json.
+
+    A model with a decoder stack is quantized one layer at a time from its checkpoint
+    (stages/layerwise.py) unless the recipe needs the whole model at once."""
     device = check_device(device)
     src = resolve_model(model)
     layer_plan, plan_files = None, []
@@ -46,10 +56,16 @@ def quantize(model: str, recipe: Recipe | None, out: Path, calib: Path | None = 
         art.read_manifest(calib, "calibrate")
     stats_path = [Path(calib) / STATS_FILE] if calib else []
     stats_path += [Path(calib) / KV_STATS_FILE] if calib and recipe.kv_cache is not None else []
+    shard_bytes = parse_size(max_shard_size)
     config = {"model": src, "recipe": recipe.model_dump(mode="json"), "calib": str(calib) if calib else None,
-              "plan": str(plan) if plan else None}
+              "plan": str(plan) if plan else None, "max_shard_size": shard_bytes}
+    if q.method == "gptq" and calib is not None:
+        check_full_covariance(calib, "quantize.method=gptq")
 
     def body(tmp: Path) -> dict[str, Any]:
+        opened = open_streamed(src, recipe, layer_plan, method)
+        if opened is not None:
+            return _streamed_body(tmp, opened, src, recipe, layer_plan, calib, shard_bytes, progress, device)
         m = load_hf_model(src)
         stats = read_stats(calib) if calib else None
         targets = find_targets(m, recipe.targets, recipe.ignore)
@@ -61,7 +77,7 @@ def quantize(model: str, recipe: Recipe | None, out: Path, calib: Path | None = 
             tuned, report = method.tune(TuneInputs(m, targets, setups, stats, lp, recipe,
                                                    calibration_batches_of(calib, src, m), device, progress))
         qtensors, records = quantize_layers(targets, lp, stats, progress=progress, method=q.method,
-                                            weights=tuned, setups=setups)
+                                            weights=tuned, setups=setups, device=device)
         acts, aux = activation_config(recipe, qtensors, stats, lp)
         extra = {"fuse_groups": fuse, **({"activations": acts} if acts else {}), **layout_config(m)}
         if recipe.kv_cache is not None:
@@ -81,3 +97,27 @@ def quantize(model: str, recipe: Recipe | None, out: Path, calib: Path | None = 
                 "bits_per_weight": summary["bits_per_weight"]}
 
     return run_stage("quantize", out, model_files(src) + stats_path + plan_files, config, overwrite, body)
+
+
+def _streamed_body(tmp: Path, opened, src: str, recipe: Recipe, layer_plan, calib, shard_bytes, progress,
+                   device) -> dict[str, Any]:
+    """The body of `quantize` one decoder layer at a time (stages/layerwise.py)."""
+    model, _, _ = opened
+    q = recipe.quantize
+    stats = read_stats(calib) if calib else None
+    targets = find_targets(model, recipe.targets, recipe.ignore)
+    lp = layer_plan if layer_plan is not None else plan_from_recipe(recipe, list(targets))
+    quantized = [n for n in targets if isinstance(lp.get(n), dict)]
+    acts, aux = activation_config(recipe, dict.fromkeys(quantized), stats, lp)
+    extra = {"fuse_groups": q.fuse_groups, **({"activations": acts} if acts else {}), **layout_config(model)}
+    if recipe.kv_cache is not None:
+        aux = {**aux, **read_kv_stats(calib)}
+        extra["kv_cache"] = recipe.kv_cache.model_dump(mode="json")
+    records, metas, count = quantize_streamed(tmp, opened, recipe, lp, stats, shard_bytes, aux, progress, device)
+    write_config(tmp, model, metas, sorted(_tied_names(model)), extra or None)
+    copy_tokenizer_files(src, tmp)
+    summary = {"bits_per_weight": count["bits"] / max(count["numel"], 1), "quantized_layers": len(metas),
+               "target_layers": len(targets), "target_params": count["numel"],
+               "activations": q.activations.format if q.activations else None}
+    return {"recipe": recipe.model_dump(mode="json"), "layers": records, "summary": summary,
+            "bits_per_weight": summary["bits_per_weight"]}

@@ -1,0 +1,147 @@
+"""The layer-streaming engine of `lpc quantize`: one decoder layer resident at a time.
+
+The model is a meta-device skeleton (no weight memory). Tensors outside the decoder stack
+(embeddings, final norm, head) are referenced in the checkpoint and copied to the output at the end
+without being held; then, for each decoder layer: materialise its weights from the checkpoint
+(mmap), read its statistics from the calibration (one layer at a time), quantize its targets, spill
+its output tensors to the staging directory, release it. The output file(s) are then assembled
+tensor by tensor (artifact/shards.py). Peak memory: one layer, its statistics, bounded temporaries.
+
+The artifact equals the whole-model path's byte for byte (same tensors, names, dtypes, config).
+Recipes whose quantization needs the whole model at once (a tuning method, model-wide LO-BCQ
+codebooks, targets outside the decoder stack) take the whole-model path (`streamable` says which).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lpc.formats import get_format, stored_bits
+from lpc.pipeline.artifact.lpc_model import QUANT_METHOD, weight_marker
+from lpc.pipeline.artifact.shards import Entry, ShardWriter
+from lpc.pipeline.artifact.store import write_json
+from lpc.pipeline.io.models import decoder_layers, find_targets
+from lpc.pipeline.io.streaming import StreamingUnsupported, WeightStore, _tied_names, check_streamable
+from lpc.pipeline.io.streaming import materialize, release, skeleton
+from lpc.pipeline.progress import Progress, track
+from lpc.pipeline.quantization.layers import layer_setups, quantize_layers
+
+log = logging.getLogger(__name__)
+
+
+def open_streamed(src: str, recipe: Any, plan: dict[str, Any] | None, method: Any):
+    """(skeleton, store, decoder stack) when `lpc quantize` can stream this model and recipe, else None."""
+    if method.tune is not None or not Path(src).is_dir():
+        return None
+    try:
+        store = WeightStore(src)
+        model = skeleton(src)
+        check_streamable(model, store)
+    except StreamingUnsupported as err:
+        log.info("%s: quantizing the whole model at once", err)
+        return None
+    found = decoder_layers(model)
+    targets = find_targets(model, recipe.targets, recipe.ignore)
+    if found is None or any(not n.startswith(found[0] + ".") for n in targets):
+        return None
+    q = recipe.quantize
+    formats = {e["format"] for e in (plan or {}).values() if isinstance(e, dict) and "format" in e}
+    if plan is None:
+        formats = {q.weights.format} if q.weights is not None else set()
+        formats |= {o.weights.format for o in q.overrides if o.weights is not None}
+    if "bcq" in formats:  # codebooks shared between layers (model-wide fit, or stored once when equal)
+        return None
+    return model, store, found
+
+
+def quantize_streamed(tmp: Path, opened, recipe: Any, plan: dict[str, Any], stats, shard_bytes: int | None,
+                      extra_tensors: dict[str, torch.Tensor], progress: Progress | None = None,
+                      device: str = "cpu") -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
+    """Quantize layer by layer into `tmp`; returns (per-layer records, quantized layers' meta, bit counts).
+
+    bit counts: {"bits": stored bits of every target weight, "numel": their elements}."""
+    model, store, (path, layers) = opened
+    q = recipe.quantize
+    targets = find_targets(model, recipe.targets, recipe.ignore)
+    writer = ShardWriter(tmp, shard_bytes)
+    tied = sorted(_tied_names(model))
+    _add_outside(writer, model, store, path, set(tied))
+    records: dict[str, Any] = {}
+    metas: dict[str, Any] = {}
+    count = {"bits": 0, "numel": 0}
+    for i, layer in track(list(enumerate(layers)), "quantize (layer by layer)", progress):
+        prefix = f"{path}.{i}"
+        mine = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
+        materialize(layer, prefix, store)
+        try:
+            tensors = _quantize_layer(layer, prefix, mine, plan, stats, q, records, metas, count, device)
+        finally:
+            release(layer)
+        writer.add(tensors)
+        del tensors
+    writer.add(extra_tensors)
+    files = writer.close(metadata={"format": "pt"})
+    return records, metas, {**count, "files": len(files)}
+
+
+def _add_outside(writer: ShardWriter, model: nn.Module, store: WeightStore, path: str, tied: set[str]) -> None:
+    """Tensors outside the decoder stack: referenced in the checkpoint when stored in the model's dtype,
+    else cast (small: norms); persistent buffers from the skeleton."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    state_names = list(model.state_dict(keep_vars=True))
+    for name in state_names:
+        if name.startswith(path + ".") or name in tied:
+            continue
+        if name in params:
+            e = _checkpoint_entry(store, name)
+            if e.dtype == params[name].dtype:
+                writer.add_entries({name: e})
+            else:
+                writer.add({name: store.get(name).to(params[name].dtype)})
+        else:
+            writer.add({name: model.state_dict()[name]})
+
+
+def _checkpoint_entry(store: WeightStore, name: str) -> Entry:
+    from safetensors import safe_open
+
+    from lpc.pipeline.artifact.shards import _DTYPES
+
+    with safe_open(str(store.files[name]), framework="pt") as fh:
+        sl = fh.get_slice(name)
+        return Entry(Path(store.files[name]), name, _DTYPES[sl.get_dtype()], tuple(sl.get_shape()))
+
+
+def _quantize_layer(layer: nn.Module, prefix: str, mine: dict[str, nn.Linear], plan: dict[str, Any], stats,
+                    q: Any, records: dict, metas: dict, count: dict, device: str) -> dict[str, torch.Tensor]:
+    """One materialised decoder layer -> its output tensors (packed targets, everything else as is)."""
+    sub_stats = {n: stats[n] for n in mine if stats is not None and n in stats}
+    setups = layer_setups(mine, plan, sub_stats, q.fuse_groups, q.importance != "none", q.codebook_scope)
+    qtensors, recs = quantize_layers(mine, plan, sub_stats, method=q.method, setups=setups, device=device)
+    out = {f"{prefix}.{k}": t for k, t in layer.state_dict().items()}
+    for name, qt in qtensors.items():
+        out.pop(f"{name}.weight")
+        out.update({f"{name}.{field}": t for field, t in get_format(qt.format).pack(qt).items()})
+        out[f"{name}.weight"] = weight_marker()
+        metas[name] = qt.meta()
+        records[name] = recs[name]
+    for name, mod in mine.items():
+        count["bits"] += stored_bits(qtensors[name]) if name in qtensors else stored_bits(mod.weight)
+        count["numel"] += mod.weight.numel()
+    return out
+
+
+def write_config(tmp: Path, model: nn.Module, layers: dict[str, Any], tied: list[str],
+                 extra_config: dict[str, Any] | None) -> dict[str, Any]:
+    """config.json with the lpc quantization_config, as write_lpc_model writes it."""
+    qconfig = {"quant_method": QUANT_METHOD, "layers": dict(sorted(layers.items())), "tied": tied,
+               **(extra_config or {})}
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["quantization_config"] = qconfig
+    write_json(tmp / "config.json", config)
+    return qconfig
