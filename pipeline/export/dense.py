@@ -1,5 +1,5 @@
 """`--format dense`: dequantized weights (low-rank paths merged) as a plain Hugging Face model that any
-tool loads; simulated activation quantization cannot be expressed and is reported as dropped."""
+tool loads; simulated activation and KV cache quantization cannot be expressed and are reported as dropped."""
 from __future__ import annotations
 
 import logging
@@ -23,6 +23,10 @@ def write_dense(src: Path, tmp: Path) -> dict[str, Any]:
     if qconfig.get("activations"):
         dropped.append("activation quantization (a dense model has none; evaluate the lpc artifact for W+A)")
         log.warning("dense export drops the simulated activation quantization")
+    if qconfig.get("kv_cache"):
+        dropped.append("KV cache quantization (a dense model keeps a plain cache; export compressed-tensors or "
+                       "modelopt for an engine's FP8 KV cache)")
+        log.warning("dense export drops the KV cache quantization")
     return {"dropped": dropped}
 
 

@@ -25,6 +25,7 @@ from lpc.pipeline.kvcache import KV_PREFIX
 
 CT_KV_SCHEME = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
 MODELOPT_KV_ALGO = "FP8"
+_KNOWN = ("format", "spec", "scales", "kivi", "group")  # `group` only matters with kivi
 
 
 def kv_unsupported(kv: dict[str, Any] | None) -> str | None:
@@ -41,6 +42,9 @@ def kv_unsupported(kv: dict[str, Any] | None) -> str | None:
         why.append("KIVI grouping")
     if spec.get("granularity", "tensor") != "tensor" or spec.get("clip", "none") != "none":
         why.append(f"spec {spec} (engines hold granularity: tensor without clipping)")
+    other = sorted(k for k, v in kv.items() if k not in _KNOWN and v not in (None, False, 0, "", "none", [], {}))
+    if other:  # any further cache policy (eviction, mixed precision, ...) changes what the cache holds
+        why.append(f"settings {', '.join(other)}")
     return f"the KV cache quantization ({', '.join(why)}) has no engine form" if why else None
 
 

@@ -157,7 +157,8 @@ def test_auto_falls_back_to_lpc_and_says_why(tmp_path, aligned_dir):
 
 
 @pytest.mark.parametrize("kv", [{"format": "nvfp4"}, {"format": "fp8_e4m3", "scales": "head"},
-                                {"format": "fp8_e4m3", "kivi": True}, {"format": "fp8_e4m3", "scales": "dynamic"}])
+                                {"format": "fp8_e4m3", "kivi": True}, {"format": "fp8_e4m3", "scales": "dynamic"},
+                                {"format": "fp8_e4m3", "scales": "tensor", "policy": "thinkv"}])
 def test_kv_cache_without_engine_form_is_never_dropped(kv):
     from lpc.pipeline.export.compressed_tensors import expressible
 
