@@ -21,7 +21,7 @@ from lpc.recipes import load_recipe
 
 needs_ct = pytest.mark.skipif(find_spec("compressed_tensors") is None, reason="compressed_tensors is not installed")
 PROMPT = "once upon a time there was a little girl who liked to play in the park with her dog"
-SMALL = ["calibrate.samples=4", "calibrate.seq_len=16"]
+SMALL = ["calibrate.samples=2", "calibrate.seq_len=8"]
 FGMP = SMALL + ["quantize.method=rtn"]  # the FGMP allocation; distillation is tested elsewhere
 # Padding on one family per layout: separate q/k/v and gate/up, fused qkv/gate_up, fused query_key_value,
 # biased q/k/v with fc1/fc2 (the code paths are the same for the others; this keeps the matrix fast).
@@ -40,11 +40,11 @@ def _hf(path: Path, **kw):
     return AutoModelForCausalLM.from_pretrained(str(path), **kw).eval()
 
 
-def _linears(model_dir: Path) -> set[str]:
-    """Every Linear of the model in lpc's layout (Conv1D included), but the output head."""
+def _original(model_dir: Path, tok) -> tuple[set[str], torch.Tensor]:
+    """(every Linear of the model in lpc's layout (Conv1D included) but the output head, its logits)."""
     model = load_hf_model(model_dir)
     head = model.get_output_embeddings()
-    return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}, _logits(model, tok)
 
 
 def _sane(lpc_logits: torch.Tensor, original: torch.Tensor) -> None:
@@ -91,11 +91,12 @@ def test_nvfp4_every_linear_but_the_head_and_exports_load(family, family_dir, tm
     src = family_dir(family)
     result = stages.quantize(str(src), load_recipe("nvfp4"), tmp_path / "q")
     summary = result.manifest["summary"]
-    assert set(read_qconfig(tmp_path / "q")["layers"]) == _linears(src)
-    assert summary["quantized_layers"] == summary["target_layers"] and 4.5 <= summary["bits_per_weight"] < 4.6
     lpc_model, tok = load(tmp_path / "q")
+    linears, original = _original(src, tok)
+    assert set(read_qconfig(tmp_path / "q")["layers"]) == linears
+    assert summary["quantized_layers"] == summary["target_layers"] and 4.5 <= summary["bits_per_weight"] < 4.6
     want = _logits(lpc_model, tok)
-    _sane(want, _logits(load_hf_model(src), tok))
+    _sane(want, original)
     stages.export(tmp_path / "q", tmp_path / "dense", "dense")
     assert torch.equal(_logits(_hf(tmp_path / "dense"), tok), want)
     if family == "gpt2":
@@ -114,9 +115,10 @@ def test_fgmp_block_mix_on_every_family(family, family_dir, calibrated, tmp_path
     stages.allocate(calibrated(family), recipe, tmp_path / "alloc")
     stages.quantize(str(src), None, tmp_path / "q", plan=tmp_path / "alloc")
     layers = read_qconfig(tmp_path / "q")["layers"]
-    assert set(layers) == _linears(src) and {m["format"] for m in layers.values()} == {"fgmp"}
     lpc_model, tok = load(tmp_path / "q")
-    _sane(_logits(lpc_model, tok), _logits(load_hf_model(src), tok))
+    linears, original = _original(src, tok)
+    assert set(layers) == linears and {m["format"] for m in layers.values()} == {"fgmp"}
+    _sane(_logits(lpc_model, tok), original)
     with pytest.raises(ArtifactError, match="FGMP|Conv1D"):
         stages.export(tmp_path / "q", tmp_path / "ct", "compressed-tensors")
 
@@ -129,13 +131,31 @@ def test_padded_layers_quantize_and_fp8_exports(family, family_dir, tmp_path):
     src = family_dir(family, padded=True)
     stages.quantize(str(src), load_recipe("nvfp4"), tmp_path / "q4")
     layers = read_qconfig(tmp_path / "q4")["layers"]
-    assert set(layers) == _linears(src)
-    assert all(m["shape"][-1] in (72, 200) for m in layers.values())
     lpc_model, tok = load(tmp_path / "q4")
-    _sane(_logits(lpc_model, tok), _logits(load_hf_model(src), tok))
+    linears, original = _original(src, tok)
+    assert set(layers) == linears and all(m["shape"][-1] in (72, 200) for m in layers.values())
+    _sane(_logits(lpc_model, tok), original)
     with pytest.raises(ArtifactError, match="no layer of the artifact can be written"):
         stages.export(tmp_path / "q4", tmp_path / "ct4", "compressed-tensors")
     stages.quantize(str(src), load_recipe("fp8"), tmp_path / "q8")
     stages.export(tmp_path / "q8", tmp_path / "ct8", "compressed-tensors")
     ref, _ = load(tmp_path / "q8", dtype=torch.float32)
     assert torch.equal(_logits(_hf(tmp_path / "ct8", dtype=torch.float32), tok), _logits(ref, tok))
+
+
+@needs_ct
+@pytest.mark.parametrize("family", DENSE)
+def test_fp8_every_family_exports_to_compressed_tensors(family, family_dir, tmp_path):
+    src = family_dir(family)
+    stages.quantize(str(src), load_recipe("fp8"), tmp_path / "q")
+    lpc_model, tok = load(tmp_path / "q", dtype=torch.float32)
+    linears, original = _original(src, tok)
+    assert set(read_qconfig(tmp_path / "q")["layers"]) == linears
+    want = _logits(lpc_model, tok)
+    _sane(want, original)
+    if family == "gpt2":
+        with pytest.raises(ArtifactError, match="Conv1D"):
+            stages.export(tmp_path / "q", tmp_path / "ct", "compressed-tensors")
+        return
+    stages.export(tmp_path / "q", tmp_path / "ct", "compressed-tensors")
+    assert torch.equal(_logits(_hf(tmp_path / "ct", dtype=torch.float32), tok), want)

@@ -24,7 +24,7 @@ from lpc.pipeline.io.models import find_targets, load_hf_model
 from lpc.recipes import load_recipe
 
 PROMPT = "once upon a time there was a little girl who liked to play in the park with her dog"
-SMALL = ["calibrate.samples=4", "calibrate.seq_len=16"]
+SMALL = ["calibrate.samples=2", "calibrate.seq_len=8"]
 
 
 def _logits(model, ids) -> torch.Tensor:
@@ -161,3 +161,23 @@ def test_unreached_layout_is_warned_with_its_share(caplog):
         found = find_targets(Odd(), ["*"], [])
     assert list(found) == ["proj"]
     assert "75.0% of the model's matrix parameters" in caplog.text and "table" in caplog.text
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_fgmp_and_fp8_reach_every_expert(family, family_dir, text_files, tmp_path):
+    src = family_dir(family)
+    recipe = load_recipe("fgmp_nvfp4a16", SMALL + ["quantize.method=rtn"])
+    stages.calibrate(str(src), str(text_files["jsonl"]), tmp_path / "calib", recipe)
+    stages.allocate(tmp_path / "calib", recipe, tmp_path / "alloc")
+    stages.quantize(str(src), None, tmp_path / "fgmp", plan=tmp_path / "alloc")
+    stages.quantize(str(src), load_recipe("fp8"), tmp_path / "fp8")
+    experts = expert_names(load_hf_model(src))
+    ids = None
+    for kind, fmt in (("fgmp", "fgmp"), ("fp8", "fp8_e4m3")):
+        layers = read_qconfig(tmp_path / kind)["layers"]
+        assert set(experts) <= set(layers) and {layers[n]["format"] for n in experts} == {fmt}
+        model, tok = load(tmp_path / kind)
+        ids = tok(PROMPT, return_tensors="pt").input_ids if ids is None else ids
+        got, want = _logits(model, ids), _logits(_native(src), ids)
+        assert torch.isfinite(got).all()
+        assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.9
