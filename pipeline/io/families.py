@@ -53,7 +53,9 @@ def linearize(model: nn.Module) -> list[str]:
     for name, mod in list(model.named_modules()):
         if type(mod).__name__ != "Conv1D" or not hasattr(mod, "nx"):
             continue
-        lin = TransposedLinear(mod.nx, mod.nf, bias=mod.bias is not None, device="meta", dtype=mod.weight.dtype)
+        # the weight may be an lpc weight marker (uint8, empty) when transformers loads an lpc artifact
+        dtype = next((t.dtype for t in (mod.weight, mod.bias) if t is not None and t.is_floating_point()), None)
+        lin = TransposedLinear(mod.nx, mod.nf, bias=mod.bias is not None, device="meta", dtype=dtype)
         lin.weight = nn.Parameter(mod.weight.detach().t().contiguous(), requires_grad=False)
         if mod.bias is not None:
             lin.bias = nn.Parameter(mod.bias.detach(), requires_grad=False)

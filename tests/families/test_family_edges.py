@@ -96,3 +96,23 @@ def test_fuse_groups_come_from_shared_inputs_not_names(family, groups, family_di
     model = load_hf_model(family_dir(family))
     assert derive_fuse_groups(model, find_targets(model, ["*"], ["lm_head"])) == groups
 
+
+
+def test_from_pretrained_of_lpc_artifacts_gpt2_exact_moe_refused_loudly(family_dir, tmp_path):
+    """With lpc imported, transformers loads a GPT-2 lpc artifact (Conv1D layers) with lpc's logits; an MoE
+    artifact (per-expert tensors) is refused with an error, never loaded with wrong experts."""
+    from transformers import AutoModelForCausalLM
+
+    from lpc.pipeline import stages
+    from lpc.pipeline.artifact.load import load
+    from lpc.recipes import load_recipe
+
+    stages.quantize(str(family_dir("gpt2")), load_recipe("nvfp4"), tmp_path / "gpt2")
+    lpc_model, tok = load(tmp_path / "gpt2")
+    ids = tok("once upon a time there was a little girl", return_tensors="pt").input_ids
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "gpt2"))
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, lpc_model(ids).logits)
+    stages.quantize(str(family_dir("qwen2_moe")), load_recipe("nvfp4"), tmp_path / "moe")
+    with pytest.raises(RuntimeError, match="mismatch|size"):
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "moe"))
