@@ -78,11 +78,11 @@ def lpc(*args: str) -> list[str]:
 def run_row(label: str, recipe: str, sets: list[str], model: Path, work: Path, tasks: bool,
             limit: int | None, reuse_calib: Path | None = None) -> dict:
     out = work / label
-    if reuse_calib is not None and reuse_calib.resolve() != (out / "calib").resolve():
+    if reuse_calib is not None and reuse_calib.resolve() != (out / "stages" / "calib").resolve():
         # lpc skips a stage whose manifest matches its inputs and config, and recomputes it otherwise
         shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        shutil.copytree(reuse_calib, out / "calib")
+        (out / "stages").mkdir(parents=True)
+        shutil.copytree(reuse_calib, out / "stages" / "calib")
     cmd = lpc("compress", str(model), "--recipe", recipe, "--data", str(P.CALIB),
               "--set", f"calibrate.samples={P.CALIB_SAMPLES}", "--set", f"calibrate.seq_len={P.CALIB_SEQ_LEN}",
               "-o", str(out), "--overwrite", "--json")
@@ -176,7 +176,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, help="documents per task (with --tasks)")
     ap.add_argument("--work", type=Path, default=P.REPO / "runs" / "smollm2", help="compress outputs go here")
     ap.add_argument("--reuse-calib", type=Path, metavar="CALIB_DIR",
-                    help="copy this calib/ (e.g. runs/smollm2/nvfp4/calib) into each row first; lpc skips "
+                    help="copy this calib/ (e.g. runs/smollm2/nvfp4/stages/calib) into each row first; lpc skips "
                          "calibration when it matches (its seconds are then not in compress_seconds)")
     ap.add_argument("-o", "--out", type=Path, help="also write the JSON list here")
     ap.add_argument("--markdown", nargs="*", type=Path, metavar="JSON",

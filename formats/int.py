@@ -8,6 +8,7 @@ scale s_v = c_v / (2^(N-1)-1) from the (clipped) vector amax c_v is stored as
              gamma = max_v s_v / (2^M - 1)  (M-bit integers bit-packed); a `row_scale` given as
              context (R,) is used instead (stored scales then clamp to 2^M - 1), which is how
              GPTQ keeps the row scale of the whole row while it quantizes column groups.
+V = 0 is the per-channel baseline of the VS-Quant paper: one scale per row (the whole input width).
 int4 codes are packed two per byte (two's complement nibbles, element 2j low); int8 as int8.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from lpc.formats.registry import BlockSpec, Format, register
 
 class IntSpec(BlockSpec):
     bits: Literal[4, 8] = Field(4, description="element bits N (signed symmetric)")
-    vector: Literal[16, 32, 64] = Field(16, description="elements per scale V")
+    vector: Literal[0, 16, 32, 64] = Field(16, description="elements per scale V (0: one scale per row, per channel)")
     scale_format: Literal["e4m3", "bf16", "two_level"] = Field(
         "two_level", description="how per-vector scales are stored")
     scale_bits: Literal[4, 6, 8] = Field(6, description="M, bits of a two-level scale")
@@ -54,7 +55,8 @@ class Int(Format):
             return self._quantize_plain(x, spec, global_amax)
         rows = as_rows(x)
         n_rows, k = rows.shape
-        kp, v = padded(k, spec.vector), spec.vector
+        v = _vector(spec, k)
+        kp = padded(k, v)
         qmax = 2 ** (spec.bits - 1) - 1
         weight = importance_rows(importance, tuple(x.shape)) if spec.clip == "sensitivity" else None
         unit = _units(rows, spec, qmax, global_amax) if row_scale is None else _given_rows(row_scale, spec, n_rows)
@@ -74,7 +76,7 @@ class Int(Format):
 
     def _quantize_plain(self, x: torch.Tensor, spec: IntSpec, global_amax: Any) -> QTensor:
         """Amax scaling through the fused kernels of lpc.formats.kernels."""
-        xb = blocks_of(x, spec.vector)
+        xb = blocks_of(x, _vector(spec, x.shape[-1]))
         if spec.scale_format == "two_level":
             codes, stored, unit = fast.run(kernels.int_two_level, xb, spec.bits, spec.scale_bits)
         else:
@@ -94,8 +96,9 @@ class Int(Format):
         else:
             codes = qdata
         n_rows = qdata.shape[0]
-        step = _load_scales(q.data, spec, n_rows, codes.shape[-1] // spec.vector)
-        vals = codes.to(torch.float32).view(n_rows, -1, spec.vector) * step.unsqueeze(-1)
+        v = spec.vector or codes.shape[-1]
+        step = _load_scales(q.data, spec, n_rows, codes.shape[-1] // v)
+        vals = codes.to(torch.float32).view(n_rows, -1, v) * step.unsqueeze(-1)
         return vals.view(n_rows, -1)[:, : q.shape[-1]].reshape(q.shape)
 
     def fields(self, meta: dict[str, Any]) -> tuple[str, ...]:
@@ -103,8 +106,8 @@ class Int(Format):
         extra = {"e4m3": ("global_scale",), "bf16": (), "two_level": ("row_scale",)}[scale_format]
         return ("qdata", "scale", *extra)
 
-    def _block_width(self, spec: IntSpec) -> int:
-        return spec.vector
+    def _block_width(self, spec: IntSpec) -> int | None:
+        return spec.vector or None  # per channel: no blocks along the input
 
     def pinned_context(self, x: torch.Tensor, spec: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
         """Adds the two-level per-row scale of the whole x: `row_scale` (R,) float32."""
@@ -115,7 +118,7 @@ class Int(Format):
 
     def _bits_per_weight(self, spec: IntSpec) -> float:
         scale_bits = {"e4m3": 8, "bf16": 16, "two_level": spec.scale_bits}[spec.scale_format]
-        return spec.bits + scale_bits / spec.vector
+        return spec.bits + (scale_bits / spec.vector if spec.vector else 0.0)  # per channel: ~0 per weight
 
 
 def _given_rows(row_scale: Any, spec: IntSpec, n_rows: int) -> torch.Tensor:
@@ -128,6 +131,11 @@ def _given_rows(row_scale: Any, spec: IntSpec, n_rows: int) -> torch.Tensor:
         raise FormatError(f"int: row_scale of shape {tuple(gamma.shape)} does not give {n_rows} positive "
                           "finite row scales", f"pass a float tensor of shape ({n_rows},), e.g. a QTensor's row_scale")
     return gamma.reshape(n_rows, 1)
+
+
+def _vector(spec: IntSpec, k: int) -> int:
+    """Elements per scale for a row of k: the spec's V, or the whole (even-padded) row when per channel."""
+    return spec.vector or padded(k, 2)
 
 
 def _round(y: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -152,9 +160,10 @@ def _units(rows: torch.Tensor, spec: IntSpec, qmax: int, global_amax: Any) -> to
         return torch.where(amax > 0, amax / (qmax * 448.0), torch.ones_like(amax))
     top = max(2 ** spec.scale_bits - 1, 1)
     gamma = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
-    kp = padded(rows.shape[1], spec.vector)
+    v = _vector(spec, rows.shape[1])
+    kp = padded(rows.shape[1], v)
     for sl in row_chunks(*rows.shape):
-        xb = pad_last(rows[sl], spec.vector).view(-1, kp // spec.vector, spec.vector)
+        xb = pad_last(rows[sl], v).view(-1, kp // v, v)
         smax = _clipped_amax(xb, spec).amax(-1, keepdim=True) / qmax
         gamma[sl] = torch.where(smax > 0, smax / top, torch.ones_like(smax))
     return gamma
