@@ -45,13 +45,16 @@ def settle(model: nn.Module, directory: str | Path | None = None) -> nn.Module:
     `directory`, default the model's own); a model with nothing to settle is returned unchanged."""
     quantizer = getattr(model, "hf_quantizer", None)
     compressor = getattr(quantizer, "compressor", None)
-    if compressor is not None and hasattr(model, "ct_decompress_hook"):
+    if compressor is None:  # not a compressed-tensors model: nothing of it is touched
+        return model
+    if hasattr(model, "ct_decompress_hook"):
         compressor.decompress_model(model)
     dtype = model_float_dtype(model)
     cast = []
     for name, module in model.named_modules():
         w = getattr(module, "weight", None)
-        if isinstance(module, nn.Linear) and isinstance(w, torch.Tensor) and w.is_floating_point() and w.dtype != dtype:
+        if (isinstance(module, nn.Linear) and hasattr(module, "quantization_scheme") and isinstance(w, torch.Tensor)
+                and w.is_floating_point() and w.dtype != dtype):
             module.weight.data = w.data.to(dtype)
             cast.append(name)
     if cast:

