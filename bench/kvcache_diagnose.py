@@ -6,7 +6,7 @@ the 128 x 512 calibration tokens, in 2048-token windows. Variants: keys only / v
 the norm of the first token's key against the others (the attention sink). Each row gives perplexity
 and its increase over the bf16 cache in the same compute dtype, and KL to it.
 
-    python bench/kvcache_diagnose.py [--windows 6] [--only fp8,nvfp4]
+    python bench/kvcache_diagnose.py [--windows 3] [--calib-windows 128] [--only fp8,nvfp4]
 """
 from __future__ import annotations
 
@@ -29,10 +29,8 @@ def heldout_windows(tok, n: int, seq_len: int = 2048) -> list[list[int]]:
 
 def variants(fmt: str, spec: dict) -> dict[str, dict]:
     return {f"{fmt}": {}, f"{fmt} keys only": {"values": False}, f"{fmt} values only": {"keys": False},
-            f"{fmt} sink kept": {"sinks": 1}, f"{fmt} 4 sinks kept": {"sinks": 4},
-            f"{fmt} per-token scales": {"per_token": True},
-            f"{fmt} per-token scales + sink kept": {"per_token": True, "sinks": 1},
-            f"{fmt} per-head scales": {"head": True}}
+            f"{fmt} sink kept": {"sinks": 1}, f"{fmt} per-token scales": {"per_token": True},
+            f"{fmt} per-token scales + sink kept": {"per_token": True, "sinks": 1}}
 
 
 def specs_for(fmt, spec, stats, n_layers, keys=True, values=True, sinks=0, per_token=False, head=False):
@@ -78,12 +76,14 @@ def main() -> None:
     from lpc.pipeline.kvcache import attach_kv_quantization, kv_stat_tensors, kv_statistics
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--windows", type=int, default=6)
+    ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--calib-windows", type=int, default=CALIB_SAMPLES, help="calibration windows of 512 tokens")
     ap.add_argument("--only", default="fp8,nvfp4")
+    ap.add_argument("--fp32", type=int, default=1, help="1: also the plain format in fp32 compute")
     args = ap.parse_args()
     model, tok = load(model_dir())
     if not STATS.is_file():
-        save_file(kv_stat_tensors(kv_statistics(model, calibration_batches(str(CALIB), tok, CALIB_SAMPLES,
+        save_file(kv_stat_tensors(kv_statistics(model, calibration_batches(str(CALIB), tok, args.calib_windows,
                                                                            CALIB_SEQ_LEN))), str(STATS))
     stats = load_file(str(STATS))
     seqs = heldout_windows(tok, args.windows)
@@ -91,7 +91,7 @@ def main() -> None:
         print(json.dumps({"sink_profile": r}), flush=True)
     n = model.config.num_hidden_layers
     formats = {"fp8": ("fp8_e4m3", {"granularity": "tensor"}), "nvfp4": ("nvfp4", {})}
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (torch.bfloat16, torch.float32)[:1 + args.fp32]:
         model.to(dtype)
         base = score(model, seqs)
         print(json.dumps({"variant": "bf16 cache", "compute": str(dtype), **base}), flush=True)

@@ -106,8 +106,10 @@ class KVPolicy:
         if not isinstance(budget, (int, float)) or not budget > 0:
             raise InputError(f"KV budget must be a positive fraction of the bf16 cache, got {budget!r}",
                              "e.g. budget: 0.1 for 10% of the bf16 bytes")
+        if options:
+            raise InputError(f"unknown option(s) for KV cache policy '{self.name}': {', '.join(sorted(options))}",
+                             f"{self.name} takes: {(type(self).__init__.__doc__ or 'budget only').strip()}")
         self.budget = float(budget)
-        self.options = options
         self.budget_bytes = 0
 
     @property

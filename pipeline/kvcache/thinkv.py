@@ -111,10 +111,15 @@ class ThinKVPolicy(KVPolicy):
                 break
             seg = int(layer.pos[chunk[0]]) // self.group
             layer.compress(chunk, self.levels[self.segment_type(seg)])
-        while not self.fits(layer) and self._demote_one(layer):
-            pass
+        for kind in reversed(TYPES):  # T, then E, then R: lower precision, then tokens beyond min_tokens
+            while not self.fits(layer) and self._demote_one(layer, kind):
+                pass
+            if self.fits(layer):
+                return
+            order, kinds, phase = self._eviction_order(layer)
+            evict_in_order(self, layer, order[(kinds == TYPES.index(kind)) & (phase == 0)])
         if not self.fits(layer):
-            evict_in_order(self, layer, self._eviction_order(layer))
+            evict_in_order(self, layer, self._eviction_order(layer)[0])
 
     def _priority(self, layer: PolicyLayer) -> list[int]:
         """Closed segments with held tokens, least important and oldest first."""
@@ -122,12 +127,14 @@ class ThinKVPolicy(KVPolicy):
         closed = [g for g in segs if g < layer.written // self.group]
         return sorted(closed, key=lambda g: (-TYPES.index(self.segment_type(g)), g))
 
-    def _demote_one(self, layer: PolicyLayer) -> bool:
-        """Requantize the least important compressed segment not yet at the ladder's end one step down."""
+    def _demote_one(self, layer: PolicyLayer, kind: str) -> bool:
+        """Requantize the oldest compressed segment of type `kind` not yet at the ladder's end one step down."""
         lower = [LEVELS.index(name) for name in ("fp8", "nvfp4", "int4")]
         if not bool(torch.isin(layer.level, torch.tensor(lower, device=layer.level.device)).any()):
             return False
         for g in self._priority(layer):
+            if self.segment_type(g) != kind:
+                continue
             idx = torch.nonzero((layer.pos // self.group == g) & (layer.pos >= self.sinks)).flatten()
             level = LEVELS[int(layer.level[idx[0]])]
             if level in LADDER[:-1]:
@@ -138,19 +145,28 @@ class ThinKVPolicy(KVPolicy):
                 return True
         return False
 
-    def _eviction_order(self, layer: PolicyLayer) -> torch.Tensor:
-        """Tokens beyond `min_tokens` of each segment (least attended first), segment by segment in
-        priority order; then the rest of each segment; the open segment and sinks last."""
-        first, second = [], []
-        seg_of = layer.pos // self.group
-        for g in self._priority(layer):
-            idx = torch.nonzero((seg_of == g) & (layer.pos >= self.sinks)).flatten()
-            idx = idx[torch.argsort(layer.score[idx], stable=True)]
-            cut = max(0, idx.numel() - self.min_tokens)
-            first.append(idx[:cut])
-            second.append(idx[cut:])
-        rest = torch.nonzero((seg_of >= layer.written // self.group) & (layer.pos >= self.sinks)).flatten()
-        return torch.cat(first + second + [rest]) if first or second else rest
+    def _eviction_order(self, layer: PolicyLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Held tokens (sinks excluded) in eviction order: first the tokens beyond `min_tokens` of each
+        closed segment (least attended first), segment by segment least important and oldest first; then
+        the rest of those segments in the same order; the open segment last. Also each one's type
+        (index in TYPES) and phase (0: beyond min_tokens, 1: the last ones, 2: open segment)."""
+        seg = layer.pos // self.group
+        cand = torch.nonzero(layer.pos >= self.sinks).flatten()
+        seg, score = seg[cand], layer.score[cand]
+        n_seg = int(seg.max()) + 1 if cand.numel() else 0
+        kinds = torch.tensor([TYPES.index(self.segment_type(g)) for g in range(n_seg)], dtype=torch.long)
+        by_score = torch.argsort(score, stable=True)
+        by_seg = by_score[torch.argsort(seg[by_score], stable=True)]  # grouped by segment, least attended first
+        counts = torch.bincount(seg, minlength=n_seg)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(seg)
+        rank[by_seg] = torch.arange(seg.numel()) - starts[seg[by_seg]]
+        phase = (rank >= counts[seg] - self.min_tokens).long()  # 0: beyond min_tokens, 1: the last ones
+        phase = torch.where(seg >= layer.written // self.group, torch.full_like(phase, 2), phase)
+        order = by_score  # sort keys from the least significant: score, segment age, importance, phase
+        for key in (seg, -kinds[seg], phase):
+            order = order[torch.argsort(key[order], stable=True)]
+        return cand[order], kinds[seg][order] if n_seg else seg, phase[order]
 
     def _shrink_transitions(self, layer: PolicyLayer, current: int) -> None:
         """Older transition thoughts keep their `keep` share of most attended tokens (at least min_tokens)."""

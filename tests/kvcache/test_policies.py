@@ -1,0 +1,199 @@
+"""KV cache policies under a byte budget (uniform quantization, StreamingLLM, H2O, ThinKV) on the tiny
+Llama: exact budgets, the full cache at 100%, which tokens eviction keeps, ThinKV's thought types."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lpc.pipeline.errors import InputError
+from lpc.pipeline.kvcache.decode import decode, use_eager_attention
+from lpc.pipeline.kvcache.levels import compress, kivi_scale_bytes, token_bytes
+from lpc.pipeline.kvcache.policy import POLICIES, PolicyCache, make_policy
+from lpc.pipeline.kvcache.thinkv import ThinKVPolicy
+
+CASES = [("streaming", {}), ("h2o", {}), ("thinkv", {}), ("uniform", {"level": "fp8"}),
+         ("uniform", {"level": "nvfp4"}), ("uniform", {"level": "int4"}), ("uniform", {"level": "int2"})]
+
+
+@pytest.fixture(scope="module")
+def model(make_llama):
+    m = make_llama(vocab_size=64, layers=2, head_dim=16, max_position_embeddings=512)
+    use_eager_attention(m)
+    return m
+
+
+@pytest.fixture(scope="module")
+def seq():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 64, (8,), generator=g).tolist(), torch.randint(0, 64, (140,), generator=g).tolist()
+
+
+def test_every_policy_is_registered():
+    make_policy("thinkv", 0.5)  # importing through make_policy registers them all
+    assert {"streaming", "h2o", "thinkv", "uniform"} <= set(POLICIES.names())
+
+
+@pytest.mark.parametrize("name, opts", CASES)
+@pytest.mark.parametrize("budget", [0.05, 0.15, 0.4])
+def test_every_step_holds_at_most_the_budget(model, seq, name, opts, budget):
+    prompt, cont = seq
+    pol = make_policy(name, budget, **opts)
+    r = decode(model, prompt, pol, capacity=len(prompt) + len(cont), steps=len(cont), forced=cont)
+    total = pol.budget_bytes * model.config.num_hidden_layers
+    assert 0.6 * total < r.peak_bytes <= total  # within the budget, and the budget is used
+    assert r.held_tokens[-1] < len(prompt) + len(cont) or name == "uniform"
+
+
+def test_streaming_bytes_are_tokens_times_bf16_plus_position(model, seq):
+    prompt, cont = seq
+    pol = make_policy("streaming", 0.2)
+    cache = PolicyCache(pol, 2)
+    pol.setup(2, 16, 148)
+    for _ in range(3):
+        cache.layers[0].update(torch.randn(1, 2, 50, 16), torch.randn(1, 2, 50, 16))
+        cache.layers[0].written  # noqa: B018
+        pol.enforce(cache.layers[0], 0)
+    held = cache.layers[0].held()
+    assert pol.held_bytes(cache.layers[0]) == held * (token_bytes("bf16", 2, 16) + 4) <= pol.budget_bytes
+    assert (held + 1) * (token_bytes("bf16", 2, 16) + 4) > pol.budget_bytes  # no byte left unused for a token
+
+
+@pytest.mark.parametrize("name, opts", CASES)
+def test_a_full_budget_is_the_full_cache(model, seq, name, opts):
+    prompt, cont = seq
+    r = decode(model, prompt, make_policy(name, 1.0, **opts), capacity=len(prompt) + len(cont),
+               steps=len(cont), forced=cont, keep_logprobs=True)
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([prompt + cont])).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
+    assert torch.allclose(r.logprobs, ref, atol=1e-5) and r.held_tokens[-1] == len(prompt) + len(cont) - 1
+
+
+def test_streaming_keeps_the_sinks_and_the_recent_window(model, seq):
+    prompt, cont = seq
+    pol = make_policy("streaming", 0.1, sinks=4)
+    cache = run_cache(model, pol, prompt + cont[:100])
+    for layer in cache.layers:
+        pos = layer.pos.tolist()
+        n = len(pos)
+        assert pos[:4] == [0, 1, 2, 3] and pos[4:] == list(range(108 - (n - 4), 108))
+
+
+def test_h2o_keeps_the_recent_window_and_the_heavy_hitters():
+    pol = make_policy("h2o", 0.1, recent=0.5)
+    pol.setup(1, 16, 100)  # budget 10 tokens of bf16: (64*10) bytes / (64 + 8) -> 8 affordable
+    cache = PolicyCache(pol, 1)
+    layer = cache.layers[0]
+    layer.update(torch.randn(1, 1, 30, 16), torch.randn(1, 1, 30, 16))
+    layer.score = torch.zeros(30)
+    layer.score[[3, 11, 17, 20]] = torch.tensor([5.0, 9.0, 7.0, 1.0])
+    pol.enforce(layer, 0)
+    assert layer.pos.tolist() == [3, 11, 17, 20, 26, 27, 28, 29]
+
+
+def run_cache(model, pol, ids):
+    from lpc.pipeline.kvcache.decode import new_cache
+
+    cache = new_cache(model, pol, len(ids))
+    with torch.no_grad():
+        for i, t in enumerate(ids):
+            out = model(input_ids=torch.tensor([[t]]), position_ids=torch.tensor([[i]]), cache_position=torch.tensor([i]),
+                        past_key_values=cache, use_cache=True, output_attentions=pol.needs_attention)
+            cache.end_step(out.attentions if pol.needs_attention else None)
+    return cache
+
+
+def attention_rows(n: int, kind: str) -> torch.Tensor:
+    """(1, heads=2, 1, n) attention over n held tokens: dense, concentrated on a few, or in between."""
+    w = torch.ones(n)
+    if kind == "sparse":
+        w = torch.full((n,), 1e-4)
+        w[:2] = 1.0
+    elif kind == "medium":
+        w[: n // 2] = 1e-4
+    return (w / w.sum()).expand(1, 2, 1, n)
+
+
+def fill(policy: ThinKVPolicy, cache: PolicyCache, kinds: list[str], group: int) -> None:
+    """Prompt of one group, then one segment of each kind, with the constructed attention."""
+    for layer in cache.layers:
+        layer.update(torch.randn(1, 2, group, 16), torch.randn(1, 2, group, 16))
+    cache.end_step(None)
+    for kind in kinds:
+        for _ in range(group):
+            for layer in cache.layers:
+                layer.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
+            n = cache.layers[0].held()
+            cache.end_step(tuple(attention_rows(layer.held(), kind) for layer in cache.layers))
+            assert n == cache.layers[0].held() or policy.budget < 1
+
+
+def test_thinkv_classifies_segments_by_attention_sparsity():
+    pol = ThinKVPolicy(0.99, group=8, thresholds=(0.3, 0.7), evict_on_transition=False)
+    cache = PolicyCache(pol, 2)
+    pol.setup(2, 16, 10_000)
+    fill(pol, cache, ["dense", "sparse", "medium", "dense", "sparse"], 8)
+    assert pol.types == {0: "R", 1: "R", 2: "T", 3: "E", 4: "R", 5: "T"}
+
+
+def thinkv_run(budget: float) -> tuple[ThinKVPolicy, list[int], dict[int, str]]:
+    """Prompt R, then R E T R T segments of 8 tokens under `budget` of 60 tokens: tokens held per
+    segment and each segment's level."""
+    from lpc.pipeline.kvcache.levels import LEVELS
+
+    pol = ThinKVPolicy(budget, group=8, thresholds=(0.3, 0.7), evict_on_transition=False, sinks=0)
+    cache = PolicyCache(pol, 1)
+    pol.setup(2, 16, 60)
+    fill(pol, cache, ["dense", "medium", "sparse", "dense", "sparse"], 8)
+    layer = cache.layers[0]
+    assert pol.types == {0: "R", 1: "R", 2: "E", 3: "T", 4: "R", 5: "T"}
+    assert pol.held_bytes(layer) <= pol.budget_bytes
+    levels = {int(p) // 8: LEVELS[int(lv)] for p, lv in zip(layer.pos, layer.level)}
+    return pol, torch.bincount(layer.pos // 8, minlength=6).tolist(), levels
+
+
+def test_thinkv_stores_each_thought_type_at_its_precision():
+    _, per_seg, levels = thinkv_run(0.56)  # room for every token once compressed
+    assert per_seg == [8] * 6
+    assert [levels[g] for g in range(5)] == ["fp8", "fp8", "int4", "int2", "fp8"]
+
+
+def test_thinkv_evicts_transitions_first_then_execution_and_spares_reasoning():
+    pol, per_seg, levels = thinkv_run(0.5)
+    assert per_seg[3] == pol.min_tokens and per_seg[2] < 8  # T down to min_tokens, E lost tokens too
+    assert per_seg[0] == per_seg[1] == per_seg[4] == 8  # reasoning thoughts untouched ...
+    assert levels[0] == levels[1] == levels[4] == "fp8" and levels[2] == "int2"  # ... at their precision
+
+
+def test_thinkv_halves_old_transitions_when_a_new_one_starts():
+    pol = ThinKVPolicy(0.99, group=8, thresholds=(0.3, 0.7), keep=0.5, sinks=0)
+    cache = PolicyCache(pol, 1)
+    pol.setup(2, 16, 10_000)
+    fill(pol, cache, ["sparse", "dense", "sparse"], 8)
+    per_seg = torch.bincount(cache.layers[0].pos // 8, minlength=4).tolist()
+    assert per_seg == [8, 4, 8, 8]  # segment 1 (the first transition) kept half at the second one
+
+
+def test_levels_scale_bytes_and_grids():
+    k, v = torch.randn(2, 40, 64), torch.randn(2, 40, 64)
+    fk, fv, scales = compress("int2", k, v)
+    assert scales == kivi_scale_bytes(2, 40, 64) == 4 * 2 * (2 * 64 + 40 * 2)
+    # 4 levels per group: keys per channel over 32 tokens, values per token over 32 channels
+    assert fk[0, :32, 5].unique().numel() <= 4 and fv[1, 7, 32:].unique().numel() <= 4
+    assert fk[0, 0, :32].unique().numel() > 4  # ... and not along the other axis
+    fk8, _, s8 = compress("fp8", k, v)
+    assert s8 == 2 * 4 * 2 * 40 and (fk8 - k).abs().max() <= k.abs().amax() / 16
+    _, _, s4 = compress("nvfp4", k, v)
+    assert s4 == 2 * 4 * 2 * 40 + 2 * 2 * 40 * 4
+
+
+def test_bad_policy_input_is_refused():
+    with pytest.raises(InputError, match="unknown KV cache policy 'lru'"):
+        make_policy("lru", 0.1)
+    with pytest.raises(InputError, match="budget"):
+        make_policy("h2o", 0)
+    with pytest.raises(InputError, match="precision level"):
+        make_policy("uniform", 0.1, level="int3")
+    with pytest.raises(InputError, match="thresholds"):
+        make_policy("thinkv", 0.1, thresholds=(0.9, 0.1))
+    with pytest.raises(InputError, match="option"):
+        make_policy("streaming", 0.1, window=3)
