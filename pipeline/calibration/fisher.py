@@ -99,7 +99,12 @@ def fisher_statistics(model: nn.Module, batches: Iterable[torch.Tensor],
 
 def _backward_one(model: nn.Module, ids: torch.Tensor) -> None:
     """ids: (1, T) -> one backward of the sample's mean next-token loss (hooks collect)."""
+    from lpc.pipeline.io.encoders import encoder_loss, is_encoder
+
     ids = ids.to(input_device(model))
+    if is_encoder(model):  # BERT-style: the masked-LM head's loss (io/encoders.py)
+        encoder_loss(model, ids).backward()
+        return
     logits = model(input_ids=ids, use_cache=False).logits
     loss = F.cross_entropy(logits[0, :-1].to(torch.float32), ids[0, 1:])
     loss.backward()

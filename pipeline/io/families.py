@@ -91,6 +91,13 @@ def routers(model: nn.Module) -> list[str]:
     return out
 
 
+def tied_to_embeddings(model: nn.Module) -> list[str]:
+    """Names of the Linears whose weight is an embedding table (tied output heads)."""
+    tables = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding) and m.weight.numel()}
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.numel()
+            and m.weight.device.type != "meta" and m.weight.data_ptr() in tables]
+
+
 def named_explicitly(name: str, targets: Iterable[str]) -> bool:
     """True when a target glob without wildcards names `name` (full name or last component)."""
     leaf = name.rsplit(".", 1)[-1]

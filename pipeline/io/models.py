@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from lpc.pipeline.errors import InputError
+from lpc.pipeline.io.encoders import auto_class, encoder_class
 from lpc.pipeline.io.experts import unfuse_experts
-from lpc.pipeline.io.families import linearize, model_kind, named_explicitly, routers, warn_unreached
+from lpc.pipeline.io.families import (linearize, model_kind, named_explicitly, routers, tied_to_embeddings,
+                                       warn_unreached)
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +49,10 @@ def _check_config(path: Path) -> None:
         raise InputError(f"{path} is not valid JSON{where}", "restore the model's config.json") from None
     if not isinstance(config, dict):
         raise InputError(f"{path} is not a JSON object", "restore the model's config.json")
-    kind = model_kind(config)
-    if kind != "decoder":
-        what = "an encoder-decoder" if kind == "encoder-decoder" else "an encoder-only"
-        raise InputError(f"{path.parent} is {what} model ({config.get('model_type')}): lpc compresses decoder-only "
-                         "causal language models", "give a causal LM (Llama, Qwen, Mistral, Gemma, Phi-3, GPT-2, "
-                         "OPT, GPT-NeoX, Mixtral, Qwen-MoE ...)")
+    if model_kind(config) == "encoder-decoder":
+        raise InputError(f"{path.parent} is an encoder-decoder model ({config.get('model_type')}): lpc compresses "
+                         "decoder-only causal language models and encoders", "give a causal LM (Llama, Qwen, Mistral, "
+                         "Gemma, Phi-3, GPT-2, OPT, GPT-NeoX, Mixtral, Qwen-MoE ...) or an encoder (BERT-style)")
 
 
 def _hub_hint(model: str | Path, err: Exception) -> tuple[str, str] | None:
@@ -76,11 +76,16 @@ def model_files(model: str | Path) -> list[Path]:
 
 def load_hf_model(model: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> nn.Module:
     """Load a causal LM in eval mode with gradients off; hub errors become InputError."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     src = resolve_model(model)
     try:
-        m = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or "auto")
+        auto = AutoModelForCausalLM
+        config = AutoConfig.from_pretrained(src)
+        if model_kind(config) == "encoder":  # its own class, never a causal-LM head made up at random
+            auto = encoder_class(src, config)
+        m = auto.from_pretrained(src, dtype=dtype or "auto")
+        m.config.architectures = [type(m).__name__]
     except OSError as err:
         hub = _hub_hint(model, err)
         if hub:
@@ -121,13 +126,16 @@ def model_from_config(model_dir: str | Path, dtype: torch.dtype | str | None = N
         delattr(config, "quantization_config")
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     dtype = getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
+    auto = AutoModelForCausalLM
+    if model_kind(config) == "encoder":
+        auto = auto_class((getattr(config, "architectures", None) or [None])[0])
     if empty:
         from accelerate import init_empty_weights
 
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = auto.from_config(config, dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = auto.from_config(config, dtype=dtype)
     return to_lpc_layout(model.eval().requires_grad_(False))
 
 
@@ -171,11 +179,12 @@ def find_targets(model: nn.Module, targets: list[str], ignore: list[str]) -> dic
 
     A glob matches the full dotted name or its last component (`down_proj`, `*.mlp.*`, `lm_head`).
     Conv1D layers and fused MoE experts are Linears once the model is in lpc's layout (`to_lpc_layout`,
-    done here when the loader did not). Routers and shared-expert gates stay unquantized unless a target
-    names them without wildcards. A warning names the share of matrix parameters left unreached.
+    done here when the loader did not). Routers, shared-expert gates and Linears whose weight is an
+    embedding table (tied heads, e.g. BERT's MLM decoder) stay unquantized unless a target names them
+    without wildcards. A warning names the share of matrix parameters left unreached.
     """
     to_lpc_layout(model)
-    skip = [n for n in routers(model) if not named_explicitly(n, targets)]
+    skip = [n for n in routers(model) + tied_to_embeddings(model) if not named_explicitly(n, targets)]
     found = {n: m for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and _matches(n, targets) and not _matches(n, ignore) and n not in skip}
     if not found:

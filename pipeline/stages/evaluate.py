@@ -60,6 +60,10 @@ def evaluate_report(path: str | Path, baseline: str | Path | None = None, fail_u
 
     if fail_under_recovery is not None and baseline is None:
         raise InputError("--fail-under-recovery needs --baseline MODEL", "give the model to compare against")
+    from lpc.pipeline.evaluation.fidelity import encoder_report, is_encoder_dir
+
+    if is_encoder_dir(path):  # no perplexity: fidelity of pooled embeddings to the original
+        return encoder_report(path, baseline, fail_under_recovery, **kwargs)
     result = evaluate_model(path, **kwargs)
     out = {"perplexity": result["perplexity"], "tasks": result["tasks"], "baseline": None,
            "recovery": None, "model": str(path), "details": result["details"], "seconds": result["seconds"]}

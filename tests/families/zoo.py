@@ -9,7 +9,9 @@ width is a multiple of 16 (every block-format layer is zero-padded).
 What each family brings: Llama untied in bf16; Qwen2 q/k/v biases; Qwen3 tied with q/k norms; Mistral;
 Gemma2 logit soft-capping and sliding-window layers; Gemma3 q/k norms and sliding windows; Phi-3 fused
 qkv_proj / gate_up_proj; OPT and GPT-NeoX (fused query_key_value); GPT-2 Conv1D (transposed weights);
-Mixtral / Qwen2-MoE / Qwen3-MoE experts as fused 3-D parameters; BERT an encoder with an MLM head.
+Mixtral / Qwen2-MoE / Qwen3-MoE experts as fused 3-D parameters; BERT an encoder with an MLM head
+(`bert_pretraining`: pooler and next-sentence head too, as BERT's original checkpoints; `bert_encoder`: no
+head); T5 an encoder-decoder.
 """
 from __future__ import annotations
 
@@ -79,12 +81,16 @@ def family_model(family: str, vocab: int, padded: bool = False, seed: int = 0, *
     (encoder-decoder), a causal LM for every other family. `overrides` set config fields."""
     from transformers import AutoModelForCausalLM, BertForMaskedLM, T5ForConditionalGeneration
 
-    cfg = _configs(*_dims(padded), vocab)[family]()
+    cfg = _configs(*_dims(padded), vocab)["bert" if family.startswith("bert") else family]()
     for key, value in overrides.items():
         setattr(cfg, key, value)
     torch.manual_seed(seed)
     if family == "bert":
         return BertForMaskedLM(cfg).eval()
+    if family in ("bert_pretraining", "bert_encoder"):  # pooler + NSP + MLM heads / the encoder alone
+        from transformers import BertForPreTraining, BertModel
+
+        return (BertForPreTraining if family == "bert_pretraining" else BertModel)(cfg).eval()
     if family == "t5":
         return T5ForConditionalGeneration(cfg).eval()
     dtype = getattr(torch, str(getattr(cfg, "dtype", None) or "float32").removeprefix("torch."))

@@ -1,0 +1,102 @@
+"""Encoders (BERT): loaded with their own class (the one whose tensors the checkpoint holds), the tied MLM
+decoder never quantized, Fisher from the MLM loss, fidelity (cosine of mean-pooled embeddings to the
+original) instead of perplexity, a dense export holding exactly the original's tensors, and one-line
+refusals where an encoder cannot go."""
+from __future__ import annotations
+
+import json
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lpc.pipeline import stages
+from lpc.pipeline.artifact.load import load
+from lpc.pipeline.artifact.lpc_model import read_qconfig
+from lpc.pipeline.errors import InputError
+from lpc.pipeline.io.models import load_hf_model
+from lpc.recipes import load_recipe
+
+SMALL = ["calibrate.samples=2", "calibrate.seq_len=8", "eval.seq_len=32"]
+PROMPT = "once upon a time there was a little girl who liked to play in the park with her dog"
+
+
+def _keys(path: Path) -> set[str]:
+    with safe_open(str(path / "model.safetensors"), framework="pt") as fh:
+        return set(fh.keys())
+
+
+def _tensor(path: Path, key: str) -> torch.Tensor:
+    with safe_open(str(path / "model.safetensors"), framework="pt") as fh:
+        return fh.get_tensor(key)
+
+
+@pytest.mark.parametrize("family,cls", [("bert", "BertForMaskedLM"), ("bert_pretraining", "BertForPreTraining"),
+                                        ("bert_encoder", "BertModel")])
+def test_encoder_loads_with_the_class_its_checkpoint_holds(family, cls, family_dir):
+    model = load_hf_model(family_dir(family))
+    assert type(model).__name__ == cls and model.config.architectures == [cls]
+
+
+@pytest.mark.parametrize("family", ["bert", "bert_pretraining"])
+def test_nvfp4_leaves_tied_embeddings_and_dense_export_is_the_original_tensor_set(family, family_dir, tmp_path):
+    src = family_dir(family)
+    result = stages.quantize(str(src), load_recipe("nvfp4"), tmp_path / "q")
+    layers = read_qconfig(tmp_path / "q")["layers"]
+    model = load_hf_model(src)
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(layers) == linears - {"cls.predictions.decoder"}  # the decoder is the word-embedding table
+    assert result.manifest["summary"]["target_params"] == sum(model.get_submodule(n).weight.numel() for n in layers)
+    stages.export(tmp_path / "q", tmp_path / "dense", "dense")
+    assert _keys(tmp_path / "dense") == _keys(src)  # pooler and NSP head kept when the original has them
+    emb = "bert.embeddings.word_embeddings.weight"
+    assert torch.equal(_tensor(tmp_path / "dense", emb), _tensor(src, emb))
+    changed = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(_tensor(tmp_path / "dense", changed), _tensor(src, changed))
+
+
+@pytest.mark.skipif(find_spec("compressed_tensors") is None, reason="compressed_tensors is not installed")
+def test_compressed_tensors_export_of_bert_loads_with_lpc_logits(family_dir, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    stages.quantize(str(family_dir("bert")), load_recipe("fp8"), tmp_path / "q")
+    stages.export(tmp_path / "q", tmp_path / "ct", "compressed-tensors")
+    lpc_model, tok = load(tmp_path / "q", dtype=torch.float32)
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    hf = AutoModelForMaskedLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, lpc_model(ids).logits)
+
+
+def test_fgmp_compress_uses_the_mlm_fisher_and_reports_fidelity(family_dir, text_files, tmp_path):
+    src = family_dir("bert")
+    recipe = load_recipe("fgmp_nvfp4a16", SMALL + ["quantize.method=rtn"])
+    stages.compress(str(src), recipe, str(text_files["jsonl"]), tmp_path / "out", ppl=[str(text_files["jsonl"])])
+    calib = tmp_path / "out" / "stages" / "calib"
+    with safe_open(str(calib / "stats.safetensors"), framework="pt") as fh:
+        fisher = fh.get_tensor("bert.encoder.layer.0.attention.self.query.weight_fisher")
+    assert torch.isfinite(fisher).all() and fisher.sum() > 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    fid = summary["eval"]["fidelity"][str(text_files["jsonl"])]
+    assert 0.9 < fid <= 1.0 + 1e-6 and summary["eval"]["recovery"] == fid and summary["eval"]["perplexity"] == {}
+    layers = read_qconfig(tmp_path / "out" / "stages" / "quant")["layers"]
+    assert {m["format"] for m in layers.values()} == {"fgmp"} and "cls.predictions.decoder" not in layers
+
+
+def test_fidelity_is_one_for_the_original_and_needs_a_baseline(family_dir, text_files, tmp_path):
+    from lpc.pipeline.stages.evaluate import evaluate_report
+
+    src = family_dir("bert")
+    same = evaluate_report(str(src), baseline=str(src), ppl=[str(text_files["txt"])], seq_len=16)
+    assert abs(same["recovery"] - 1.0) < 1e-6 and same["details"][str(text_files["txt"])]["windows"] > 1
+    with pytest.raises(InputError, match="is an encoder: it has no perplexity"):
+        evaluate_report(str(src), ppl=[str(text_files["txt"])])
+
+
+def test_fisher_of_an_encoder_without_head_is_refused(family_dir, text_files, tmp_path):
+    recipe = load_recipe("fgmp_nvfp4a16", SMALL)
+    with pytest.raises(InputError, match="has no masked-LM head"):
+        stages.calibrate(str(family_dir("bert_encoder")), str(text_files["jsonl"]), tmp_path / "calib", recipe)
+    assert not (tmp_path / "calib").exists()
