@@ -69,38 +69,42 @@ def new_cache(model: nn.Module, policy: KVPolicy, capacity: int) -> PolicyCache:
 @torch.no_grad()
 def decode(model: nn.Module, prompt: list[int], policy: KVPolicy, capacity: int, steps: int,
            forced: list[int] | None = None, reference: torch.Tensor | None = None,
-           keep_logprobs: bool = False) -> DecodeResult:
+           keep_logprobs: bool = False, chunk: int = 1) -> DecodeResult:
     """Decode `steps` tokens after `prompt` with the cache kept by `policy` (budget relative to
-    `capacity` tokens). `forced`: the continuation to score (teacher forcing, len >= steps); else
-    greedy. `reference` (steps, vocab) log-probs: KL(reference || this) is summed per step."""
+    `capacity` tokens). `forced`: the continuation to score (teacher forcing, len >= steps), fed
+    `chunk` tokens per forward (the policy acts between forwards); else greedy, one token per
+    forward. `reference` (steps, vocab) log-probs: KL(reference || this) is summed per step."""
     key = cache_argument(model)
     cache = new_cache(model, policy, capacity)
     want_attn = policy.active and policy.needs_attention
-    ids = torch.tensor([prompt], dtype=torch.long, device=model.device)
     res = DecodeResult(tokens=[], kl=0.0 if reference is not None else None)
     kept = []
+    feed = list(prompt)
     t0 = time.perf_counter()
-    for step in range(steps):
+    while len(res.tokens) < steps:
         start = cache.written()
-        pos = torch.arange(start, start + ids.shape[1], device=ids.device)
-        out = model(input_ids=ids, position_ids=pos.unsqueeze(0), cache_position=pos, use_cache=True,
-                    output_attentions=want_attn, **{key: cache})
+        pos = torch.arange(start, start + len(feed), device=model.device)
+        out = model(input_ids=torch.tensor([feed], device=model.device), position_ids=pos.unsqueeze(0),
+                    cache_position=pos, use_cache=True, output_attentions=want_attn, **{key: cache})
         t1 = time.perf_counter()
         cache.end_step(out.attentions if want_attn else None)
         res.policy_seconds += time.perf_counter() - t1
-        held = cache.held_bytes()
-        res.peak_bytes = max(res.peak_bytes, held)
+        res.peak_bytes = max(res.peak_bytes, cache.held_bytes())
         res.held_tokens.append(cache.layers[0].held())
-        logp = torch.log_softmax(out.logits[0, -1].float(), -1)
-        tok = forced[step] if forced is not None else int(logp.argmax())
-        res.tokens.append(tok)
-        res.nll -= float(logp[tok])
-        if reference is not None:
-            ref = reference[step]
-            res.kl += float((ref.exp() * (ref - logp)).sum(dtype=torch.float64))
-        if keep_logprobs:
-            kept.append(logp)
-        ids = torch.tensor([[tok]], dtype=torch.long, device=ids.device)
+        rows = out.logits[0, -1:] if start == 0 else out.logits[0]
+        for row in rows[: steps - len(res.tokens)]:
+            logp = torch.log_softmax(row.float(), -1)
+            step = len(res.tokens)
+            tok = forced[step] if forced is not None else int(logp.argmax())
+            res.tokens.append(tok)
+            res.nll -= float(logp[tok])
+            if reference is not None:
+                ref = reference[step]
+                res.kl += float((ref.exp() * (ref - logp)).sum(dtype=torch.float64))
+            if keep_logprobs:
+                kept.append(logp)
+        n = len(res.tokens)
+        feed = forced[n - 1:min(n - 1 + chunk, steps - 1)] if forced is not None else [res.tokens[-1]]
     res.seconds = time.perf_counter() - t0
     res.final_bytes = cache.held_bytes()
     res.logprobs = torch.stack(kept) if kept else None

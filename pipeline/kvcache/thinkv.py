@@ -35,10 +35,14 @@ TYPES = ("R", "E", "T")  # most important first
 LADDER = ("fp8", "int4", "int2")
 
 
-def sparsity(attn: torch.Tensor) -> float:
-    """attn (1, heads, 1, N) of one decode step -> share of the N weights below uniform (1/N)."""
-    n = attn.shape[-1]
-    return float((attn < 1.0 / n).float().mean())
+def sparsity(attn: torch.Tensor) -> torch.Tensor:
+    """attn (1, heads, q, N) of the last q written tokens (causal: row i sees N - q + 1 + i tokens) ->
+    (q,) share of each row's visible weights below uniform (1 / visible), mean over heads."""
+    q, n = attn.shape[-2], attn.shape[-1]
+    visible = torch.arange(n - q + 1, n + 1, device=attn.device, dtype=torch.float32)  # (q,)
+    below = (attn[0].float() < 1.0 / visible[None, :, None]).float().sum(-1)  # (heads, q)
+    masked = (q - 1 - torch.arange(q, device=attn.device)).float()  # zeros of the causal mask
+    return ((below - masked) / visible).mean(0)
 
 
 def classify(s: float, thresholds: tuple[float, float]) -> str:
@@ -78,19 +82,22 @@ class ThinKVPolicy(KVPolicy):
     def observe(self, cache: PolicyCache, attentions: tuple[torch.Tensor, ...] | None) -> None:
         super().observe(cache, attentions)
         written = cache.written()
-        if self.prompt is None:
+        if self.prompt is None:  # the first forward is the prompt: reasoning
             self.prompt = written
             for g in range(0, (written - 1) // self.group + 1):
                 self.types[g] = "R"
             return
-        seg = (written - 1) // self.group
-        if attentions is not None and seg not in self.types:
-            s = sum(sparsity(a) for a in attentions) / len(attentions)
-            acc = self.stats.setdefault(seg, [0.0, 0])
-            acc[0], acc[1] = acc[0] + s, acc[1] + 1
-        if written % self.group == 0 and seg not in self.types:  # the segment just closed
-            total, steps = self.stats.pop(seg, [0.0, 0])
-            kind = classify(total / steps, self.thresholds) if steps else "E"
+        if attentions is not None:
+            rows = sum(sparsity(a) for a in attentions) / len(attentions)  # (q,) mean over layers
+            first = written - rows.numel()
+            for i, s in enumerate(rows.tolist()):
+                seg = (first + i) // self.group
+                if seg not in self.types:
+                    acc = self.stats.setdefault(seg, [0.0, 0])
+                    acc[0], acc[1] = acc[0] + s, acc[1] + 1
+        for seg in sorted(g for g in self.stats if (g + 1) * self.group <= written):  # closed segments
+            total, steps = self.stats.pop(seg)
+            kind = classify(total / steps, self.thresholds)
             starts_transition = kind == "T" and self.types.get(seg - 1) != "T"
             self.types[seg] = kind
             if starts_transition and self.evict_on_transition:

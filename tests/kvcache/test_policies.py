@@ -44,6 +44,16 @@ def test_every_step_holds_at_most_the_budget(model, seq, name, opts, budget):
     assert r.held_tokens[-1] < len(prompt) + len(cont) or name == "uniform"
 
 
+@pytest.mark.parametrize("name", ["thinkv", "h2o"])
+def test_chunked_teacher_forcing_holds_the_budget_between_forwards(model, seq, name):
+    prompt, cont = seq
+    pol = make_policy(name, 0.15)
+    one = decode(model, prompt, make_policy(name, 0.15), len(prompt) + len(cont), len(cont), forced=cont)
+    r = decode(model, prompt, pol, len(prompt) + len(cont), len(cont), forced=cont, chunk=8)
+    assert r.peak_bytes <= pol.budget_bytes * model.config.num_hidden_layers
+    assert len(r.held_tokens) == 1 + (len(cont) - 1 + 7) // 8 and r.tokens == one.tokens == cont
+
+
 def test_streaming_bytes_are_tokens_times_bf16_plus_position(model, seq):
     prompt, cont = seq
     pol = make_policy("streaming", 0.2)
@@ -59,10 +69,11 @@ def test_streaming_bytes_are_tokens_times_bf16_plus_position(model, seq):
 
 
 @pytest.mark.parametrize("name, opts", CASES)
-def test_a_full_budget_is_the_full_cache(model, seq, name, opts):
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_a_full_budget_is_the_full_cache(model, seq, name, opts, chunk):
     prompt, cont = seq
     r = decode(model, prompt, make_policy(name, 1.0, **opts), capacity=len(prompt) + len(cont),
-               steps=len(cont), forced=cont, keep_logprobs=True)
+               steps=len(cont), forced=cont, keep_logprobs=True, chunk=chunk)
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([prompt + cont])).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
     assert torch.allclose(r.logprobs, ref, atol=1e-5) and r.held_tokens[-1] == len(prompt) + len(cont) - 1
