@@ -64,23 +64,47 @@ def _linear_names(config: dict) -> list[str]:
     return [f"model.layers.{i}.{p}" for i in range(n) for p in parts]
 
 
+class _Picked:
+    """Stands in for the scheme vLLM's parser picks: its class and arguments, no kernel built (the
+    kernels are platform code; whether they run here is what `generate` finds out)."""
+
+    def __init__(self, cls: type, kwargs: dict):
+        self.cls, self.kwargs = cls, kwargs
+
+    def get_min_capability(self) -> int:
+        return self.cls.get_min_capability()
+
+    def describe(self) -> str:
+        keys = ("num_bits", "strategy", "group_size", "use_a16", "is_static_input_scheme")
+        args = {k: getattr(v, "value", v) for k, v in self.kwargs.items() if k in keys}
+        wq = self.kwargs.get("weight_quant")
+        if wq is not None:
+            args["strategy"] = getattr(wq.strategy, "value", wq.strategy)
+        return self.cls.__name__ + (json.dumps(args, sort_keys=True) if args else "")
+
+
 def parse(export: Path) -> dict:
-    """vLLM's compressed-tensors config of the export and the scheme it picks per (fused) Linear."""
+    """vLLM's compressed-tensors config of the export and the scheme its parser picks per (fused) Linear."""
     import torch
-    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
-        CompressedTensorsConfig,
-    )
+    import vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors as ctmod
 
     config = json.loads((export / "config.json").read_text())
-    qc = CompressedTensorsConfig.from_config(config["quantization_config"])
+    qc = ctmod.CompressedTensorsConfig.from_config(config["quantization_config"])
     qc.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    originals = {n: c for n, c in vars(ctmod).items() if n.startswith("CompressedTensorsW") and isinstance(c, type)}
     schemes, errors = {}, {}
-    for name in _linear_names(config):
-        try:
-            scheme = qc.get_scheme(layer=torch.nn.Linear(1, 1), layer_name=name)
-            schemes[name] = type(scheme).__name__ if scheme is not None else "unquantized"
-        except Exception as err:  # noqa: BLE001 (recorded: the refusal is the result)
-            errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    try:
+        for n, cls in originals.items():
+            setattr(ctmod, n, (lambda c: lambda *a, **k: _Picked(c, k))(cls))
+        for name in _linear_names(config):
+            try:
+                scheme = qc.get_scheme(layer=torch.nn.Linear(1, 1), layer_name=name)
+                schemes[name] = scheme.describe() if scheme is not None else "unquantized"
+            except Exception as err:  # noqa: BLE001 (recorded: the refusal is the result)
+                errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    finally:
+        for n, cls in originals.items():
+            setattr(ctmod, n, cls)
     counts: dict[str, int] = {}
     for s in schemes.values():
         counts[s] = counts.get(s, 0) + 1

@@ -203,3 +203,18 @@ def test_w4a4_export_loads_in_float32_and_bf16(tmp_path_factory, aligned_dir, te
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     else:  # the library fake-quantizes the bf16 activations in bf16, lpc in float32
         assert (got - want).abs().max().item() < 0.02 * want.abs().max().item()
+
+
+def test_verify_checks_int_layouts(tmp_path, aligned_dir):
+    stages.quantize(str(aligned_dir), load_recipe("int4"), tmp_path / "q")
+    stages.export(tmp_path / "q", tmp_path / "ct", "compressed-tensors")
+    result = verify_artifact(tmp_path / "ct")
+    assert result["ok"] and result["layout"] == "compressed-tensors" and result["layers"] == 14
+    tensors = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    key = "model.layers.0.mlp.up_proj.weight_shape"
+    tensors[key] = tensors[key] * 2  # claims twice the inputs the packed words hold
+    save_file(tensors, str(tmp_path / "ct" / "model.safetensors"), metadata={"format": "pt"})
+    m = read_manifest(tmp_path / "ct")
+    finish_manifest(tmp_path / "ct", {k: v for k, v in m.items() if k not in ("files", "lpc_version", "schema_version")})
+    with pytest.raises(ArtifactError, match=r"up_proj: packed weight .* do not match"):
+        verify_artifact(tmp_path / "ct")
