@@ -69,26 +69,41 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-def _header_order(entries: dict[str, Entry]) -> list[str]:
+def _dtype(e: "Entry | torch.Tensor") -> torch.dtype:
+    return e.dtype
+
+
+def _nbytes(e: "Entry | torch.Tensor") -> int:
+    return e.nbytes if isinstance(e, Entry) else e.numel() * e.element_size()
+
+
+def _header_order(entries: dict[str, "Entry | torch.Tensor"]) -> list[str]:
     """Names in the order safetensors lays them out (by dtype, then name): asked of safetensors
     itself on empty tensors of the same dtypes, so the order follows the installed version."""
-    probe = save_bytes({k: torch.empty(0, dtype=e.dtype) for k, e in entries.items()})
+    probe = save_bytes({k: torch.empty(0, dtype=_dtype(e)) for k, e in entries.items()})
     n = struct.unpack("<Q", probe[:8])[0]
     header = json.loads(probe[8:8 + n])
     return [k for k in header if k != "__metadata__"]
 
 
-def write_streamed(path: Path, entries: dict[str, Entry], metadata: dict[str, str] | None = None) -> int:
-    """Write `entries` as one safetensors file at `path`, one tensor resident at a time; returns bytes.
+def streamable(entries: dict[str, "Entry | torch.Tensor"]) -> bool:
+    """Whether `write_streamed` knows every dtype (else save_file writes the file)."""
+    return all(e.dtype in _NAMES for e in entries.values())
 
-    The output equals save_file(tensors, path, metadata) byte for byte."""
+
+def write_streamed(path: Path, entries: dict[str, "Entry | torch.Tensor"], metadata: dict[str, str] | None = None) -> int:
+    """Write `entries` (Entries in files, or tensors in memory) as one safetensors file at `path`,
+    one tensor loaded at a time and copied in bounded chunks; returns the bytes written.
+
+    The output equals save_file(tensors, path, metadata) byte for byte (save_file would first copy
+    every tensor into one more buffer)."""
     order = _header_order(entries)
     header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for k in order:
-        e = entries[k]
-        header[k] = {"dtype": _NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
-        offset += e.nbytes
+        e, n = entries[k], _nbytes(entries[k])
+        header[k] = {"dtype": _NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + n]}
+        offset += n
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-len(raw) % 8)
     with disk_full_as_error(path, offset + len(raw) + 8):
@@ -101,10 +116,11 @@ def write_streamed(path: Path, entries: dict[str, Entry], metadata: dict[str, st
     return offset + len(raw) + 8
 
 
-def _copy(e: Entry, fh) -> None:
-    if e.nbytes == 0:
+def _copy(e: "Entry | torch.Tensor", fh) -> None:
+    if _nbytes(e) == 0:
         return
-    t = e.load().contiguous().reshape(-1).view(torch.uint8)
+    t = e.load() if isinstance(e, Entry) else e.detach().cpu()
+    t = t.contiguous().reshape(-1).view(torch.uint8)
     for i in range(0, t.numel(), _CHUNK):
         fh.write(t[i:i + _CHUNK].numpy().tobytes())
 

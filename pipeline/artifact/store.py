@@ -93,7 +93,13 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
 
     Give at most one metadata key: safetensors orders a larger metadata map at random.
     """
-    ordered = {k: tensors[k].detach().contiguous().cpu() for k in sorted(tensors)}
+    from lpc.pipeline.artifact.shards import streamable, write_streamed
+
+    ordered = {k: tensors[k].detach() for k in sorted(tensors)}
+    if streamable(ordered):  # the same bytes as save_file, without its copy of every tensor
+        write_streamed(Path(path), ordered, metadata or {"format": "pt"})
+        return
+    ordered = {k: t.contiguous().cpu() for k, t in ordered.items()}
     with disk_full_as_error(path, sum(t.numel() * t.element_size() for t in ordered.values())):
         save_file(ordered, str(path), metadata=metadata or {"format": "pt"})
         with open(path, "rb+") as fh:

@@ -123,7 +123,11 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, tiny_model_dir, monk
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    from lpc.pipeline.artifact import shards
+
     monkeypatch.setattr(store, "save_file", full)
+    monkeypatch.setattr(shards, "save_file", full)  # layer spills
+    monkeypatch.setattr(shards, "_copy", full)  # files written tensor by tensor
     res = lpc("quantize", tiny_model_dir, "--recipe", "fp8", "-o", tmp_path / "q", code=1)
     assert "the disk is full" in one_line(res) and "MB" in one_line(res) and "free" in one_line(res)
     assert os.listdir(tmp_path) == []  # neither the output nor its hidden staging folder

@@ -1,0 +1,193 @@
+"""Wall time, CPU seconds and peak RSS of each lpc stage on random-init Llama checkpoints of real widths,
+next to llm-compressor NVFP4A16 oneshot + save on the same checkpoint; prints JSON (one row per run).
+
+    flock /tmp/lpc-heavy.lock .venv/bin/python bench/scale.py --shapes tinyllama-1.1b --recipes nvfp4 \
+        [--peers] [--set quantize.weights.spec.scale_search=0] [-o bench/results/scale.json]
+
+Shapes: tinyllama-1.1b (hidden 2048, intermediate 5632, 22 layers), llama2-7b-4 and llama2-7b-32
+(hidden 4096, intermediate 11008, 4 / 32 layers); vocabulary and tokenizer are SmolLM2's (49,152).
+Each checkpoint is written in bf16 one decoder layer per shard (HF index), never holding the model.
+Each lpc stage (calibrate, quantize, export) runs as its own child process, so its peak RSS
+(os.wait4's rusage) and CPU seconds are its own; `compress` is the sum of the stages' CPU seconds
+and the largest of their peaks. Calibration: 32 windows of 128 tokens of WikiText-2.
+Checkpoints and outputs go under runs/scale/ (gitignored); --keep keeps them (13.5 GB at 7B x 32).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = Path(os.environ.get("LPC_SCALE_TOKENIZER", "/root/.cache/lpc-models/smollm2-135m"))
+DATA = Path(os.environ.get("LPC_ASSETS", ROOT.parent / "shared" / "assets")) / "data" / "wikitext2" / "wiki.test.raw"
+SHAPES = {
+    "smoke": dict(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2),
+    "tinyllama-1.1b": dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4),
+    "llama2-7b-4": dict(hidden=4096, intermediate=11008, layers=4, heads=32, kv_heads=32),
+    "llama2-7b-32": dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32),
+}
+VOCAB = 49152
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+
+
+def build_checkpoint(path: Path, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> float:
+    """A random-init bf16 Llama at `path` written layer by layer (one shard each); returns GB written."""
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    head_dim = hidden // heads
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    shards = [("embed", {"model.embed_tokens.weight": lambda: rnd(VOCAB, hidden)})]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shards.append((f"layer{i}", {
+            p + "self_attn.q_proj.weight": lambda: rnd(hidden, hidden),
+            p + "self_attn.k_proj.weight": lambda: rnd(kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": lambda: rnd(kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": lambda: rnd(hidden, hidden),
+            p + "mlp.gate_proj.weight": lambda: rnd(intermediate, hidden),
+            p + "mlp.up_proj.weight": lambda: rnd(intermediate, hidden),
+            p + "mlp.down_proj.weight": lambda: rnd(hidden, intermediate),
+            p + "input_layernorm.weight": lambda: torch.ones(hidden, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": lambda: torch.ones(hidden, dtype=torch.bfloat16)}))
+    shards.append(("head", {"model.norm.weight": lambda: torch.ones(hidden, dtype=torch.bfloat16),
+                            "lm_head.weight": lambda: rnd(VOCAB, hidden)}))
+    weight_map, total = {}, 0
+    for k, (_, makers) in enumerate(shards):
+        name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {key: make() for key, make in makers.items()}
+        save_file(tensors, str(path / name), metadata={"format": "pt"})
+        total += sum(t.numel() * 2 for t in tensors.values())
+        weight_map.update({key: name for key in tensors})
+        del tensors
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
+              "num_key_value_heads": kv_heads, "vocab_size": VOCAB, "max_position_embeddings": 2048,
+              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "dtype": "bfloat16",
+              "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu"}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(TOKENIZER / f, path / f)
+    return total / 1e9
+
+
+def _wait4(cmd: list[str]) -> dict:
+    """Run `cmd`; its wall seconds, CPU seconds (user + system) and peak RSS (GB), from os.wait4's rusage
+    of that child alone."""
+    t0 = time.perf_counter()
+    (ROOT / "runs" / "scale").mkdir(parents=True, exist_ok=True)
+    with open(os.devnull, "w") as devnull, open(ROOT / "runs" / "scale" / "last-stderr.txt", "w") as errf:
+        proc = subprocess.Popen(cmd, env={**os.environ, **OFFLINE}, stdout=devnull, stderr=errf)
+        _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    row = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+           "peak_rss_gb": round(usage.ru_maxrss / 2**20, 3)}
+    if code:
+        tail = (ROOT / "runs" / "scale" / "last-stderr.txt").read_text().strip().splitlines()[-1:]
+        row["error"] = f"exit {code}: {tail[0] if tail else ''}"
+    return row
+
+
+def lpc_stages(model: Path, recipe: str, work: Path, sets: list[str]) -> dict:
+    """calibrate -> quantize -> export (the recipe's format), each its own process."""
+    lpc = [sys.executable, "-m", "lpc.cli"]
+    s = sum((["--set", x] for x in ["calibrate.samples=32", "calibrate.seq_len=128", *sets]), [])
+    steps = {
+        "calibrate": lpc + ["calibrate", str(model), "--data", str(DATA), "--recipe", recipe, *s, "-o", str(work / "calib")],
+        "quantize": lpc + ["quantize", str(model), "--recipe", recipe, *s, "--calib", str(work / "calib"),
+                           "-o", str(work / "quant")],
+        "export": lpc + ["export", str(work / "quant"), "--format", "auto", "-o", str(work / "out")],
+    }
+    rows = {}
+    for name, cmd in steps.items():
+        rows[name] = _wait4(cmd + ["--overwrite"])
+        if "error" in rows[name]:
+            break
+    ok = [r for r in rows.values() if "error" not in r]
+    rows["compress"] = {"wall_s": round(sum(r["wall_s"] for r in ok), 1), "cpu_s": round(sum(r["cpu_s"] for r in ok), 1),
+                        "peak_rss_gb": max((r["peak_rss_gb"] for r in ok), default=None),
+                        "complete": len(ok) == len(steps)}
+    return rows
+
+
+def peer(model: Path, work: Path) -> dict:
+    """llm-compressor NVFP4A16 oneshot (same 32 x 128 windows) + save_pretrained(save_compressed=True)."""
+    python = ROOT / ".venv-peers" / "bin" / "python"
+    if not python.is_file():
+        return {"skipped": f"{python} is absent (make peers creates it)"}
+    return _wait4([str(python), str(Path(__file__).resolve()), "--worker-peer", str(model), str(work / "peer")])
+
+
+def worker_peer(model: str, out: str) -> None:
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(model)
+    ids = tok(DATA.read_text()[:400_000])["input_ids"]
+    wins = [ids[i * 128:(i + 1) * 128] for i in range(32)]
+    ds = Dataset.from_dict({"input_ids": wins, "attention_mask": [[1] * 128 for _ in wins]})
+    m = AutoModelForCausalLM.from_pretrained(model, dtype="auto")
+    oneshot(model=m, tokenizer=tok, dataset=ds, recipe=QuantizationModifier(targets="Linear", scheme="NVFP4A16",
+                                                                           ignore=["lm_head"]),
+            num_calibration_samples=32, max_seq_length=128, shuffle_calibration_samples=False)
+    m.save_pretrained(out, save_compressed=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="tinyllama-1.1b")
+    ap.add_argument("--recipes", default="nvfp4,fp8")
+    ap.add_argument("--set", action="append", default=[], dest="sets")
+    ap.add_argument("--peers", action="store_true")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("-o", "--out")
+    ap.add_argument("--worker-peer", nargs=2)
+    a = ap.parse_args()
+    if a.worker_peer:
+        worker_peer(*a.worker_peer)
+        return
+    rows = []
+    for shape in a.shapes.split(","):
+        work = ROOT / "runs" / "scale" / shape
+        model = work / "model"
+        t0 = time.perf_counter()
+        if not (model / "config.json").is_file():
+            gb = build_checkpoint(model, **SHAPES[shape])
+        else:
+            gb = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e9
+        base = {"shape": shape, **SHAPES[shape], "checkpoint_gb": round(gb, 2), "build_s": round(time.perf_counter() - t0, 1)}
+        for recipe in a.recipes.split(","):
+            row = {**base, "tool": "lpc", "recipe": recipe, "sets": a.sets, **lpc_stages(model, recipe, work / recipe, a.sets)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            shutil.rmtree(work / recipe, ignore_errors=True)
+        if a.peers:
+            row = {**base, "tool": "llmcompressor", "recipe": "NVFP4A16 oneshot+save", **peer(model, work)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            shutil.rmtree(work / "peer", ignore_errors=True)
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    if a.out:
+        Path(a.out).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
