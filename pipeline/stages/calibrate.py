@@ -33,9 +33,9 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
 
     def body(tmp: Path) -> dict[str, Any]:
         tok = load_tokenizer(src)
-        # Fisher (backward passes) and `--data self` (generation) need the whole model; plain
-        # statistics stream one decoder layer at a time from the checkpoint.
-        opened = None if c.fisher or data == "self" or not Path(src).is_dir() else \
+        # `--data self` (generation) needs the whole model; statistics and Fisher (layer-wise
+        # backward) stream one decoder layer at a time from the checkpoint.
+        opened = None if data == "self" or not Path(src).is_dir() else \
             open_for_calibration(src, recipe.targets, recipe.ignore)
         m, store = opened if opened else (load_hf_model(src), None)
         targets = find_targets(m, recipe.targets, recipe.ignore)
@@ -57,7 +57,7 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
         stats = collect_input_stats(m, batches, targets, progress, device, store=store,
                                     full=config["statistics"] == "covariance", on_layer=spill)
         if c.fisher:
-            _add_fisher(m, batches, targets, stats, progress, device)
+            _add_fisher(m, batches, targets, stats, progress, device, store)
         rest = {n: s for n, s in stats.items() if n not in written}
         idle.extend(stand_in_statistics(rest))
         writer.add(stats_tensors(rest))
@@ -74,12 +74,23 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
     return run_stage("calibrate", out, model_files(src) + data_inputs(data), config, overwrite, body)
 
 
-def _add_fisher(model, batches, targets, stats, progress, device) -> None:
+def _add_fisher(model, batches, targets, stats, progress, device, store=None) -> None:
     from lpc.pipeline.calibration.fisher import fisher_statistics
+    from lpc.pipeline.calibration.fisher_layerwise import final_head, layerwise_fisher
+    from lpc.pipeline.io.models import decoder_layers
 
-    model.to(device)
-    fisher = fisher_statistics(model, [b.to(device) for b in batches], targets, progress=progress)
-    model.to("cpu")
+    found = decoder_layers(model)
+    if store is not None and found and final_head(model) is not None:
+        from lpc.pipeline.io.streaming import materialize, release
+
+        path, layers = found
+        fisher = layerwise_fisher(model, batches, targets, found, progress=progress, device=device,
+                                  load=lambda i: materialize(layers[i], f"{path}.{i}", store),
+                                  free=lambda i: release(layers[i]))
+    else:
+        model.to(device)
+        fisher = fisher_statistics(model, [b.to(device) for b in batches], targets, progress=progress)
+        model.to("cpu")
     for name, f in fisher.items():
         stats[name].extra["weight_fisher"] = f["weight_fisher"].float().cpu()
         stats[name].extra["act_fisher"] = f["act_fisher"].float().cpu()

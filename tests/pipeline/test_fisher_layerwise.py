@@ -1,0 +1,42 @@
+"""Fisher layer by layer (stored layer inputs, backward recomputing one layer at a time) equals the
+whole-model Fisher, and calibrate --fisher on a checkpoint uses it without loading the model whole."""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from lpc.pipeline import stages
+from lpc.pipeline.calibration.fisher import fisher_statistics
+from lpc.pipeline.calibration.fisher_layerwise import layerwise_fisher
+from lpc.pipeline.calibration.stats import read_stats
+from lpc.pipeline.io.models import decoder_layers, find_targets
+from lpc.recipes import load_recipe
+
+
+def test_layerwise_fisher_equals_whole_model(make_llama):
+    model = make_llama(layers=3).float().eval()
+    targets = find_targets(model, ["*proj"], [])
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(3, 60, (1, 12), generator=g) for _ in range(3)]
+    whole = fisher_statistics(model, batches, targets)
+    layered = layerwise_fisher(model, batches, targets, decoder_layers(model))
+    assert set(layered) == set(whole)
+    for n in whole:
+        for key in ("weight_fisher", "act_fisher"):
+            torch.testing.assert_close(layered[n][key], whole[n][key], rtol=2e-4, atol=1e-10)
+            assert layered[n][key].abs().sum() > 0
+        assert layered[n]["count"] == whole[n]["count"] and layered[n]["tokens"] == whole[n]["tokens"]
+
+
+def test_calibrate_fisher_streams_from_the_checkpoint(tmp_path, tiny_model_dir, text_files, monkeypatch):
+    calib = importlib.import_module("lpc.pipeline.stages.calibrate")
+    loaded = []
+    monkeypatch.setattr(calib, "load_hf_model", lambda *a, **k: loaded.append(a) or (_ for _ in ()).throw(AssertionError))
+    r = load_recipe("fgmp_nvfp4", ["calibrate.samples=3", "calibrate.seq_len=16"])
+    stages.calibrate(str(tiny_model_dir), str(text_files["jsonl"]), tmp_path / "c", r)
+    assert loaded == []
+    stats = read_stats(tmp_path / "c")
+    n = "model.layers.1.mlp.down_proj"
+    assert stats[n]["weight_fisher"].shape == (32, 40) and stats[n]["act_fisher"].shape == (40,)
+    assert stats[n]["weight_fisher"].sum() > 0 and "act_cov" in stats[n]
