@@ -17,8 +17,9 @@ def write_auto(src: Path, tmp: Path) -> dict[str, Any]:
     reason = "the artifact holds no lpc quantization" if qconfig is None else expressible(qconfig)
     if reason is None:
         summary = write_compressed_tensors(src, tmp)
+        kv = " and the FP8 KV cache" if qconfig.get("kv_cache") else ""
         return {**summary, "format": "compressed-tensors",
-                "format_reason": "every quantized layer has a compressed-tensors form (engines load it)"}
+                "format_reason": f"every quantized layer{kv} has a compressed-tensors form (engines load it)"}
     summary = write_lpc(src, tmp)
     return {**summary, "format": "lpc", "format_reason": f"compressed-tensors cannot hold it: {reason}; "
                                                          "the lpc format loads after `import lpc`"}
