@@ -115,12 +115,17 @@ class _Stop(Exception):
     """Raised by the capture hook to end a forward pass once layer 0's inputs are seen."""
 
 
-def _attach(targets: dict[str, nn.Linear], stats: dict[str, InputStats]) -> list[Any]:
+def _attach(targets: dict[str, nn.Linear], stats: dict[str, InputStats],
+            record: dict[str, tuple] | None = None) -> list[Any]:
+    """Hooks adding each target's input moments to `stats` (or, given `record`, storing them there)."""
     shared = _SharedInput(all(stats[n].full for n in targets))
 
     def hook_for(name: str):
         def hook(_mod, args):
-            stats[name].update(args[0], shared.of(args[0]))
+            if record is not None:
+                record[name] = shared.of(args[0])
+            else:
+                stats[name].update(args[0], shared.of(args[0]))
         return hook
     return [mod.register_forward_pre_hook(hook_for(name)) for name, mod in targets.items()]
 
@@ -144,6 +149,8 @@ def collect_input_stats(model: nn.Module, batches: list[torch.Tensor], targets: 
         _layerwise(model, batches, {n: targets[n] for n in inside}, stats, found, progress, device, store, on_layer)
     rest = {n: m for n, m in targets.items() if n not in inside}
     if rest:
+        from lpc.pipeline.io import distributed
+        distributed.refuse("calibrating targets outside a decoder-layer stack")
         if found is None:
             log.info("no decoder-layer stack found: calibrating with hooks over whole forward passes")
         _whole_model(model, batches, rest, stats, progress, device)
@@ -192,22 +199,68 @@ def _outside_layers(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
     return [m for m in model.modules() if id(m) not in inside and not any(True for _ in m.children())]
 
 
+def _advance(layer: nn.Module, states: list, j: int) -> None:
+    """Run sample j's hidden states through `layer` (the hooks see its Linears' inputs)."""
+    args, kwargs = states[j]
+    out = layer(*args, **kwargs)
+    hidden = out[0] if isinstance(out, (tuple, list)) else out
+    states[j] = ((hidden,) + tuple(args[1:]), kwargs)
+
+
+def _advance_in_step(layer: nn.Module, states: list, mine: dict[str, nn.Linear], stats: dict[str, InputStats],
+                     total: int) -> None:
+    """Data-parallel: round j runs each rank's j-th sample, then every rank adds the moments of samples
+    j*world .. j*world + world - 1 in that order (io/distributed.py): the single-process sums."""
+    from lpc.pipeline.io import distributed as dd
+
+    for j in range(dd.rounds(total)):
+        record: dict[str, tuple] = {}
+        if j < len(states):
+            handles = _attach(mine, stats, record)
+            try:
+                _advance(layer, states, j)
+            finally:
+                for h in handles:
+                    h.remove()
+        for r in range(dd.world()):
+            if j * dd.world() + r >= total:
+                break
+            for name in sorted(mine):  # the same order on every rank
+                s = stats[name]
+                like = [s.absmax, torch.zeros(s.in_features, s.in_features) if s.full else s.absmax,
+                        torch.zeros(1, dtype=torch.int64)]
+                like[1] = like[1].double()
+                mine_now = record.get(name)
+                sent = [mine_now[0], mine_now[1], torch.tensor([mine_now[2]])] if r == dd.rank() else None
+                absmax, second, n = dd.broadcast_tensors(sent, like, src=r)
+                s.update(None, (absmax, second, int(n.item())))
+
+
 def _layerwise(model, batches, targets, stats, found, progress, device, store=None, on_layer=None) -> None:
+    from lpc.pipeline.io import distributed as dd
+
+    total = None
+    if dd.active():  # `batches` is this rank's share; the sums run in the single-process order
+        counts = [int(dd.broadcast_tensors([torch.tensor([len(batches)])] if dd.rank() == r else None,
+                                           [torch.zeros(1, dtype=torch.int64)], r)[0].item())
+                  for r in range(dd.world())]
+        total = sum(counts)
     path, layers = found
     states = _capture_layer0(model, layers, batches, device)
     for i, layer in track(list(enumerate(layers)), "calibrate (layer by layer)", progress):
         prefix = f"{path}.{i}."
         mine = {n: m for n, m in targets.items() if n.startswith(prefix)}
-        handles = _attach(mine, stats)
+        handles = _attach(mine, stats) if total is None else []
         if store is not None:
             from lpc.pipeline.io.streaming import materialize
             materialize(layer, f"{path}.{i}", store)
         layer.to(device)
         try:
-            for j, (args, kwargs) in enumerate(states):
-                out = layer(*args, **kwargs)
-                hidden = out[0] if isinstance(out, (tuple, list)) else out
-                states[j] = ((hidden,) + tuple(args[1:]), kwargs)
+            if total is None:
+                for j, (args, kwargs) in enumerate(states):
+                    _advance(layer, states, j)
+            else:
+                _advance_in_step(layer, states, mine, stats, total)
         finally:
             for h in handles:
                 h.remove()

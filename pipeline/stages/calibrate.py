@@ -10,6 +10,7 @@ import torch
 from lpc.pipeline.artifact import store as art
 from lpc.pipeline.artifact.shards import ShardWriter
 from lpc.pipeline.calibration.stats import STATS_FILE, collect_input_stats, data_inputs, needs_covariance, stats_tensors
+from lpc.pipeline.io import distributed as dd
 from lpc.pipeline.io.data import calibration_batches
 from lpc.pipeline.io.device import check_device
 from lpc.pipeline.io.models import find_targets, load_hf_model, load_tokenizer, model_files, resolve_model
@@ -31,7 +32,15 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
               "kv_cache": recipe.kv_cache is not None,
               "statistics": "covariance" if needs_covariance(recipe) else "diagonal"}
 
+    parallel = dd.start(device)
+    ran = [False]
+    if parallel and (c.fisher or data == "self" or recipe.kv_cache is not None):
+        dd.refuse("calibration with Fisher, kv_cache or --data self")
+
     def body(tmp: Path) -> dict[str, Any]:
+        if parallel and dd.rank() == 0:
+            ran[0] = True
+            dd.broadcast_flag(True)  # the other ranks follow into the computation
         tok = load_tokenizer(src)
         # `--data self` (generation) needs the whole model; statistics and Fisher (layer-wise
         # backward) stream one decoder layer at a time from the checkpoint.
@@ -39,7 +48,8 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
             open_for_calibration(src, recipe.targets, recipe.ignore)
         m, store = opened if opened else (load_hf_model(src), None)
         targets = find_targets(m, recipe.targets, recipe.ignore)
-        batches = calibration_batches(data, tok, c.samples, c.seq_len, model=m, seed=c.seed)
+        every = calibration_batches(data, tok, c.samples, c.seq_len, model=m, seed=c.seed)
+        batches = dd.my_share(every) if parallel else every
         writer = ShardWriter(tmp, None, filename=STATS_FILE)
         written: set[str] = set()
         idle: list[str] = []
@@ -64,14 +74,36 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
         writer.close(metadata={"format": "pt"})
         if recipe.kv_cache is not None:
             _add_kv_stats(src, m, store, batches, tmp, progress, device)
-        tokens = sum(b.shape[1] for b in batches)
+        tokens = sum(b.shape[1] for b in every)
         layers = {n: {"in_features": mod.in_features, "out_features": mod.out_features, "rows": stats[n].count}
                   for n, mod in targets.items()}
-        return {"layers": layers, "summary": {"samples": len(batches), "tokens": tokens, "layers": len(layers),
+        return {"layers": layers, "summary": {"samples": len(every), "tokens": tokens, "layers": len(layers),
                                              "fisher": c.fisher, "kv_cache": recipe.kv_cache is not None,
                                              **({"experts_without_tokens": idle} if idle else {})}}
 
-    return run_stage("calibrate", out, model_files(src) + data_inputs(data), config, overwrite, body)
+    inputs = model_files(src) + data_inputs(data)
+    if parallel and dd.rank() != 0:
+        return _follow_rank0(out, body)
+    try:
+        result = run_stage("calibrate", out, inputs, config, overwrite, body)
+    except BaseException:
+        if parallel and not ran[0]:
+            dd.broadcast_flag(False)
+        raise
+    if parallel and result.skipped:
+        dd.broadcast_flag(False)
+    return result
+
+
+def _follow_rank0(out: Path, body) -> StageResult:
+    """A rank other than 0: compute alongside rank 0 (when it computes) and write nothing."""
+    import tempfile
+
+    if not dd.broadcast_flag(None):
+        return StageResult("calibrate", Path(out), {}, skipped=True)
+    with tempfile.TemporaryDirectory(prefix="lpc-rank-") as scratch:
+        body(Path(scratch))
+    return StageResult("calibrate", Path(out), {"summary": {"rank": dd.rank()}})
 
 
 def _add_fisher(model, batches, targets, stats, progress, device, store=None) -> None:
