@@ -60,6 +60,8 @@ def quantize(model: ModelArg, out: Out,
              plan: Annotated[Optional[Path], typer.Option(
                  "--plan", help="allocation artifact (lpc allocate); its recipe and calibration are used")] = None,
              sets: Sets = None, device: Device = "cpu", overwrite: Overwrite = False, json_out: Json = False,
+             max_shard_size: Annotated[str, typer.Option(
+                 "--max-shard-size", help="largest weight file (e.g. 5GB, 500MB); above it, HF shards + index")] = "5GB",
              debug: Debug = False) -> None:
     """Quantize the recipe's target Linears (or follow an allocation plan)."""
     from lpc.pipeline import stages
@@ -71,7 +73,7 @@ def quantize(model: ModelArg, out: Out,
         r = load_recipe_arg(recipe or "nvfp4", sets)
     with render.progress(not json_out) as progress:
         result = stages.quantize(model, r, out, calib=calib, plan=plan, overwrite=overwrite, progress=progress,
-                                 device=device)
+                                 device=device, max_shard_size=max_shard_size)
     _stage_done(result, json_out)
 
 
@@ -132,6 +134,10 @@ def eval_cmd(path: Annotated[str, typer.Argument(help="artifact or model directo
              fail_under_recovery: Gate = None,
              out: Annotated[Optional[Path], typer.Option(
                  "-o", "--out", help="write the report as an eval artifact here (eval.json + manifest.json)")] = None,
+             kv_policy: Annotated[Optional[str], typer.Option(
+                 "--kv-policy", help="simulate a KV cache policy in perplexity: thinkv, h2o, streaming, uniform")] = None,
+             kv_budget: Annotated[Optional[float], typer.Option(
+                 "--kv-budget", help="the policy's KV budget, a fraction of the bf16 cache bytes (e.g. 0.1)")] = None,
              device: Device = "cpu", overwrite: Overwrite = False, json_out: Json = False, debug: Debug = False) -> None:
     """Perplexity and lm-eval tasks of a model, optionally against a baseline (exit 3 on a failed gate)."""
     from lpc.pipeline import stages
@@ -142,6 +148,8 @@ def eval_cmd(path: Annotated[str, typer.Argument(help="artifact or model directo
     _set_tasks_data(tasks_data)
     kwargs = dict(baseline=baseline, fail_under_recovery=fail_under_recovery, ppl=ppl, seq_len=seq_len,
                   tasks=task_list, tasks_dir=tasks_dir, limit=limit, max_length=max_length, device=device)
+    if kv_policy is not None or kv_budget is not None:
+        kwargs["kv_policy"] = kv_policy_option(kv_policy, kv_budget)
     with render.progress(not json_out) as progress:
         try:
             if out is None:
@@ -154,6 +162,20 @@ def eval_cmd(path: Annotated[str, typer.Argument(help="artifact or model directo
     show_eval(result, json_out)
     if failed is not None:
         raise failed
+
+
+def kv_policy_option(policy: str | None, budget: float | None) -> dict:
+    """--kv-policy / --kv-budget, checked as the recipe's kv_cache section checks them."""
+    from lpc.recipes.schema import KVCacheConfig
+    from lpc.pipeline.errors import InputError
+
+    if policy is None or budget is None:
+        raise InputError("--kv-policy and --kv-budget go together", "e.g. --kv-policy thinkv --kv-budget 0.1")
+    try:
+        return KVCacheConfig(policy=policy, budget=budget).model_dump(include={"policy", "budget", "policy_options"})
+    except ValueError as err:  # pydantic's ValidationError: its first message is the checker's own
+        msg = err.errors()[0]["msg"] if hasattr(err, "errors") else str(err)
+        raise InputError(msg.removeprefix("Value error, "), "see `lpc eval --help`") from None
 
 
 def show_eval(result: dict, as_json: bool) -> None:

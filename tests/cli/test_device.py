@@ -1,4 +1,5 @@
-"""`--device`: an unknown device or CUDA on a machine without it is one red line, exit 1, nothing written."""
+"""`--device`: an unknown device or CUDA on a machine without it is one red line, exit 1, nothing written;
+on a GPU, plain rounding packs the same bytes as on the CPU. `--max-shard-size` splits the weights."""
 from __future__ import annotations
 
 import pytest
@@ -56,3 +57,26 @@ def test_eval_refuses_a_bad_device_before_writing(tmp_path, tiny_model_dir, text
                               "-o", str(tmp_path / "e")])
     assert res.exit_code == 1 and "unknown device" in " ".join(res.output.split())
     assert not (tmp_path / "e").exists()
+
+
+def test_quantize_max_shard_size_writes_shards(tmp_path, tiny_model_dir):
+    res = runner.invoke(app, ["quantize", str(tiny_model_dir), "--recipe", "fp8", "--max-shard-size", "20KB",
+                              "-o", str(tmp_path / "q")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "q" / "model.safetensors.index.json").is_file()
+    bad = runner.invoke(app, ["quantize", str(tiny_model_dir), "--recipe", "fp8", "--max-shard-size", "lots",
+                              "-o", str(tmp_path / "q2")])
+    assert bad.exit_code == 1 and "not a size" in bad.output and not (tmp_path / "q2").exists()
+
+
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")
+def test_cuda_rounding_packs_the_same_bytes_as_cpu(tmp_path, tiny_model_dir):
+    from lpc.pipeline import stages
+    from lpc.recipes import load_recipe
+
+    for recipe in ("fp8", "nvfp4"):
+        r = load_recipe(recipe, ["quantize.weights.spec.scale_search=0"] if recipe == "nvfp4" else [])
+        stages.quantize(str(tiny_model_dir), r, tmp_path / f"cpu-{recipe}")
+        stages.quantize(str(tiny_model_dir), r, tmp_path / f"gpu-{recipe}", device="cuda")
+        assert (tmp_path / f"cpu-{recipe}" / "model.safetensors").read_bytes() == \
+            (tmp_path / f"gpu-{recipe}" / "model.safetensors").read_bytes()
