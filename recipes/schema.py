@@ -147,7 +147,37 @@ class EvalConfig(Section):
 
 
 class KVCacheConfig(TensorQuant):
-    """KV cache quantization, simulated through a quantize-on-write cache at evaluation."""
+    """KV cache quantization, simulated through a quantize-on-write cache at evaluation; or a cache
+    policy (eviction / mixed precision under a byte budget) simulated by `lpc eval`."""
+
+    format: str = Field("bf16", description="a registered format name (`lpc formats`); bf16 with a policy")
+    policy: str | None = Field(None, description="a KV cache policy simulated at evaluation: thinkv, h2o, "
+                                                 "streaming, uniform (it chooses the precision itself)")
+    budget: float | None = Field(None, gt=0, le=1, description="the policy's KV budget, a fraction of the bf16 "
+                                                               "cache bytes (scales and metadata counted)")
+    policy_options: dict[str, Any] = Field(default_factory=dict, description="the policy's options, e.g. "
+                                                                             "{level: int2} for uniform")
+
+    @model_validator(mode="after")
+    def _policy_is_known(self) -> "KVCacheConfig":
+        if self.policy is None:
+            if self.budget is not None or self.policy_options:
+                raise ValueError("kv_cache.budget and kv_cache.policy_options need kv_cache.policy "
+                                 "(thinkv, h2o, streaming, uniform)")
+            return self
+        if self.format != "bf16":
+            raise ValueError(f"kv_cache.policy={self.policy} chooses the KV precision itself; drop "
+                             f"kv_cache.format={self.format} (or use policy uniform with policy_options.level)")
+        if self.budget is None:
+            raise ValueError(f"kv_cache.policy={self.policy} needs kv_cache.budget, e.g. 0.1 for 10% of the bf16 bytes")
+        from lpc.pipeline.errors import LpcError
+        from lpc.pipeline.kvcache.policy import make_policy
+
+        try:
+            make_policy(self.policy, self.budget, **self.policy_options)
+        except LpcError as err:
+            raise ValueError(f"kv_cache: {err}") from None
+        return self
 
     scales: Literal["tensor", "head", "dynamic"] = Field(
         "tensor", description="static scales from the calibrated K/V absmax of each layer (tensor) or KV head "

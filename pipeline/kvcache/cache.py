@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from lpc.pipeline.kvcache.quantizer import KVSpec
 
@@ -80,14 +80,16 @@ class QuantizedKVCache(Cache):
 
 def attach_kv_quantization(model: nn.Module, specs: list[tuple[KVSpec | None, KVSpec | None]]
                            ) -> torch.utils.hooks.RemovableHandle:
-    """Every forward of `model` without a cache, or with an empty plain one (a generation's first step),
-    runs with a fresh QuantizedKVCache; returns the hook's handle (remove() undoes it)."""
+    """Every forward of `model` without a cache, or with an empty plain DynamicCache (a generation's first
+    step), runs with a fresh QuantizedKVCache; a caller's own cache (a policy's) is left alone. Returns
+    the hook's handle (remove() undoes it)."""
 
     key = cache_argument(model)
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         cache = kwargs.get(key)
-        if cache is None or (not isinstance(cache, QuantizedKVCache) and cache.get_seq_length() == 0):
+        fresh = type(cache) is DynamicCache and cache.get_seq_length() == 0  # a generation's own new cache
+        if cache is None or fresh:
             kwargs[key] = QuantizedKVCache(specs)
             kwargs["use_cache"] = True
         return args, kwargs

@@ -111,12 +111,23 @@ def decode(model: nn.Module, prompt: list[int], policy: KVPolicy, capacity: int,
     return res
 
 
-def perplexity_with_policy(model: nn.Module, windows: list[list[int]], policy_factory: Any) -> dict:
-    """Teacher-forced perplexity of token windows, each decoded token by token through a fresh cache of
-    `policy_factory()` with the window's length as the budget's capacity: the first token is the
-    prompt, every later token is predicted from the compressed cache."""
-    total, count, peak = 0.0, 0, 0
-    for w in windows:
-        r = decode(model, w[:1], policy_factory(), capacity=len(w), steps=len(w) - 1, forced=w[1:])
-        total, count, peak = total + r.nll, count + len(w) - 1, max(peak, r.peak_bytes)
-    return {"perplexity": math.exp(total / count), "tokens": count, "nll": total / count, "peak_bytes": peak}
+def perplexity_with_policy(model: nn.Module, windows: list[list[int]], policy: str, budget: float,
+                           options: dict[str, Any] | None = None, chunk: int = 16, progress: Any = None) -> dict:
+    """Teacher-forced perplexity of token windows, each decoded through a fresh cache kept by `policy`
+    at `budget` (a fraction of the bf16 bytes of the window), `chunk` tokens per forward: the first
+    token is the prompt, every later one is predicted from the compressed cache."""
+    from lpc.pipeline.kvcache.levels import token_bytes
+    from lpc.pipeline.kvcache.policy import make_policy
+    from lpc.pipeline.progress import track
+
+    use_eager_attention(model)
+    total, count, peak, held = 0.0, 0, 0, 0.0
+    for w in track(windows, f"perplexity, KV policy {policy} at {budget:g}", progress):
+        pol = make_policy(policy, budget, **(options or {}))
+        r = decode(model, w[:1], pol, capacity=len(w), steps=len(w) - 1, forced=w[1:], chunk=chunk)
+        total, count = total + r.nll, count + len(w) - 1
+        full = len(w) * model.config.num_hidden_layers * token_bytes("bf16", pol.heads, pol.head_dim)
+        peak, held = max(peak, r.peak_bytes), max(held, r.peak_bytes / full)
+    return {"perplexity": math.exp(total / count), "tokens": count, "nll": total / count, "peak_bytes": peak,
+            "held_fraction": held, "protocol": f"KV policy {policy}, budget {budget:g} of the bf16 cache, "
+                                               f"teacher-forced {chunk} tokens per forward"}

@@ -21,5 +21,5 @@ class StreamingPolicy(KVPolicy):
         self.sinks = int(sinks)
 
     def enforce(self, layer: PolicyLayer, index: int) -> None:
-        order = torch.nonzero(layer.pos >= self.sinks).flatten()  # held order is position order
-        evict_in_order(self, layer, order)
+        sink = layer.pos < self.sinks  # held order is position order; sinks go last, only if nothing else fits
+        evict_in_order(self, layer, torch.cat([torch.nonzero(~sink).flatten(), torch.nonzero(sink).flatten()]))

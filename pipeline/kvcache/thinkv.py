@@ -125,8 +125,9 @@ class ThinKVPolicy(KVPolicy):
                 return
             order, kinds, phase = self._eviction_order(layer)
             evict_in_order(self, layer, order[(kinds == TYPES.index(kind)) & (phase == 0)])
-        if not self.fits(layer):
-            evict_in_order(self, layer, self._eviction_order(layer)[0])
+        if not self.fits(layer):  # everything but the sinks, then the sinks themselves
+            rest = torch.cat([self._eviction_order(layer)[0], torch.nonzero(layer.pos < self.sinks).flatten()])
+            evict_in_order(self, layer, rest)
 
     def _priority(self, layer: PolicyLayer) -> list[int]:
         """Closed segments with held tokens, least important and oldest first."""

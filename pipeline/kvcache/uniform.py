@@ -31,4 +31,5 @@ class UniformPolicy(KVPolicy):
             if chunk is None:
                 break
             layer.compress(chunk, self.level)
-        evict_in_order(self, layer, torch.nonzero(layer.pos >= self.sinks).flatten())
+        sink = layer.pos < self.sinks  # sinks go last, only when nothing else is left
+        evict_in_order(self, layer, torch.cat([torch.nonzero(~sink).flatten(), torch.nonzero(sink).flatten()]))

@@ -22,8 +22,11 @@ EVAL_FILE = "eval.json"
 def evaluate_model(path: str | Path, ppl: list[str] | None = None, seq_len: int = 256,
                    tasks: list[str] | None = None, tasks_dir: str | None = None, limit: int | None = None,
                    device: str = "cpu", progress: Progress | None = None, batch_size: int = 8,
-                   max_length: int | None = None) -> dict[str, Any]:
-    """Evaluate one model directory: {"perplexity": {file: value}, "tasks": {...}, "details": ...}."""
+                   max_length: int | None = None, kv_policy: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate one model directory: {"perplexity": {file: value}, "tasks": {...}, "details": ...}.
+
+    kv_policy {policy, budget, policy_options}: perplexity through that KV cache policy (else the
+    artifact's kv_cache section's policy, if any)."""
     from lpc.pipeline.evaluation.perplexity import perplexity
     from lpc.pipeline.evaluation.tasks import run_tasks
     from lpc.pipeline.artifact.load import load
@@ -38,8 +41,19 @@ def evaluate_model(path: str | Path, ppl: list[str] | None = None, seq_len: int 
     check_before_loading(path)  # a damaged artifact is refused, as lpc verify refuses it
     model, tok = load(path, device=device)
     report: dict[str, Any] = {"model": str(path), "perplexity": {}, "tasks": {}, "details": {}}
+    kv_policy = kv_policy or _artifact_kv_policy(path)
+    if kv_policy and tasks:
+        raise InputError("lm-eval tasks do not run through a KV cache policy",
+                         "evaluate perplexity (--ppl) with the policy, and tasks in a separate run without it")
     for f in ppl or []:
-        r = perplexity(model, tok, f, seq_len=seq_len, progress=progress, batch_size=batch_size)
+        if kv_policy:
+            from lpc.pipeline.kvcache.decode import perplexity_with_policy
+            from lpc.pipeline.evaluation.perplexity import _sequences
+
+            r = perplexity_with_policy(model, _sequences(tok, Path(f), seq_len, None)[0], kv_policy["policy"],
+                                       kv_policy["budget"], kv_policy.get("policy_options"), progress=progress)
+        else:
+            r = perplexity(model, tok, f, seq_len=seq_len, progress=progress, batch_size=batch_size)
         report["perplexity"][str(f)] = r["perplexity"]
         report["details"][str(f)] = r
     if tasks:
@@ -47,6 +61,15 @@ def evaluate_model(path: str | Path, ppl: list[str] | None = None, seq_len: int 
                                     max_length=max_length)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     return report
+
+
+def _artifact_kv_policy(path: str | Path) -> dict[str, Any] | None:
+    """The kv_cache section of an artifact's quantization_config when it names a policy."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    kv = (json.loads(cfg.read_text()).get("quantization_config") or {}).get("kv_cache") or {}
+    return kv if kv.get("policy") else None
 
 
 def evaluate_report(path: str | Path, baseline: str | Path | None = None, fail_under_recovery: float | None = None,
