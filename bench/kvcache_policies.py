@@ -95,7 +95,11 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.05,0.1,0.2,0.4")
     ap.add_argument("--only", default="", help="comma-separated policy labels (default all)")
     ap.add_argument("--out", default=str(RESULTS / "kvcache_policies.jsonl"))
+    ap.add_argument("--summarize", action="store_true", help="only summarize and plot the rows already in --out")
     args = ap.parse_args()
+    if args.summarize:
+        rows = [json.loads(x) for x in Path(args.out).read_text().splitlines() if x.strip()]
+        return summarize([r for r in rows if "policy" in r], sorted({r["budget"] for r in rows if "policy" in r}))
     torch.manual_seed(0)
     src = model_dir()
     tok = AutoTokenizer.from_pretrained(src)
