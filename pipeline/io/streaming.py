@@ -55,7 +55,7 @@ def skeleton(model_dir: str | Path) -> nn.Module:
 
 def check_streamable(model: nn.Module, store: WeightStore) -> None:
     """Every parameter must be in the checkpoint under its own name (or be a tied copy)."""
-    tied = _tied_names(model)
+    tied = tied_names(model)
     missing = [n for n, _ in model.named_parameters(remove_duplicate=False) if n not in store and n not in tied]
     if missing:
         raise StreamingUnsupported(f"checkpoint keys differ from the model's, e.g. {missing[0]}")
@@ -65,7 +65,7 @@ def check_streamable(model: nn.Module, store: WeightStore) -> None:
         raise StreamingUnsupported(f"{flipped[0]} stores its weight transposed (Conv1D)")
 
 
-def _tied_names(model: nn.Module) -> set[str]:
+def tied_names(model: nn.Module) -> set[str]:
     """Parameter names that share storage with an earlier one (tied embeddings)."""
     out = set()
     if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:

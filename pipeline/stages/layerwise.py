@@ -22,10 +22,10 @@ from torch import nn
 
 from lpc.formats import get_format, stored_bits
 from lpc.pipeline.artifact.lpc_model import QUANT_METHOD, weight_marker
-from lpc.pipeline.artifact.shards import Entry, ShardWriter
+from lpc.pipeline.artifact.shards import Entry, ShardWriter, entries_of
 from lpc.pipeline.artifact.store import write_json
 from lpc.pipeline.io.models import decoder_layers, find_targets
-from lpc.pipeline.io.streaming import StreamingUnsupported, WeightStore, _tied_names, check_streamable
+from lpc.pipeline.io.streaming import StreamingUnsupported, WeightStore, tied_names, check_streamable
 from lpc.pipeline.io.streaming import materialize, release, skeleton
 from lpc.pipeline.progress import Progress, track
 from lpc.pipeline.quantization.layers import layer_setups, quantize_layers
@@ -68,7 +68,7 @@ def quantize_streamed(tmp: Path, opened, recipe: Any, plan: dict[str, Any], stat
     q = recipe.quantize
     targets = find_targets(model, recipe.targets, recipe.ignore)
     writer = ShardWriter(tmp, shard_bytes)
-    tied = sorted(_tied_names(model))
+    tied = sorted(tied_names(model))
     _add_outside(writer, model, store, path, set(tied))
     records: dict[str, Any] = {}
     metas: dict[str, Any] = {}
@@ -89,31 +89,23 @@ def quantize_streamed(tmp: Path, opened, recipe: Any, plan: dict[str, Any], stat
 
 
 def _add_outside(writer: ShardWriter, model: nn.Module, store: WeightStore, path: str, tied: set[str]) -> None:
-    """Tensors outside the decoder stack: referenced in the checkpoint when stored in the model's dtype,
-    else cast (small: norms); persistent buffers from the skeleton."""
+    """Tensors outside the decoder stack: referenced in the checkpoint when stored in the model's dtype
+    (copied at the end without being held), else cast now (norms are small); persistent buffers from
+    the skeleton."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    state_names = list(model.state_dict(keep_vars=True))
-    for name in state_names:
+    headers: dict[Path, dict[str, Entry]] = {}
+    for name, value in model.state_dict(keep_vars=True).items():
         if name.startswith(path + ".") or name in tied:
             continue
-        if name in params:
-            e = _checkpoint_entry(store, name)
-            if e.dtype == params[name].dtype:
-                writer.add_entries({name: e})
-            else:
-                writer.add({name: store.get(name).to(params[name].dtype)})
+        if name not in params:
+            writer.add({name: value})
+            continue
+        f = Path(store.files[name])
+        e = headers.setdefault(f, entries_of(f))[name]
+        if e.dtype == params[name].dtype:
+            writer.add_entries({name: e})
         else:
-            writer.add({name: model.state_dict()[name]})
-
-
-def _checkpoint_entry(store: WeightStore, name: str) -> Entry:
-    from safetensors import safe_open
-
-    from lpc.pipeline.artifact.shards import _DTYPES
-
-    with safe_open(str(store.files[name]), framework="pt") as fh:
-        sl = fh.get_slice(name)
-        return Entry(Path(store.files[name]), name, _DTYPES[sl.get_dtype()], tuple(sl.get_shape()))
+            writer.add({name: store.get(name).to(params[name].dtype)})
 
 
 def _quantize_layer(layer: nn.Module, prefix: str, mine: dict[str, nn.Linear], plan: dict[str, Any], stats,

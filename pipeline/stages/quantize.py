@@ -20,7 +20,7 @@ from lpc.pipeline.quantization.actquant import activation_config
 from lpc.pipeline.quantization.layers import bits_summary, layer_setups, plan_from_recipe, quantize_layers
 from lpc.pipeline.artifact.shards import parse_size
 from lpc.pipeline.calibration.stats import check_full_covariance
-from lpc.pipeline.io.streaming import _tied_names
+from lpc.pipeline.io.streaming import tied_names
 from lpc.pipeline.stages.base import StageResult, run_stage
 from lpc.pipeline.stages.layerwise import open_streamed, quantize_streamed, write_config
 from lpc.recipes.schema import Recipe
@@ -114,7 +114,7 @@ def _streamed_body(tmp: Path, opened, src: str, recipe: Recipe, layer_plan, cali
         aux = {**aux, **read_kv_stats(calib)}
         extra["kv_cache"] = recipe.kv_cache.model_dump(mode="json")
     records, metas, count = quantize_streamed(tmp, opened, recipe, lp, stats, shard_bytes, aux, progress, device)
-    write_config(tmp, model, metas, sorted(_tied_names(model)), extra or None)
+    write_config(tmp, model, metas, sorted(tied_names(model)), extra or None)
     copy_tokenizer_files(src, tmp)
     summary = {"bits_per_weight": count["bits"] / max(count["numel"], 1), "quantized_layers": len(metas),
                "target_layers": len(targets), "target_params": count["numel"],
