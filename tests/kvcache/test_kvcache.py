@@ -131,3 +131,25 @@ def test_bad_kv_sections_are_refused():
         load_recipe("fp8", ["kv_cache={format: nvfp5}"])
     with pytest.raises(RecipeError, match="scales"):
         load_recipe("fp8", ["kv_cache={format: fp8_e4m3, scales: row}"])
+
+
+def test_per_token_scales_quantize_each_token_with_its_own_amax():
+    x = torch.randn(1, 2, 5, 32, generator=torch.Generator().manual_seed(3)) * torch.tensor([1.0, 30.0])[:, None, None]
+    got = KVSpec("nvfp4", {}, per_token=True).fake(x)
+    f = get_format("nvfp4")
+    for h in range(2):
+        for t in range(5):
+            row = x[0, h, t]
+            assert torch.allclose(got[0, h, t], f.fake_quantize(row, global_amax=row.abs().amax()), rtol=1e-6, atol=1e-7)
+    assert KVSpec("nvfp4", {}, per_token=True).bits_per_element(64) == 4.5 + 0.5
+
+
+def test_sink_tokens_stay_in_full_precision_across_writes():
+    spec = KVSpec("int", {"bits": 4, "vector": 16}, sinks=3)
+    cache = QuantizedKVCache([(spec, spec)])
+    k, v = torch.randn(1, 2, 2, 16), torch.randn(1, 2, 2, 16)
+    cache.update(k, v, 0)  # two tokens: both sinks
+    k2, v2 = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16)
+    keys, values = cache.update(k2, v2, 0)
+    assert torch.equal(keys[..., :2, :], k) and torch.equal(values[..., 2:3, :], v2[..., :1, :])
+    assert torch.equal(keys[..., 3:, :], spec.fake(k2[..., 1:, :])) and not torch.equal(keys[..., 3:, :], k2[..., 1:, :])
