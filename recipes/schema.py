@@ -179,9 +179,12 @@ class KVCacheConfig(TensorQuant):
             raise ValueError(f"kv_cache: {err}") from None
         return self
 
-    scales: Literal["tensor", "head", "dynamic"] = Field(
+    scales: Literal["tensor", "head", "dynamic", "token"] = Field(
         "tensor", description="static scales from the calibrated K/V absmax of each layer (tensor) or KV head "
-                              "(head), or only the format's own dynamic block scales (dynamic)")
+                              "(head), only the format's own dynamic block scales (dynamic), or an FP32 scale "
+                              "per token and head taken when written (token)")
+    sinks: int = Field(0, ge=0, description="leading tokens of every sequence kept at full precision "
+                                            "(attention sinks)")
     kivi: bool = Field(False, description="KIVI: keys grouped per channel along tokens, values per token")
     group: int = Field(32, gt=0, description="KIVI: tokens per key group (a shorter recent tail stays full precision)")
 

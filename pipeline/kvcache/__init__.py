@@ -1,10 +1,13 @@
 """KV cache compression: calibrated K/V quantization simulated through a transformers Cache.
 
-The recipe's `kv_cache` section names a format (any lpc format), its spec, where static scales come from
-(`scales: tensor | head | dynamic`) and KIVI grouping (`kivi: true`: keys per channel in groups of
+The recipe's `kv_cache` section names a format (any lpc format), its spec, where scales come from
+(`scales: tensor | head | dynamic | token`), `sinks` (leading tokens kept at full precision) and KIVI grouping (`kivi: true`: keys per channel in groups of
 `group` tokens, values per token). Calibration writes calib/kv_stats.safetensors (per layer and KV head
 absmax of keys after RoPE and of values); quantize stores them in the artifact as `lpc.kv.<i>.k_amax` /
 `v_amax` with the section in quantization_config["kv_cache"]; load attaches the quantized cache.
+
+Cache policies (eviction and mixed precision under a byte budget, `policy.py` and one module per
+policy: uniform, streaming, h2o, thinkv) are simulated by `lpc eval` through `decode.py`.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ def kv_specs(config: dict[str, Any], tensors: dict[str, torch.Tensor], n_layers:
         pair = []
         for part in ("k", "v"):
             amax = None
-            if config.get("scales", "tensor") != "dynamic":
+            if config.get("scales", "tensor") not in ("dynamic", "token"):
                 key = f"{KV_PREFIX}{i}.{part}_amax"
                 if key not in tensors:
                     raise ArtifactError(f"the artifact's KV cache section has no {key}",
@@ -54,7 +57,8 @@ def kv_specs(config: dict[str, Any], tensors: dict[str, torch.Tensor], n_layers:
                 amax = tensors[key].float()
                 amax = amax.amax() if config.get("scales", "tensor") == "tensor" else amax
             pair.append(KVSpec(config["format"], dict(config.get("spec", {})), amax,
-                               per_channel=part == "k" and bool(config.get("kivi")), group=int(config.get("group", 32))))
+                               per_channel=part == "k" and bool(config.get("kivi")), group=int(config.get("group", 32)),
+                               per_token=config.get("scales") == "token", sinks=int(config.get("sinks", 0))))
         specs.append((pair[0], pair[1]))
     return specs
 
