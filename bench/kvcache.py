@@ -26,6 +26,10 @@ SETTINGS = {
     "kv_fp8_head": ("kv_fp8", ["kv_cache.scales=head"]),
     "kv_nvfp4": ("kv_nvfp4", []),
     "kv_nvfp4_head": ("kv_nvfp4", ["kv_cache.scales=head"]),
+    "kv_fp8_headroom": ("kv_fp8", ["kv_cache.headroom=2"]),
+    "kv_fp8_token_sink": ("kv_fp8", ["kv_cache.scales=token", "kv_cache.sinks=1"]),
+    "kv_nvfp4_headroom": ("kv_nvfp4", ["kv_cache.headroom=2"]),
+    "kv_nvfp4_token_sink": ("kv_nvfp4", ["kv_cache.scales=token", "kv_cache.sinks=1"]),
     "kv_int4_kivi": ("kv_nvfp4", ["kv_cache.format=int", "kv_cache.spec={bits: 4, vector: 32}",
                                   "kv_cache.scales=dynamic", "kv_cache.kivi=true", "kv_cache.group=32"]),
 }
@@ -66,8 +70,9 @@ def main() -> None:
             r = perplexity(model, tok, EVAL, seq_len=EVAL_SEQ_LEN)
         finally:
             handle.remove()
-        bits = get_format(kv.format).bits_per_weight(**kv.spec)
-        rows.append({"setting": name, "format": kv.format, "scales": kv.scales, "kivi": kv.kivi, "kv_bits": bits,
+        bits = get_format(kv.format).bits_per_weight(**kv.spec) + (32 / model.config.head_dim if kv.scales == "token" else 0)
+        rows.append({"setting": name, "format": kv.format, "scales": kv.scales, "kivi": kv.kivi, "sinks": kv.sinks,
+                     "headroom": kv.headroom, "kv_bits": bits,
                      "perplexity": r["perplexity"], "ppl_increase_pct": 100 * (r["perplexity"] / base["perplexity"] - 1),
                      "eval_seconds": round(time.perf_counter() - t1, 1), "calib_seconds": round(calib_s, 1)})
         print(json.dumps(rows[-1]), flush=True)

@@ -30,17 +30,19 @@ def heldout_windows(tok, n: int, seq_len: int = 2048) -> list[list[int]]:
 def variants(fmt: str, spec: dict) -> dict[str, dict]:
     return {f"{fmt}": {}, f"{fmt} keys only": {"values": False}, f"{fmt} values only": {"keys": False},
             f"{fmt} sink kept": {"sinks": 1}, f"{fmt} per-token scales": {"per_token": True},
-            f"{fmt} per-token scales + sink kept": {"per_token": True, "sinks": 1}}
+            f"{fmt} per-token scales + sink kept": {"per_token": True, "sinks": 1},
+            f"{fmt} headroom 2": {"headroom": 2.0}, f"{fmt} headroom 2 + sink kept": {"headroom": 2.0, "sinks": 1}}
 
 
-def specs_for(fmt, spec, stats, n_layers, keys=True, values=True, sinks=0, per_token=False, head=False):
+def specs_for(fmt, spec, stats, n_layers, keys=True, values=True, sinks=0, per_token=False, head=False,
+              headroom=1.0):
     from lpc.pipeline.kvcache import KVSpec
 
     out = []
     for i in range(n_layers):
         pair = []
         for part, on in (("k", keys), ("v", values)):
-            a = stats[f"{i}.{part}_amax"].float()
+            a = stats[f"{i}.{part}_amax"].float() * headroom
             pair.append(KVSpec(fmt, spec, a if head else a.amax(), per_token=per_token, sinks=sinks) if on else None)
         out.append(tuple(pair))
     return out
@@ -80,6 +82,7 @@ def main() -> None:
     ap.add_argument("--calib-windows", type=int, default=CALIB_SAMPLES, help="calibration windows of 512 tokens")
     ap.add_argument("--only", default="fp8,nvfp4")
     ap.add_argument("--fp32", type=int, default=1, help="1: also the plain format in fp32 compute")
+    ap.add_argument("--variants", default="", help="comma-separated variant names (default all)")
     args = ap.parse_args()
     model, tok = load(model_dir())
     if not STATS.is_file():
@@ -98,7 +101,7 @@ def main() -> None:
         for name in args.only.split(","):
             fmt, spec = formats[name]
             for label, kw in variants(name, spec).items():
-                if dtype == torch.float32 and label != name:
+                if (dtype == torch.float32 and label != name) or (args.variants and label not in args.variants.split(",")):
                     continue
                 handle = attach_kv_quantization(model, specs_for(fmt, spec, stats, n, **kw))
                 t0 = time.perf_counter()

@@ -185,6 +185,9 @@ class KVCacheConfig(TensorQuant):
                               "per token and head taken when written (token)")
     sinks: int = Field(0, ge=0, description="leading tokens of every sequence kept at full precision "
                                             "(attention sinks)")
+    headroom: float | None = Field(None, ge=1, description="static scales from headroom x the calibrated absmax, so "
+                                                           "tokens beyond the calibration's absmax are not clipped "
+                                                           "(free for FP8/NVFP4 scales up to a few binades); None = 1")
     kivi: bool = Field(False, description="KIVI: keys grouped per channel along tokens, values per token")
     group: int = Field(32, gt=0, description="KIVI: tokens per key group (a shorter recent tail stays full precision)")
 

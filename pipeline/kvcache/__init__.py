@@ -54,7 +54,7 @@ def kv_specs(config: dict[str, Any], tensors: dict[str, torch.Tensor], n_layers:
                 if key not in tensors:
                     raise ArtifactError(f"the artifact's KV cache section has no {key}",
                                         "re-run quantize with a calibration made with the kv_cache recipe")
-                amax = tensors[key].float()
+                amax = tensors[key].float() * float(config.get("headroom") or 1.0)
                 amax = amax.amax() if config.get("scales", "tensor") == "tensor" else amax
             pair.append(KVSpec(config["format"], dict(config.get("spec", {})), amax,
                                per_channel=part == "k" and bool(config.get("kivi")), group=int(config.get("group", 32)),
