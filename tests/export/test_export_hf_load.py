@@ -23,9 +23,10 @@ def quant_dirs(tmp_path_factory, tiny_model_dir, text_files) -> dict[str, Path]:
     stages.calibrate(str(tiny_model_dir), str(text_files["jsonl"]), d / "calib", recipe)
     stages.quantize(str(tiny_model_dir), recipe, d / "w4a4", calib=d / "calib")
     stages.quantize(str(tiny_model_dir), load_recipe("int4"), d / "int4")
-    eora = load_recipe("nvfp4_eora", ["compensate.rank=4"])
-    stages.quantize(str(tiny_model_dir), eora, d / "q-eora", calib=d / "calib")
-    stages.compensate(d / "q-eora", d / "calib", eora, d / "eora")
+    eora = load_recipe("nvfp4_eora", ["compensate.rank=4", "calibrate.samples=4", "calibrate.seq_len=24"])
+    stages.calibrate(str(tiny_model_dir), str(text_files["jsonl"]), d / "calib-eora", eora)  # its own statistics
+    stages.quantize(str(tiny_model_dir), eora, d / "q-eora", calib=d / "calib-eora")
+    stages.compensate(d / "q-eora", d / "calib-eora", eora, d / "eora")
     return {"w4a4": d / "w4a4", "int4": d / "int4", "eora": d / "eora"}
 
 
