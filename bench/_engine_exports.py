@@ -19,7 +19,8 @@ CALIB_SETS = ["calibrate.samples=16", "calibrate.seq_len=256"]
 KV = "kv_cache={format: fp8_e4m3, spec: {granularity: tensor}, scales: tensor}"
 # artifact -> (recipe, --set overrides, [(export format, directory name)])
 ARTIFACTS = {
-    "nvfp4": ("nvfp4", CALIB_SETS, [("compressed-tensors", "ct-nvfp4"), ("dense", "dense-nvfp4")]),
+    "nvfp4": ("nvfp4", ["quantize.weights.spec.scale_search=0"],  # plain amax scales: no calibration needed
+              [("compressed-tensors", "ct-nvfp4"), ("dense", "dense-nvfp4")]),
     "fp8": ("fp8", [], [("compressed-tensors", "ct-fp8")]),
     "fp8_tensor_kv": ("fp8", CALIB_SETS + ["quantize.weights.spec.granularity=tensor", KV],
                       [("compressed-tensors", "ct-fp8-kv"), ("modelopt", "mo-fp8-kv")]),
