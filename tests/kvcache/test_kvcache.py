@@ -153,3 +153,18 @@ def test_sink_tokens_stay_in_full_precision_across_writes():
     keys, values = cache.update(k2, v2, 0)
     assert torch.equal(keys[..., :2, :], k) and torch.equal(values[..., 2:3, :], v2[..., :1, :])
     assert torch.equal(keys[..., 3:, :], spec.fake(k2[..., 1:, :])) and not torch.equal(keys[..., 3:, :], k2[..., 1:, :])
+
+
+def test_kv_specs_carry_headroom_token_scales_and_sinks():
+    from lpc.pipeline.kvcache import KV_PREFIX, kv_specs
+
+    t = {f"{KV_PREFIX}0.k_amax": torch.tensor([2.0, 5.0]), f"{KV_PREFIX}0.v_amax": torch.tensor([1.0, 3.0])}
+    k, v = kv_specs({"format": "fp8_e4m3", "scales": "tensor", "headroom": 2.0, "sinks": 1}, t, 1)[0]
+    assert float(k.amax) == 10.0 and float(v.amax) == 6.0 and k.sinks == v.sinks == 1
+    k, _ = kv_specs({"format": "nvfp4", "scales": "token"}, {}, 1)[0]  # per-token scales need no statistics
+    assert k.per_token and k.amax is None
+    x = torch.full((1, 1, 1, 16), 3.0)
+    x[..., 0] = 7.0  # beyond a calibrated amax of 5: clipped without headroom, kept with it
+    clipped = KVSpec("fp8_e4m3", {"granularity": "tensor"}, torch.tensor(5.0)).fake(x)
+    kept = KVSpec("fp8_e4m3", {"granularity": "tensor"}, torch.tensor(10.0)).fake(x)
+    assert float(clipped[..., 0]) == 5.0 and abs(float(kept[..., 0]) - 7.0) <= 7.0 / 16  # E4M3 rounding only
