@@ -30,6 +30,9 @@ SETTINGS = {
     "kv_fp8_token_sink": ("kv_fp8", ["kv_cache.scales=token", "kv_cache.sinks=1"]),
     "kv_nvfp4_headroom": ("kv_nvfp4", ["kv_cache.headroom=2"]),
     "kv_nvfp4_token_sink": ("kv_nvfp4", ["kv_cache.scales=token", "kv_cache.sinks=1"]),
+    "kv_nvfp4_rotate": ("kv_nvfp4", ["kv_cache.rotate=true"]),
+    "kv_nvfp4_rotate_headroom_sink": ("kv_nvfp4", ["kv_cache.rotate=true", "kv_cache.headroom=2", "kv_cache.sinks=1"]),
+    "kv_nvfp4_kivi": ("kv_nvfp4", ["kv_cache.kivi=true", "kv_cache.group=16"]),
     "kv_int4_kivi": ("kv_nvfp4", ["kv_cache.format=int", "kv_cache.spec={bits: 4, vector: 32}",
                                   "kv_cache.scales=dynamic", "kv_cache.kivi=true", "kv_cache.group=32"]),
 }

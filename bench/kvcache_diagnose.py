@@ -31,11 +31,14 @@ def variants(fmt: str, spec: dict) -> dict[str, dict]:
     return {f"{fmt}": {}, f"{fmt} keys only": {"values": False}, f"{fmt} values only": {"keys": False},
             f"{fmt} sink kept": {"sinks": 1}, f"{fmt} per-token scales": {"per_token": True},
             f"{fmt} per-token scales + sink kept": {"per_token": True, "sinks": 1},
+            f"{fmt} rotated": {"rotate": True}, f"{fmt} rotated + headroom 2 + sink": {"rotate": True, "headroom": 2.0,
+                                                                                     "sinks": 1},
+            f"{fmt} KIVI keys (16 tokens)": {"kivi": True},
             f"{fmt} headroom 2": {"headroom": 2.0}, f"{fmt} headroom 2 + sink kept": {"headroom": 2.0, "sinks": 1}}
 
 
 def specs_for(fmt, spec, stats, n_layers, keys=True, values=True, sinks=0, per_token=False, head=False,
-              headroom=1.0):
+              headroom=1.0, rotate=False, kivi=False):
     from lpc.pipeline.kvcache import KVSpec
 
     out = []
@@ -43,7 +46,8 @@ def specs_for(fmt, spec, stats, n_layers, keys=True, values=True, sinks=0, per_t
         pair = []
         for part, on in (("k", keys), ("v", values)):
             a = stats[f"{i}.{part}_amax"].float() * headroom
-            pair.append(KVSpec(fmt, spec, a if head else a.amax(), per_token=per_token, sinks=sinks) if on else None)
+            pair.append(KVSpec(fmt, spec, a if head else a.amax(), per_token=per_token, sinks=sinks, rotate=rotate,
+                               per_channel=kivi and part == "k", group=16) if on else None)
         out.append(tuple(pair))
     return out
 

@@ -185,6 +185,8 @@ class KVCacheConfig(TensorQuant):
                               "per token and head taken when written (token)")
     sinks: int = Field(0, ge=0, description="leading tokens of every sequence kept at full precision "
                                             "(attention sinks)")
+    rotate: bool = Field(False, description="store K/V rotated by the Hadamard matrix of head_dim (spreads "
+                                            "outlier channels; the engine rotates queries the same way)")
     headroom: float | None = Field(None, ge=1, description="static scales from headroom x the calibrated absmax, so "
                                                            "tokens beyond the calibration's absmax are not clipped "
                                                            "(free for FP8/NVFP4 scales up to a few binades); None = 1")

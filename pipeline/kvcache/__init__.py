@@ -58,7 +58,8 @@ def kv_specs(config: dict[str, Any], tensors: dict[str, torch.Tensor], n_layers:
                 amax = amax.amax() if config.get("scales", "tensor") == "tensor" else amax
             pair.append(KVSpec(config["format"], dict(config.get("spec", {})), amax,
                                per_channel=part == "k" and bool(config.get("kivi")), group=int(config.get("group", 32)),
-                               per_token=config.get("scales") == "token", sinks=int(config.get("sinks", 0))))
+                               per_token=config.get("scales") == "token", sinks=int(config.get("sinks", 0)),
+                               rotate=bool(config.get("rotate"))))
         specs.append((pair[0], pair[1]))
     return specs
 

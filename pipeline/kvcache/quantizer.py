@@ -8,11 +8,13 @@ Static scales come from calibration: the amax of the layer (`scales: tensor`) or
 (`scales: head`) is passed to the format as its global amax. `scales: token` gives each token of each
 head its own FP32 scale (its absmax, taken when written, as engines with per-token dynamic KV scales
 do; 32 more bits per head_dim elements). `sinks` leading tokens of every sequence (the attention
-sinks) stay in the cache's own precision.
+sinks) stay in the cache's own precision. `rotate` stores Q(x H) with H the orthonormal Hadamard matrix
+of head_dim (QuaRot/SpinQuant's online rotation: q.k = (qH).(kH), so an engine rotates the queries
+and reads the stored keys as they are); it spreads the outlier channels of RoPE'd keys over the head.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -32,9 +34,15 @@ class KVSpec:
     group: int = 32
     per_token: bool = False
     sinks: int = 0
+    rotate: bool = False
 
     def fake(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, H, T, D) -> Q(x) in x's dtype. With per_channel, T must be a multiple of `group`."""
+        if self.rotate:  # stored as Q(x H); attention reads Q(x H) H^T (an engine rotates the queries instead)
+            from lpc.formats.rotation import hadamard
+
+            h = hadamard(x.shape[-1]).to(x.device)
+            return (replace(self, rotate=False).fake(x.float() @ h).float() @ h.T).to(x.dtype)
         fmt = get_format(self.format)
         if self.per_token and "global_amax" in fmt.context_keys:
             # Every lpc format with a tensor scale is scale-equivariant: quantizing x / a with amax 1 and

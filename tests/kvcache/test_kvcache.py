@@ -168,3 +168,17 @@ def test_kv_specs_carry_headroom_token_scales_and_sinks():
     clipped = KVSpec("fp8_e4m3", {"granularity": "tensor"}, torch.tensor(5.0)).fake(x)
     kept = KVSpec("fp8_e4m3", {"granularity": "tensor"}, torch.tensor(10.0)).fake(x)
     assert float(clipped[..., 0]) == 5.0 and abs(float(kept[..., 0]) - 7.0) <= 7.0 / 16  # E4M3 rounding only
+
+
+def test_rotated_states_are_the_format_grid_in_the_hadamard_basis():
+    from lpc.formats.rotation import hadamard
+
+    x = torch.randn(1, 2, 6, 64, generator=torch.Generator().manual_seed(4))
+    x[..., 3] *= 25  # an outlier channel, as RoPE'd keys have
+    h = hadamard(64)
+    spec = KVSpec("nvfp4", {}, torch.tensor(float(x.abs().max())), rotate=True)
+    got = spec.fake(x)
+    plain = KVSpec("nvfp4", {}, torch.tensor(float(x.abs().max()))).fake(x @ h)
+    assert torch.allclose(got @ h, plain, atol=1e-5)  # what is stored is NVFP4 of the rotated states
+    lossless = KVSpec("bf16", {}, rotate=True).fake(x)
+    assert torch.allclose(lossless, x, rtol=0, atol=0.25) and (lossless - x).abs().mean() < 0.02  # bf16 rounding only
