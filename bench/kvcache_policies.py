@@ -58,22 +58,11 @@ def prompts(tok, n: int) -> list[tuple[str, list[int]]]:
 
 
 def thresholds(model, tok, group: int, windows: int = 2, seq_len: int = 512) -> tuple[float, float]:
-    """Tertiles of per-segment attention sparsity (share of weights below 1/N, rows as decode steps)
-    over calib_tail.txt windows, with the full cache."""
-    import torch
-
-    from lpc.pipeline.kvcache.thinkv import sparsity
+    """ThinKV's sparsity thresholds from calib_tail.txt windows (never the evaluated text)."""
+    from lpc.pipeline.kvcache.thinkv import calibrate_thresholds
 
     ids = tok(CALIB.read_text(encoding="utf-8")[:200_000])["input_ids"]
-    segs = []
-    for w in range(windows):
-        x = torch.tensor([ids[w * seq_len:(w + 1) * seq_len]])
-        with torch.no_grad():
-            att = model(input_ids=x, output_attentions=True).attentions
-        rows = torch.stack([sparsity(a) for a in att]).mean(0)  # (seq_len,): each row as a decode step
-        segs += [float(rows[s:s + group].mean()) for s in range(group, seq_len, group)]
-    q = torch.tensor(segs).quantile(torch.tensor([1 / 3, 2 / 3]))
-    return float(q[0]), float(q[1])
+    return calibrate_thresholds(model, [ids[w * seq_len:(w + 1) * seq_len] for w in range(windows)], group)
 
 
 def main() -> None:

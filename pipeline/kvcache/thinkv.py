@@ -12,13 +12,18 @@ R > E > T decides everything else:
   stay at full precision.
 - Progressive eviction: when a new transition thought starts (the trajectory changes), every older
   transition thought keeps only the `keep` fraction of its tokens that received the most attention.
-- Budget: over budget once nothing is left to compress, segments lose precision one level at a time
-  (fp8 -> int4 -> int2), least important and oldest first, then tokens are evicted from the least
-  important, oldest segments (least attended tokens first) down to `min_tokens` per segment, and
-  finally whole segments, in the same order.
+- Budget: over budget once nothing is left to compress, thought types give way in the order T, E, R:
+  the type's segments lose precision one level at a time (fp8 -> int4 -> int2, oldest first), then
+  its tokens beyond `min_tokens` per segment are evicted (least attended first, oldest segment first);
+  only then the next type. Last, whole segments go in the same order, and the sinks at the very end.
 
-The sparsity thresholds come from calibration text (`calibrate_thresholds`, tertiles of the segment
-sparsities of a full-cache pass), never from the evaluated text.
+Simulation choices where the paper leaves room: thoughts are fixed segments of `group` tokens (the unit
+the cache compresses in), a segment's type is decided once it closes, attention is summed over heads
+per layer (eviction is per layer, the type is shared by all layers), and nothing is compressed before
+the budget requires it.
+
+The sparsity thresholds come from calibration text (`calibrate_thresholds`: tertiles of the segment
+sparsities of full-cache passes), never from the evaluated text.
 """
 from __future__ import annotations
 
@@ -43,6 +48,21 @@ def sparsity(attn: torch.Tensor) -> torch.Tensor:
     below = (attn[0].float() < 1.0 / visible[None, :, None]).float().sum(-1)  # (heads, q)
     masked = (q - 1 - torch.arange(q, device=attn.device)).float()  # zeros of the causal mask
     return ((below - masked) / visible).mean(0)
+
+
+@torch.no_grad()
+def calibrate_thresholds(model: Any, windows: list[list[int]], group: int = KIVI_GROUP) -> tuple[float, float]:
+    """Tertiles of the segment sparsities of token `windows` run once each with the full cache and
+    eager attention (each row of the causal attention read as a decode step): the (R|E, E|T) thresholds."""
+    segs = []
+    for w in windows:
+        att = model(input_ids=torch.tensor([w], device=model.device), output_attentions=True).attentions
+        rows = torch.stack([sparsity(a) for a in att]).mean(0)  # (len,): mean over layers
+        segs += [float(rows[s:s + group].mean()) for s in range(group, len(w) - group + 1, group)]
+    if not segs:
+        raise InputError("thinkv calibration needs windows of at least two segments", f"give {2 * group}+ tokens")
+    q = torch.tensor(segs).quantile(torch.tensor([1 / 3, 2 / 3]))
+    return float(q[0]), float(q[1])
 
 
 def classify(s: float, thresholds: tuple[float, float]) -> str:

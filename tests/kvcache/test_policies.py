@@ -208,3 +208,14 @@ def test_bad_policy_input_is_refused():
         make_policy("thinkv", 0.1, thresholds=(0.9, 0.1))
     with pytest.raises(InputError, match="option"):
         make_policy("streaming", 0.1, window=3)
+
+
+def test_thinkv_thresholds_are_tertiles_of_calibration_sparsity(model):
+    from lpc.pipeline.kvcache.thinkv import calibrate_thresholds
+
+    g = torch.Generator().manual_seed(5)
+    windows = [torch.randint(0, 64, (96,), generator=g).tolist() for _ in range(2)]
+    lo, hi = calibrate_thresholds(model, windows, group=16)
+    assert 0 < lo <= hi < 1
+    with pytest.raises(InputError, match="two segments"):
+        calibrate_thresholds(model, [windows[0][:20]], group=16)
