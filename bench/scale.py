@@ -4,7 +4,8 @@ next to llm-compressor NVFP4A16 oneshot + save on the same checkpoint; prints JS
     flock /tmp/lpc-heavy.lock .venv/bin/python bench/scale.py --shapes tinyllama-1.1b --recipes nvfp4 \
         [--peers] [--set quantize.weights.spec.scale_search=0] [-o bench/results/scale.json]
 
-Shapes: tinyllama-1.1b (hidden 2048, intermediate 5632, 22 layers), llama2-7b-4 and llama2-7b-32
+Shapes: tinyllama-1.1b (hidden 2048, intermediate 5632, 22 layers) and tinyllama-4 (its first 4 layers
+only), llama2-7b-4 and llama2-7b-32
 (hidden 4096, intermediate 11008, 4 / 32 layers); vocabulary and tokenizer are SmolLM2's (49,152).
 Each checkpoint is written in bf16 one decoder layer per shard (HF index), never holding the model.
 Each lpc stage (calibrate, quantize, export) runs as its own child process, so its peak RSS
@@ -29,6 +30,7 @@ DATA = Path(os.environ.get("LPC_ASSETS", ROOT.parent / "shared" / "assets")) / "
 SHAPES = {
     "smoke": dict(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2),
     "tinyllama-1.1b": dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4),
+    "tinyllama-4": dict(hidden=2048, intermediate=5632, layers=4, heads=32, kv_heads=4),
     "llama2-7b-4": dict(hidden=4096, intermediate=11008, layers=4, heads=32, kv_heads=32),
     "llama2-7b-32": dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32),
 }
