@@ -57,3 +57,18 @@ def test_eval_command_takes_a_policy(tiny_model_dir, text_files):
     assert bad.exit_code == 1 and "unknown KV cache policy 'lru'" in " ".join(bad.output.split())
     alone = runner.invoke(app, ["eval", str(tiny_model_dir), "--ppl", str(text_files["txt"]), "--kv-policy", "h2o"])
     assert alone.exit_code == 1 and "go together" in alone.output
+
+
+def test_an_artifact_with_a_policy_is_evaluated_through_it(tmp_path, tiny_model_dir, text_files):
+    from lpc.pipeline import stages
+
+    recipe = load_recipe("fp8", ["calibrate.samples=4", "calibrate.seq_len=32",
+                                 "kv_cache={policy: streaming, budget: 0.1}"])
+    calib = stages.calibrate(str(tiny_model_dir), str(text_files["jsonl"]), tmp_path / "c", recipe).out
+    quant = stages.quantize(str(tiny_model_dir), recipe, tmp_path / "q", calib=calib).out
+    f = str(text_files["txt"])
+    with_policy = evaluate_model(str(quant), ppl=[f], seq_len=64)
+    assert "KV policy streaming" in with_policy["details"][f]["protocol"]
+    assert 0 < with_policy["details"][f]["held_fraction"] <= 0.1
+    with pytest.raises(Exception, match="do not run through a KV cache policy"):
+        evaluate_model(str(quant), tasks=["arc_easy"])
