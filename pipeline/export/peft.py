@@ -52,7 +52,9 @@ def write_peft(src: Path, tmp: Path) -> dict[str, Any]:
     model, _ = load(src, activations=False)  # low-rank hooks are attached but save_pretrained ignores them
     model.save_pretrained(str(tmp), safe_serialization=True)
     copy_tokenizer_files(src, tmp)
-    factors = pop_lowrank(art.load_tensors(Path(src) / WEIGHTS), qconfig)
+    from lpc.pipeline.artifact.shards import ModelTensors
+
+    factors = pop_lowrank(ModelTensors(Path(src)).load_all(), qconfig)
     dtype = _adapter_dtype(layers)
     ranks = {name: int(factors[f"{name}.lora_A"].shape[0]) for name in sorted(layers)}
     adapter = {}

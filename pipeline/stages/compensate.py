@@ -121,7 +121,9 @@ def _build(quant_dir: Path, calib_dir: Path, src: str, recipe: Recipe, qman: dic
     _check_stats(names, stats, cfg, calib_dir)
     fetch = _layer_reader(src, qtensors, stats, device)
     ranks = choose_ranks(cfg, names, qtensors, lambda n: low_rank_path(cfg, fetch(n)), progress)
-    tensors = art.load_tensors(quant_dir / WEIGHTS)
+    from lpc.pipeline.artifact.shards import ModelTensors
+
+    tensors = ModelTensors(quant_dir).load_all()  # model.safetensors or HF shards
     lowrank, records = {}, {}
     for name in track(names, "compensate", progress):
         x = fetch(name)
@@ -216,8 +218,11 @@ def _write_comp(quant_dir: Path, qman: dict[str, Any], qconfig: dict[str, Any], 
     config["quantization_config"] = qconfig
     art.write_json(tmp / "config.json", config)
     art.save_tensors(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+    from lpc.pipeline.artifact.shards import INDEX, model_tensor_files
+
+    weights = {f.name for f in model_tensor_files(quant_dir).values()} | {INDEX}  # rewritten above
     for name in sorted(qman["files"]):
-        if name not in ("config.json", WEIGHTS):
+        if name not in ("config.json", WEIGHTS) and name not in weights:
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_bytes((quant_dir / name).read_bytes())
 

@@ -166,3 +166,18 @@ def test_calibration_spills_each_layer(tmp_path, tiny_model_dir, text_files, mon
     got = read_stats(tmp_path / "c")
     for n, cov in kept.items():
         assert torch.equal(got[n]["act_cov"], cov)
+
+
+def test_sharded_quant_artifact_compensates_and_exports(tmp_path, tiny_model_dir, text_files):
+    r = load_recipe("nvfp4_eora", ["calibrate.samples=3", "calibrate.seq_len=16", "compensate.rank=2"])
+    stages.calibrate(str(tiny_model_dir), str(text_files["jsonl"]), tmp_path / "c", r)
+    stages.quantize(str(tiny_model_dir), r, tmp_path / "one", calib=tmp_path / "c")
+    stages.quantize(str(tiny_model_dir), r, tmp_path / "many", calib=tmp_path / "c", max_shard_size="20KB")
+    for d in ("one", "many"):
+        stages.compensate(tmp_path / d, tmp_path / "c", r, tmp_path / f"comp-{d}")
+        stages.export(tmp_path / f"comp-{d}", tmp_path / f"peft-{d}", "peft")
+    assert not any(p.name.startswith("model-") for p in (tmp_path / "comp-many").iterdir())
+    assert (tmp_path / "comp-many" / "model.safetensors").read_bytes() == \
+        (tmp_path / "comp-one" / "model.safetensors").read_bytes()
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    assert torch.equal(load(tmp_path / "comp-one")[0](ids).logits, load(tmp_path / "comp-many")[0](ids).logits)
