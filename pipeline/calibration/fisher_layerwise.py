@@ -31,8 +31,14 @@ from lpc.pipeline.progress import Progress, track
 log = logging.getLogger(__name__)
 
 
+# Families whose logits are exactly lm_head(model.norm(h)) (no logit scaling or soft-capping).
+PLAIN_HEAD = ("llama", "mistral", "qwen2", "qwen3")
+
+
 def final_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(final norm, output head) of a Llama-style decoder (model.model.norm, lm_head), else None."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in PLAIN_HEAD:
+        return None
     norm = getattr(getattr(model, "model", None), "norm", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return (norm, head) if isinstance(norm, nn.Module) and isinstance(head, nn.Module) else None

@@ -9,6 +9,7 @@ import torch
 
 from lpc.pipeline.artifact import store as art
 from lpc.pipeline.artifact.shards import ShardWriter
+from lpc.pipeline.calibration.fisher_layerwise import final_head
 from lpc.pipeline.calibration.stats import STATS_FILE, collect_input_stats, data_inputs, needs_covariance, stats_tensors
 from lpc.pipeline.io import distributed as dd
 from lpc.pipeline.io.data import calibration_batches
@@ -46,6 +47,8 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
         # backward) stream one decoder layer at a time from the checkpoint.
         opened = None if data == "self" or not Path(src).is_dir() else \
             open_for_calibration(src, recipe.targets, recipe.ignore)
+        if opened and c.fisher and final_head(opened[0]) is None:
+            opened = None  # layer-wise Fisher knows Llama-style heads only: the whole model then
         m, store = opened if opened else (load_hf_model(src), None)
         targets = find_targets(m, recipe.targets, recipe.ignore)
         every = calibration_batches(data, tok, c.samples, c.seq_len, model=m, seed=c.seed)
