@@ -1,9 +1,12 @@
-"""Calibration statistics of the inputs of target Linears: absmax and X^T X / n.
+"""Calibration statistics of the inputs of target Linears: absmax and X^T X / n (or only its
+diagonal E[x^2] when the recipe needs no more: `needs_covariance`).
 
 Models with a stack of decoder layers are walked layer by layer: the hidden states entering layer 0
 are captured once, then each layer runs alone over the cached states (moved to the device only for
-its turn), so activation memory does not grow with depth. Other models fall back to hooks over a
-whole forward pass.
+its turn), so activation memory does not grow with depth; a finished layer's statistics can be
+handed to the caller (`on_layer`) and written out. Other models fall back to hooks over a whole
+forward pass. Under torchrun the samples are sharded by rank and summed in the single-process order
+(io/distributed.py). `read_stats` reads a calibration back one layer at a time.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""`lpc calibrate`: input statistics (absmax, X^T X / n) of the recipe's targets, and Fisher with
-`calibrate.fisher`, written to calib/stats.safetensors."""
+"""`lpc calibrate`: input statistics (absmax, X^T X / n or its diagonal, as the recipe needs) of the
+recipe's targets, and Fisher with `calibrate.fisher`, written to calib/stats.safetensors one decoder
+layer at a time (the model streamed from its checkpoint). Data-parallel under torchrun."""
 from __future__ import annotations
 
 from pathlib import Path
