@@ -181,3 +181,32 @@ def test_fgmp_and_fp8_reach_every_expert(family, family_dir, text_files, tmp_pat
         got, want = _logits(model, ids), _logits(_native(src), ids)
         assert torch.isfinite(got).all()
         assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.9
+
+
+def test_stand_in_statistics_are_the_siblings_token_weighted_pool():
+    from lpc.pipeline.calibration.stats import InputStats
+    from lpc.pipeline.quantization.experts import stand_in_statistics
+
+    torch.manual_seed(0)
+    xs = {0: torch.randn(5, 8), 1: torch.randn(11, 8) * 2}
+    stats = {}
+    for e in range(3):
+        s = InputStats.empty(8)
+        if e in xs:
+            s.update(xs[e])
+            s.extra["act_fisher"] = torch.full((8,), float(e + 1))
+        else:
+            s.extra["act_fisher"] = torch.zeros(8)
+        s.finish()
+        stats[f"model.layers.0.mlp.experts.{e}.down_proj"] = s
+    lonely = InputStats.empty(8)
+    lonely.finish()
+    stats["model.layers.1.mlp.experts.0.down_proj"] = lonely  # no sibling saw a token either
+    filled = stand_in_statistics(stats)
+    assert filled == ["model.layers.0.mlp.experts.2.down_proj", "model.layers.1.mlp.experts.0.down_proj"]
+    both = torch.cat([xs[0], xs[1]])
+    idle = stats["model.layers.0.mlp.experts.2.down_proj"]
+    assert torch.allclose(idle.covariance(), both.T @ both / both.shape[0], atol=1e-5)
+    assert torch.equal(idle.absmax, both.abs().amax(0)) and torch.equal(idle.extra["act_fisher"], torch.full((8,), 1.5))
+    assert idle.count == 0  # the artifact keeps the truth
+    assert torch.equal(lonely.covariance(), torch.eye(8)) and torch.equal(lonely.absmax, torch.ones(8))
