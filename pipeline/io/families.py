@@ -6,7 +6,10 @@ matrix an `nn.Linear` with an (out, in) weight.
 - MoE experts stored as fused 3-D parameters become one Linear per expert and matrix (io/experts.py).
 - Routers and gates (a Linear directly inside a sparse-MoE block: Mixtral's `block_sparse_moe.gate`,
   Qwen-MoE's `mlp.gate` and `shared_expert_gate`) stay in high precision unless a target names them.
+- Linears whose weight is an embedding table (tied heads: BERT's MLM decoder) are skipped likewise.
 - Matrices lpc does not reach (unknown layouts) are counted, and a warning names their share.
+- Sibling Linears that read the same input tensor (q/k/v, gate/up under any name) are found by one
+  short forward pass (`derive_fuse_groups`), to share a global scale as engines fuse them.
 - Encoders and encoder-decoders are recognised from the config (`model_kind`).
 """
 from __future__ import annotations
@@ -105,10 +108,10 @@ def named_explicitly(name: str, targets: Iterable[str]) -> bool:
 
 
 def unreached_share(model: nn.Module, reached: Iterable[str], ignore: Iterable[str]) -> tuple[float, list[str]]:
-    """(share of matrix parameters no target covers, names of such parameters).
+    """(share of matrix parameters held outside any Linear, so no recipe can quantize them; their names).
 
-    Matrix parameters: floating tensors of 2 or more dimensions outside embeddings and outside the
-    layers the recipe ignores (lm_head...) and outside routers; `reached`: the target Linears."""
+    Matrix parameters: floating tensors of 2 or more dimensions outside embeddings, outside the layers
+    the recipe ignores (lm_head...) and outside routers; `reached`: the target Linears."""
     reached = set(reached)
     skip = set(routers(model))
     emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -121,7 +124,7 @@ def unreached_share(model: nn.Module, reached: Iterable[str], ignore: Iterable[s
                                     for g in ignore):
                 continue
             total += p.numel()
-            if mname not in reached:
+            if mname not in reached and not isinstance(mod, nn.Linear):  # a Linear left out is the recipe's choice
                 left += p.numel()
                 names.append(f"{mname}.{pname}" if mname else pname)
     return (left / total if total else 0.0), names

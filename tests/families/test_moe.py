@@ -210,3 +210,11 @@ def test_stand_in_statistics_are_the_siblings_token_weighted_pool():
     assert torch.equal(idle.absmax, both.abs().amax(0)) and torch.equal(idle.extra["act_fisher"], torch.full((8,), 1.5))
     assert idle.count == 0  # the artifact keeps the truth
     assert torch.equal(lonely.covariance(), torch.eye(8)) and torch.equal(lonely.absmax, torch.ones(8))
+
+
+def test_linears_a_recipe_leaves_out_are_not_warned_about(family_dir, caplog):
+    model = load_hf_model(family_dir("llama"))
+    with caplog.at_level(logging.WARNING, logger="lpc.pipeline.io.families"):
+        found = find_targets(model, ["*mlp*"], ["lm_head"])
+    assert found and all(".mlp." in n for n in found)
+    assert "matrix parameters" not in caplog.text
