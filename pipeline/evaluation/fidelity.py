@@ -21,7 +21,11 @@ from lpc.pipeline.io.families import model_kind
 def is_encoder_dir(path: str | Path) -> bool:
     """True when the model directory `path` holds an encoder-only model (config.json's model_type)."""
     cfg = Path(path) / "config.json"
-    return cfg.is_file() and model_kind(json.loads(cfg.read_text())) == "encoder"
+    try:
+        config = json.loads(cfg.read_text(encoding="utf-8")) if cfg.is_file() else None
+    except (ValueError, UnicodeDecodeError):  # a broken config.json is reported where the model is loaded
+        return False
+    return isinstance(config, dict) and model_kind(config) == "encoder"
 
 
 def pooled(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
