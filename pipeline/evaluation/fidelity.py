@@ -56,13 +56,16 @@ def fidelity(model: torch.nn.Module, baseline: torch.nn.Module, tokenizer: Any, 
 
 def encoder_report(path: str | Path, baseline: str | Path | None, fail_under_recovery: float | None = None,
                    ppl: list[str] | None = None, seq_len: int = 256, device: str = "cpu",
-                   **_: Any) -> dict[str, Any]:
+                   tasks: list[str] | None = None, **_: Any) -> dict[str, Any]:
     """`lpc eval` of an encoder: fidelity per text file against `baseline` (required), recovery = their
     mean; raises GateFailed under `fail_under_recovery`. Task benchmarks (causal LM scoring) do not apply."""
     from lpc.pipeline.artifact.load import load
     from lpc.pipeline.evaluation.compare import check_gate
     from lpc.pipeline.errors import GateFailed
 
+    if tasks:
+        raise InputError(f"{path} is an encoder: lm-eval tasks score a causal LM's next-token likelihoods",
+                         "drop --tasks; give --baseline MODEL and --ppl FILE to measure the encoder's fidelity")
     if baseline is None or not ppl:
         raise InputError(f"{path} is an encoder: it has no perplexity, lpc measures its fidelity to the original",
                          "give --baseline MODEL (the original) and --ppl FILE (text to compare on)")

@@ -100,6 +100,8 @@ def test_fidelity_is_one_for_the_original_and_needs_a_baseline(family_dir, text_
     assert abs(same["recovery"] - 1.0) < 1e-6 and same["details"][str(text_files["txt"])]["windows"] > 1
     with pytest.raises(InputError, match="is an encoder: it has no perplexity"):
         evaluate_report(str(src), ppl=[str(text_files["txt"])])
+    with pytest.raises(InputError, match="lm-eval tasks score a causal LM"):
+        evaluate_report(str(src), baseline=str(src), ppl=[str(text_files["txt"])], tasks=["arc_easy"])
 
 
 def test_fisher_of_an_encoder_without_head_is_refused(family_dir, text_files, tmp_path):
