@@ -168,7 +168,7 @@ def check(only: list[str] | None) -> None:
 
     refs = json.loads((ROOT / "hf_greedy.json").read_text())
     result = {"vllm_version": vllm.__version__, "device": "cpu", "prompts": PROMPTS, "new_tokens": NEW_TOKENS,
-              "exports": {}}
+              "dense_dtype": DENSE_DTYPE, "other_dtype": "bfloat16", "exports": {}}
     if RESULT.is_file():  # keep what an earlier partial run measured
         result["exports"] = json.loads(RESULT.read_text()).get("exports", {})
     for name in only or list(EXPORTS):
