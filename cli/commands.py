@@ -171,11 +171,15 @@ def kv_policy_option(policy: str | None, budget: float | None) -> dict:
 
     if policy is None or budget is None:
         raise InputError("--kv-policy and --kv-budget go together", "e.g. --kv-policy thinkv --kv-budget 0.1")
+    from lpc.pipeline.kvcache.policy import make_policy
+
     try:
-        return KVCacheConfig(policy=policy, budget=budget).model_dump(include={"policy", "budget", "policy_options"})
+        kv = KVCacheConfig(policy=policy, budget=budget).model_dump(include={"policy", "budget", "policy_options"})
     except ValueError as err:  # pydantic's ValidationError: its first message is the checker's own
         msg = err.errors()[0]["msg"] if hasattr(err, "errors") else str(err)
         raise InputError(msg.removeprefix("Value error, "), "see `lpc eval --help`") from None
+    make_policy(kv["policy"], kv["budget"])  # options and budget checked before any model is loaded
+    return kv
 
 
 def show_eval(result: dict, as_json: bool) -> None:

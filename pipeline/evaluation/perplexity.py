@@ -49,6 +49,11 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, path: str | Path, seq_len
             "protocol": f"{path.name}: {how}; exp(token-weighted mean next-token loss)"}
 
 
+def token_windows(tokenizer: Any, path: str | Path, seq_len: int, max_tokens: int | None = None) -> list[list[int]]:
+    """The token sequences the perplexity protocol scores for `path` (what `perplexity` evaluates)."""
+    return _sequences(tokenizer, Path(path), seq_len, max_tokens)[0]
+
+
 def _sequences(tokenizer: Any, path: Path, seq_len: int, max_tokens: int | None) -> tuple[list[list[int]], str]:
     """The token sequences of the perplexity protocol and its description."""
     if path.suffix == ".jsonl":

@@ -48,9 +48,9 @@ def evaluate_model(path: str | Path, ppl: list[str] | None = None, seq_len: int 
     for f in ppl or []:
         if kv_policy:
             from lpc.pipeline.kvcache.decode import perplexity_with_policy
-            from lpc.pipeline.evaluation.perplexity import _sequences
+            from lpc.pipeline.evaluation.perplexity import token_windows
 
-            r = perplexity_with_policy(model, _sequences(tok, Path(f), seq_len, None)[0], kv_policy["policy"],
+            r = perplexity_with_policy(model, token_windows(tok, f, seq_len), kv_policy["policy"],
                                        kv_policy["budget"], kv_policy.get("policy_options"), progress=progress)
         else:
             r = perplexity(model, tok, f, seq_len=seq_len, progress=progress, batch_size=batch_size)

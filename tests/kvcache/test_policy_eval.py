@@ -25,11 +25,22 @@ def test_the_recipe_names_a_policy_and_its_budget():
     ("{policy: h2o, budget: 1.5}", "budget"),
     ("{format: fp8_e4m3, policy: h2o, budget: 0.1}", "chooses the KV precision itself"),
     ("{format: fp8_e4m3, budget: 0.1}", "need kv_cache.policy"),
-    ("{policy: uniform, budget: 0.1, policy_options: {level: int3}}", "precision level"),
 ])
 def test_bad_policy_sections_are_refused(section, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe("fp8", [f"kv_cache={section}"])
+
+
+def test_the_recipe_knows_every_registered_policy_and_options_are_checked_at_evaluation(tiny_model_dir, text_files):
+    from lpc.pipeline.errors import InputError
+    from lpc.pipeline.kvcache.policy import POLICIES, make_policy
+    from lpc.recipes.schema import KV_POLICIES
+
+    make_policy("streaming", 0.5)  # registers them all
+    assert sorted(POLICIES.names()) == sorted(KV_POLICIES)
+    with pytest.raises(InputError, match="precision level"):
+        evaluate_model(str(tiny_model_dir), ppl=[str(text_files["txt"])], seq_len=64,
+                       kv_policy={"policy": "uniform", "budget": 0.1, "policy_options": {"level": "int3"}})
 
 
 def test_perplexity_through_a_policy(tiny_model_dir, text_files):
