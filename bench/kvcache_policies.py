@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,10 +30,13 @@ from _protocol import CALIB, EVAL, MC, model_dir  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 POLICIES = [("thinkv", {}), ("streaming", {}), ("h2o", {}), ("uniform", {"level": "fp8"}),
             ("uniform", {"level": "nvfp4"}), ("uniform", {"level": "int4"}), ("uniform", {"level": "int2"})]
+ABLATIONS = [("thinkv", {"evict_on_transition": False})]  # only with --only
 
 
 def label(name: str, opts: dict) -> str:
-    return f"{name}-{opts['level']}" if "level" in opts else name
+    if "level" in opts:
+        return f"{name}-{opts['level']}"
+    return f"{name}-no-transition-eviction" if opts.get("evict_on_transition") is False else name
 
 
 def prompts(tok, n: int) -> list[tuple[str, list[int]]]:
@@ -99,7 +103,7 @@ def main() -> None:
     th = thresholds(model, tok, group=32)
     print(json.dumps({"thinkv_thresholds": th, "source": "calib_tail.txt tertiles"}), flush=True)
     budgets = [float(b) for b in args.budgets.split(",")]
-    chosen = [p for p in POLICIES if not args.only or label(*p) in args.only.split(",")]
+    chosen = [p for p in POLICIES + ABLATIONS if (not args.only and p in POLICIES) or label(*p) in args.only.split(",")]
     rows = []
     out = open(args.out, "w")
 
@@ -151,6 +155,8 @@ def summarize(rows: list[dict], budgets: list[float]) -> None:
                for (pol, b), rs in sorted(agg.items())]
     for s in summary:
         print(json.dumps(s), flush=True)
+    if os.environ.get("KVCACHE_BENCH_NO_SUMMARY_FILES"):  # an ablation run keeps the main run's files
+        return
     (RESULTS / "kvcache_policies_summary.json").write_text(json.dumps(summary, indent=1))
     import matplotlib
 
