@@ -1,7 +1,8 @@
 """KV cache compression: calibrated K/V quantization simulated through a transformers Cache.
 
 The recipe's `kv_cache` section names a format (any lpc format), its spec, where scales come from
-(`scales: tensor | head | dynamic | token`), `sinks` (leading tokens kept at full precision) and KIVI grouping (`kivi: true`: keys per channel in groups of
+(`scales: tensor | head | dynamic | token`), `sinks` (leading tokens kept at full precision), `headroom`,
+`rotate` and KIVI grouping (`kivi: true`: keys per channel in groups of
 `group` tokens, values per token). Calibration writes calib/kv_stats.safetensors (per layer and KV head
 absmax of keys after RoPE and of values); quantize stores them in the artifact as `lpc.kv.<i>.k_amax` /
 `v_amax` with the section in quantization_config["kv_cache"]; load attaches the quantized cache.
