@@ -42,7 +42,7 @@ PROMPTS = ["The capital of France is", "Once upon a time, there was a little rob
 NEW_TOKENS = 24
 
 
-def export_only() -> None:
+def export_only(only: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -51,8 +51,11 @@ def export_only() -> None:
 
     paths = build(ARTIFACTS)
     dtypes = {"dense-nvfp4": getattr(torch, DENSE_DTYPE)}
-    refs = {}
+    ref_file = ROOT / "hf_greedy.json"
+    refs = json.loads(ref_file.read_text()) if only and ref_file.is_file() else {}
     for name, source in EXPORTS.items():
+        if only and name not in only:
+            continue
         model, tok = load(paths[source], dtype=dtypes.get(name, torch.bfloat16))
         refs[name] = []
         for prompt in PROMPTS:
@@ -61,7 +64,7 @@ def export_only() -> None:
                 out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
             refs[name].append({"prompt_ids": ids[0].tolist(), "tokens": out[0, ids.shape[1]:].tolist(),
                                "text": tok.decode(out[0, ids.shape[1]:])})
-    (ROOT / "hf_greedy.json").write_text(json.dumps(refs, indent=1) + "\n")
+    ref_file.write_text(json.dumps(refs, indent=1) + "\n")
 
 
 def _linear_names(config: dict) -> list[str]:
@@ -199,12 +202,10 @@ def main() -> None:
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--export-only", action="store_true", help="write lpc's exports and references (lpc's venv)")
     mode.add_argument("--check", action="store_true", help="parse and run them with vLLM (.venv-vllm)")
-    ap.add_argument("--only", default="", help=f"comma-separated exports to check, from {', '.join(EXPORTS)}")
+    ap.add_argument("--only", default="", help=f"comma-separated exports to reference / check, from {', '.join(EXPORTS)}")
     args = ap.parse_args()
-    if args.export_only:
-        export_only()
-    else:
-        check([s for s in args.only.split(",") if s] or None)
+    only = [s for s in args.only.split(",") if s] or None
+    export_only(only) if args.export_only else check(only)
 
 
 if __name__ == "__main__":
