@@ -38,7 +38,7 @@ from lpc.pipeline.progress import Progress, track
 logger = logging.getLogger(__name__)
 
 
-class _Accumulator:
+class FisherAccumulator:
     """fp32 running sums for one target Linear: weight (out, in), activation (in,)."""
 
     def __init__(self, module: nn.Linear):
@@ -52,7 +52,7 @@ class _Accumulator:
         self.act_sum.add_(gx.reshape(-1, gx.shape[-1]).square().sum(0))
 
 
-def _take_weight_grad(param: torch.Tensor, group: list[_Accumulator]) -> None:
+def _take_weight_grad(param: torch.Tensor, group: list[FisherAccumulator]) -> None:
     g2 = param.grad.to(torch.float32).square()
     param.grad = None
     for acc in group:
@@ -76,12 +76,12 @@ def fisher_statistics(model: nn.Module, batches: Iterable[torch.Tensor],
         the weight's device.
     """
     _check_targets(model, targets)
-    accs = {name: _Accumulator(mod) for name, mod in targets.items()}
+    accs = {name: FisherAccumulator(mod) for name, mod in targets.items()}
     samples = tokens = 0
     with ExitStack() as stack:
         stack.enter_context(_grad_only_on(model, targets))
         stack.enter_context(eval_with_checkpointing(model, checkpointing))
-        stack.enter_context(_hooks(model, targets, accs))
+        stack.enter_context(fisher_hooks(model, targets, accs))
         stack.enter_context(torch.enable_grad())
         for batch in track(batches, "fisher", progress):
             for row in _rows(batch):
@@ -216,14 +216,14 @@ def eval_with_checkpointing(model: nn.Module, enable: bool) -> Iterator[None]:
 
 
 @contextmanager
-def _hooks(model: nn.Module, targets: dict[str, nn.Linear],
-           accs: dict[str, _Accumulator]) -> Iterator[None]:
+def fisher_hooks(model: nn.Module, targets: dict[str, nn.Linear],
+                 accs: dict[str, FisherAccumulator]) -> Iterator[None]:
     """Weight: post-accumulate-grad hook squares and frees each gradient. Activation: a forward
     hook puts a tensor hook on the Linear's output to read dL/dy. Under checkpoint recompute the
     forward hook fires again, but that recomputed output is never back-propagated, so each real
     backward is counted once."""
     handles = []
-    by_param: dict[int, tuple[torch.Tensor, list[_Accumulator]]] = {}
+    by_param: dict[int, tuple[torch.Tensor, list[FisherAccumulator]]] = {}
     for name, mod in targets.items():
         by_param.setdefault(id(mod.weight), (mod.weight, []))[1].append(accs[name])
     for param, group in by_param.values():

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lpc.pipeline.calibration.fisher import _Accumulator, _hooks
+from lpc.pipeline.calibration.fisher import FisherAccumulator, fisher_hooks
 from lpc.pipeline.modes import eval_mode
 from lpc.pipeline.progress import Progress, track
 
@@ -53,14 +53,14 @@ def layerwise_fisher(model: nn.Module, batches: list[torch.Tensor], targets: dic
     batches: (1, T) token ids, T >= 2, one sample each. found: decoder_layers(model).
     load(i) / free(i): materialise / release decoder layer i (a meta skeleton), or None when the
     model is resident. Everything outside the decoder stack must be resident."""
-    from lpc.pipeline.calibration.stats import _capture_layer0
+    from lpc.pipeline.calibration.stats import capture_layer_inputs
 
     path, layers = found
     head = final_head(model)
     if head is None:
         raise ValueError("no final norm / output head found")
     rows = [b.reshape(1, -1).long() for b in batches if b.numel() >= 2]
-    states = _capture_layer0(model, layers, rows, device)
+    states = capture_layer_inputs(model, layers, rows, device)
     inputs: list[list[torch.Tensor]] = []
     with torch.no_grad(), eval_mode(model):
         for i, layer in track(list(enumerate(layers)), "fisher forward (layer by layer)", progress):
@@ -106,14 +106,14 @@ def _head_grad(head: tuple[nn.Module, nn.Module], h: torch.Tensor, ids: torch.Te
 def _layer_backward(layer: nn.Module, mine: dict[str, nn.Linear], inputs: list[torch.Tensor], states, grads,
                     result: dict[str, dict[str, torch.Tensor]], device: str) -> list[torch.Tensor]:
     """Back-propagate each sample's dL/d(output) through `layer`; returns dL/d(input) per sample."""
-    accs = {n: _Accumulator(m) for n, m in mine.items()}
+    accs = {n: FisherAccumulator(m) for n, m in mine.items()}
     weights = {id(m.weight): m.weight for m in mine.values()}
     flags = [(p, p.requires_grad) for p in layer.parameters()]
     out_grads = []
     try:
         for p, _ in flags:
             p.requires_grad_(id(p) in weights)
-        with eval_mode(layer, grad=True), torch.enable_grad(), _hooks(layer, mine, accs):
+        with eval_mode(layer, grad=True), torch.enable_grad(), fisher_hooks(layer, mine, accs):
             for x, (args, kwargs), g in zip(inputs, states, grads):
                 h = x.to(device).requires_grad_(True)
                 out = layer(h, *args[1:], **kwargs)

@@ -172,7 +172,7 @@ def _whole_model(model, batches, targets, stats, progress, device) -> None:
         model.to("cpu")
 
 
-def _capture_layer0(model, layers: nn.ModuleList, batches, device) -> list[tuple[tuple, dict]]:
+def capture_layer_inputs(model, layers: nn.ModuleList, batches, device) -> list[tuple[tuple, dict]]:
     """Inputs (args, kwargs) of decoder layer 0 for each batch, as the model itself builds them."""
     captured: list[tuple[tuple, dict]] = []
 
@@ -249,7 +249,7 @@ def _layerwise(model, batches, targets, stats, found, progress, device, store=No
                   for r in range(dd.world())]
         total = sum(counts)
     path, layers = found
-    states = _capture_layer0(model, layers, batches, device)
+    states = capture_layer_inputs(model, layers, batches, device)
     for i, layer in track(list(enumerate(layers)), "calibrate (layer by layer)", progress):
         prefix = f"{path}.{i}."
         mine = {n: m for n, m in targets.items() if n.startswith(prefix)}

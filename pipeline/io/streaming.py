@@ -7,11 +7,12 @@ layer, whatever the depth. Buffers (rotary tables) are built normally by the mod
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 import logging
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lpc.pipeline.errors import InputError
@@ -33,17 +34,36 @@ class WeightStore:
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {k: d / f for k, f in weight_map.items()}
         elif (d / "model.safetensors").is_file():
-            with safe_open(str(d / "model.safetensors"), framework="pt") as fh:
+            with _open(d / "model.safetensors") as fh:
                 self.files = {k: d / "model.safetensors" for k in fh.keys()}
         else:
             raise StreamingUnsupported(f"{d} has no safetensors weights")
 
     def get(self, name: str) -> torch.Tensor:
-        with safe_open(str(self.files[name]), framework="pt") as fh:
-            return fh.get_tensor(name)
+        with _open(self.files[name]) as fh:
+            try:
+                return fh.get_tensor(name)
+            except SafetensorError as err:
+                raise _damaged(self.files[name], err) from err
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
+
+
+@contextmanager
+def _open(path: Path):
+    """safe_open of one checkpoint file; a damaged or truncated file is an InputError."""
+    try:
+        fh = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise _damaged(path, err) from err
+    with fh:
+        yield fh
+
+
+def _damaged(path: Path, err: Exception) -> InputError:
+    return InputError(f"cannot read {path}: the weight file is damaged or truncated ({err})",
+                      "re-download or re-export the checkpoint")
 
 
 def skeleton(model_dir: str | Path) -> nn.Module:
