@@ -141,6 +141,9 @@ def check_exportable(qconfig: dict[str, Any]) -> None:
         if fmt not in SUPPORTED:
             raise ArtifactError(f"layer {name} is in format '{fmt}', which compressed-tensors cannot hold "
                                 f"(it holds {', '.join(SUPPORTED)})", _HINT)
+        if fmt == "int" and meta.get("spec", {}).get("vector") == 0:
+            raise ArtifactError(f"layer {name} is per-channel int (vector: 0), which lpc writes to "
+                                "compressed-tensors only as group quantization (vector 16, 32 or 64)", _HINT)
         if meta.get("spec", {}).get("rotate"):
             raise ArtifactError(f"layer {name} ({fmt}) uses a Hadamard rotation (rotate: true), which "
                                 "compressed-tensors' formats cannot undo", _HINT)

@@ -36,3 +36,14 @@ def test_per_vector_beats_per_channel_on_heavy_tailed_rows():
     err = {v: (fmt.fake_quantize(w, bits=4, vector=v, scale_format="bf16") - w).square().mean().item()
            for v in (0, 16)}
     assert err[16] < 0.5 * err[0]
+
+
+def test_per_channel_int_is_refused_by_compressed_tensors_in_one_line():
+    from lpc.pipeline.errors import ArtifactError
+    from lpc.pipeline.export.compressed_tensors import check_exportable, expressible
+
+    qconfig = {"layers": {"model.layers.0.mlp.down_proj": {"format": "int", "spec": {"bits": 4, "vector": 0}}}}
+    with pytest.raises(ArtifactError, match="per-channel int"):
+        check_exportable(qconfig)
+    assert "vector: 0" in expressible(qconfig)
+    assert expressible({"layers": {"x": {"format": "int", "spec": {"bits": 4, "vector": 16}}}}) is None
