@@ -57,6 +57,20 @@ def check_gate(recovery: float | Mapping, fail_under: float | None) -> None:
     log.info("recovery %.4f passes the gate %.4f", recovery, fail_under)
 
 
+def gate_report(out: dict[str, Any], fail_under: float | None) -> None:
+    """Record the gate in an evaluation report `out` (with its "recovery") and apply it: GateFailed
+    carries the report (`err.report`), so the numbers are still shown and written."""
+    if fail_under is None:
+        return
+    out["gate"] = {"fail_under_recovery": fail_under, "passed": True}
+    try:
+        check_gate(out["recovery"], fail_under)
+    except GateFailed as err:
+        out["gate"]["passed"] = False
+        err.report = out  # type: ignore[attr-defined]
+        raise
+
+
 def _ppl_pairs(ppl: Any, ppl_base: Any) -> tuple[dict, list[str]]:
     """{name: (compressed, baseline, lower_is_better)} for perplexities; names in one side only."""
     if not ppl or not ppl_base:

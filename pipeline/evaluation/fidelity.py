@@ -60,8 +60,7 @@ def encoder_report(path: str | Path, baseline: str | Path | None, fail_under_rec
     """`lpc eval` of an encoder: fidelity per text file against `baseline` (required), recovery = their
     mean; raises GateFailed under `fail_under_recovery`. Task benchmarks (causal LM scoring) do not apply."""
     from lpc.pipeline.artifact.load import load
-    from lpc.pipeline.evaluation.compare import check_gate
-    from lpc.pipeline.errors import GateFailed
+    from lpc.pipeline.evaluation.compare import gate_report
 
     if tasks:
         raise InputError(f"{path} is an encoder: lm-eval tasks score a causal LM's next-token likelihoods",
@@ -77,12 +76,5 @@ def encoder_report(path: str | Path, baseline: str | Path | None, fail_under_rec
     out = {"model": str(path), "perplexity": {}, "tasks": {}, "fidelity": scores, "details": details,
            "baseline": {"model": str(baseline), "perplexity": {}, "tasks": {}},
            "recovery": sum(scores.values()) / len(scores), "seconds": round(time.perf_counter() - t0, 3)}
-    if fail_under_recovery is not None:
-        out["gate"] = {"fail_under_recovery": fail_under_recovery, "passed": True}
-        try:
-            check_gate(out["recovery"], fail_under_recovery)
-        except GateFailed as err:
-            out["gate"]["passed"] = False
-            err.report = out  # type: ignore[attr-defined]
-            raise
+    gate_report(out, fail_under_recovery)
     return out

@@ -146,9 +146,9 @@ def materialize_outside(model: nn.Module, layers_path: str, store: WeightStore) 
     tie(model)
 
 
-def open_for_calibration(model_dir: str | Path, targets: list[str], ignore: list[str]):
-    """(skeleton with everything but the decoder layers loaded, store), or None when the model
-    cannot be streamed or a target lies outside the decoder layers (then load it whole)."""
+def open_stack(model_dir: str | Path, targets: list[str], ignore: list[str], doing: str):
+    """(meta skeleton, store, (decoder stack path, layers)) when the checkpoint streams and every target
+    lies inside the decoder-layer stack, else None (logged: `doing` on the whole model)."""
     from lpc.pipeline.io.models import decoder_layers, find_targets
 
     try:
@@ -156,12 +156,22 @@ def open_for_calibration(model_dir: str | Path, targets: list[str], ignore: list
         model = skeleton(model_dir)
         check_streamable(model, store)
     except StreamingUnsupported as err:
-        log.info("%s: calibrating on the whole model", err)
+        log.info("%s: %s on the whole model", err, doing)
         return None
     found = decoder_layers(model)
     names = find_targets(model, targets, ignore)
     if found is None or any(not n.startswith(found[0] + ".") for n in names):
-        log.info("targets outside a decoder-layer stack: calibrating on the whole model")
+        log.info("targets outside a decoder-layer stack: %s on the whole model", doing)
         return None
+    return model, store, found
+
+
+def open_for_calibration(model_dir: str | Path, targets: list[str], ignore: list[str]):
+    """(skeleton with everything but the decoder layers loaded, store), or None when the model
+    cannot be streamed or a target lies outside the decoder layers (then load it whole)."""
+    opened = open_stack(model_dir, targets, ignore, "calibrating")
+    if opened is None:
+        return None
+    model, store, found = opened
     materialize_outside(model, found[0], store)
     return model, store

@@ -79,7 +79,7 @@ def evaluate_report(path: str | Path, baseline: str | Path | None = None, fail_u
     Returns {"perplexity", "tasks", "baseline": report | None, "recovery": float | None, "compare": ...}.
     Raises GateFailed (exit 3) when recovery < fail_under_recovery.
     """
-    from lpc.pipeline.evaluation.compare import check_gate, compare
+    from lpc.pipeline.evaluation.compare import compare, gate_report
 
     if fail_under_recovery is not None and baseline is None:
         raise InputError("--fail-under-recovery needs --baseline MODEL", "give the model to compare against")
@@ -98,14 +98,7 @@ def evaluate_report(path: str | Path, baseline: str | Path | None = None, fail_u
         if kwargs.get("ppl"):
             out["kl_to_baseline"] = _kl_to_baseline(path, baseline, **kwargs)
         out["recovery"] = cmp.get("recovery")
-        if fail_under_recovery is not None:
-            out["gate"] = {"fail_under_recovery": fail_under_recovery, "passed": True}
-            try:
-                check_gate(out["recovery"], fail_under_recovery)
-            except GateFailed as err:
-                out["gate"]["passed"] = False
-                err.report = out  # type: ignore[attr-defined]  # the CLI still shows the numbers
-                raise
+        gate_report(out, fail_under_recovery)  # GateFailed carries the report: the CLI still shows the numbers
     return out
 
 

@@ -24,9 +24,8 @@ from lpc.formats import get_format, stored_bits
 from lpc.pipeline.artifact.lpc_model import QUANT_METHOD, weight_marker
 from lpc.pipeline.artifact.shards import Entry, ShardWriter, entries_of
 from lpc.pipeline.artifact.store import write_json
-from lpc.pipeline.io.models import decoder_layers, find_targets
-from lpc.pipeline.io.streaming import StreamingUnsupported, WeightStore, tied_names, check_streamable
-from lpc.pipeline.io.streaming import materialize, release, skeleton
+from lpc.pipeline.io.models import find_targets
+from lpc.pipeline.io.streaming import WeightStore, materialize, open_stack, release, tied_names
 from lpc.pipeline.progress import Progress, track
 from lpc.pipeline.quantization.layers import layer_setups, quantize_layers
 
@@ -37,17 +36,10 @@ def open_streamed(src: str, recipe: Any, plan: dict[str, Any] | None, method: An
     """(skeleton, store, decoder stack) when `lpc quantize` can stream this model and recipe, else None."""
     if method.tune is not None or not Path(src).is_dir():
         return None
-    try:
-        store = WeightStore(src)
-        model = skeleton(src)
-        check_streamable(model, store)
-    except StreamingUnsupported as err:
-        log.info("%s: quantizing the whole model at once", err)
+    opened = open_stack(src, recipe.targets, recipe.ignore, "quantizing")
+    if opened is None:
         return None
-    found = decoder_layers(model)
-    targets = find_targets(model, recipe.targets, recipe.ignore)
-    if found is None or any(not n.startswith(found[0] + ".") for n in targets):
-        return None
+    model, store, found = opened
     q = recipe.quantize
     formats = {e["format"] for e in (plan or {}).values() if isinstance(e, dict) and "format" in e}
     if plan is None:
