@@ -1,4 +1,9 @@
-"""Scaled FP8 casts shared by `fp8_e4m3` and `fp8_e5m2`: x ~ cast(x / s) * s, s = amax / max."""
+"""Scaled FP8 casts shared by `fp8_e4m3` and `fp8_e5m2`: x ~ cast(x / s) * s, s = amax / max.
+
+Scales per tensor (1,), per channel (R, 1), or per block of BLOCK x BLOCK (rows x inputs; the weight
+zero-padded to whole blocks for the amax only): (ceil(R/BLOCK), ceil(K/BLOCK)), the layout of
+DeepSeek-style FP8 checkpoints and of compressed-tensors' `block` strategy.
+"""
 from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
@@ -7,13 +12,17 @@ import torch
 
 from lpc.formats import fast, kernels
 from lpc.formats.clipping import block_error, multipliers, search_block_scales
+from lpc.formats.errors import FormatError
 from lpc.formats.numerics import amax_of, as_rows, blocks_of, importance_rows, row_chunks
 from lpc.formats.qtensor import QTensor
 from lpc.formats.registry import BlockSpec, Format
 
 
+BLOCK = 128  # rows and input columns per scale of granularity "block"
+
+
 class ScaledFloatSpec(BlockSpec):
-    granularity: Literal["tensor", "channel"] = "channel"
+    granularity: Literal["tensor", "channel", "block"] = "channel"
 
 
 class ScaledFloat(Format):
@@ -26,7 +35,10 @@ class ScaledFloat(Format):
 
     def _quantize(self, x: torch.Tensor, spec: ScaledFloatSpec, global_amax: Any = None,
                   importance: Any = None) -> QTensor:
-        """x: (..., K) -> qdata fp8 x.shape, scale f32 (R, 1) per channel or (1,) per tensor."""
+        """x: (..., K) -> qdata fp8 x.shape, scale f32 (R, 1) per channel, (1,) per tensor, or
+        (ceil(R/BLOCK), ceil(K/BLOCK)) per block."""
+        if spec.granularity == "block":
+            return self._quantize_blocks(x, spec)
         if spec.clip == "none" and x.shape[-1] % 16 == 0:
             return self._quantize_plain(x, spec, global_amax)
         rows = as_rows(x)
@@ -55,6 +67,20 @@ class ScaledFloat(Format):
             qdata, scale = fast.run(kernels.scaled_rows, xb, self.max_value, self.dtype)
         return QTensor(self.name, tuple(x.shape), spec.model_dump(),
                        {"qdata": qdata.reshape(x.shape), "scale": scale})
+
+    def _quantize_blocks(self, x: torch.Tensor, spec: ScaledFloatSpec) -> QTensor:
+        if spec.clip != "none":
+            raise FormatError(f"{self.name}: granularity 'block' takes clip 'none', not '{spec.clip}'",
+                              "drop clip, or use granularity 'channel' for clipped scales")
+        rows = as_rows(x)
+        r, k = rows.shape
+        rb, kb = -(-r // BLOCK), -(-k // BLOCK)
+        padded = torch.zeros(rb * BLOCK, kb * BLOCK, dtype=torch.float32, device=x.device)
+        padded[:r, :k] = rows
+        amax = padded.view(rb, BLOCK, kb, BLOCK).abs().amax(dim=(1, 3))
+        scale = self.scale_of(amax)
+        qdata = self.cast(rows / _expand(scale, r, k))
+        return QTensor(self.name, tuple(x.shape), spec.model_dump(), {"qdata": qdata.reshape(x.shape), "scale": scale})
 
     def cast(self, y: torch.Tensor) -> torch.Tensor:
         """Scaled values -> `dtype`; clamped first because an out-of-range E4M3 cast gives NaN."""
@@ -98,11 +124,20 @@ class ScaledFloat(Format):
 
     def _dequantize(self, q: QTensor) -> torch.Tensor:
         qdata = q.data["qdata"]
-        rows = qdata.reshape(-1, qdata.shape[-1]).to(torch.float32) * q.data["scale"].to(torch.float32)
+        rows = qdata.reshape(-1, qdata.shape[-1]).to(torch.float32)
+        scale = q.data["scale"].to(torch.float32)
+        if q.spec.get("granularity") == "block":
+            scale = _expand(scale, *rows.shape)
+        rows = rows * scale
         return rows.reshape(q.shape)
 
     def fields(self, meta: dict[str, Any]) -> tuple[str, ...]:
         return ("qdata", "scale")
 
     def _bits_per_weight(self, spec: ScaledFloatSpec) -> float:
-        return 8.0
+        return 8.0 + (32 / BLOCK ** 2 if spec.granularity == "block" else 0.0)
+
+
+def _expand(scale: torch.Tensor, r: int, k: int) -> torch.Tensor:
+    """Block scales (ceil(r/BLOCK), ceil(k/BLOCK)) -> one per element (r, k)."""
+    return scale.repeat_interleave(BLOCK, 0)[:r].repeat_interleave(BLOCK, 1)[:, :k]

@@ -35,6 +35,7 @@ MXFP8_FORMAT = "mxfp8-quantized"
 INT_FORMAT = "pack-quantized"
 GROUP = get_format("nvfp4").block_width()  # NVFP4 block width (16)
 MX_GROUP = get_format("mxfp4").block_width()  # MXFP4 / MXFP8 block width (32)
+FP8_BLOCK = 128  # rows x inputs per scale of lpc's fp8 granularity 'block' (formats/scaled_float.py)
 
 _NVFP4_ARGS = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": GROUP,
                "strategy": "tensor_group", "scale_dtype": "torch.float8_e4m3fn"}
@@ -56,6 +57,8 @@ SCHEMES: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None]] = {
                                  "dynamic": False}, None),
     "fp8_tensor": (FP8_FORMAT, {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
                                 "dynamic": False}, None),
+    "fp8_block": (FP8_FORMAT, {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "block",
+                               "block_structure": [FP8_BLOCK, FP8_BLOCK], "dynamic": False}, None),
     "mxfp4a16": (MXFP4_FORMAT, {"num_bits": 4, **_MX_ARGS}, None),
     "mxfp8a16": (MXFP8_FORMAT, {"num_bits": 8, **_MX_ARGS}, None),
     **{f"w{b}a16_g{v}": (INT_FORMAT, _int_args(b, v), None) for b in (4, 8) for v in (16, 32, 64)},
@@ -96,8 +99,11 @@ def mx_tensors(q: QTensor) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def fp8_tensors(q: QTensor) -> tuple[dict[str, torch.Tensor], str]:
-    """fp8_e4m3 QTensor -> weight f8e4m3 (out, in), weight_scale f32 (out, 1) or (1,), scheme key."""
+    """fp8_e4m3 QTensor -> weight f8e4m3 (out, in), weight_scale f32 (out, 1), (1,) or per 128x128 block
+    (ceil(out/128), ceil(in/128)), scheme key."""
     scale = q.data["scale"].to(torch.float32)
+    if q.spec.get("granularity") == "block":
+        return {"weight": q.data["qdata"].reshape(q.shape).contiguous(), "weight_scale": scale.contiguous()}, "fp8_block"
     per_tensor = scale.numel() == 1
     out = {"weight": q.data["qdata"].reshape(q.shape).contiguous(),
            "weight_scale": scale.reshape(1) if per_tensor else scale.reshape(-1, 1).contiguous()}

@@ -62,7 +62,8 @@ def check_modelopt(qconfig: dict[str, Any]) -> None:
             raise ArtifactError(f"layer {name} is in format '{fmt}', which the modelopt layout here cannot hold "
                                 "(it holds nvfp4 and per-tensor fp8_e4m3)", _HINT)
         if fmt == "fp8_e4m3" and spec.get("granularity", "channel") != "tensor":
-            raise ArtifactError(f"layer {name} is FP8 with a scale per channel; modelopt's FP8 has one per tensor",
+            per = "per 128x128 block" if spec.get("granularity") == "block" else "per channel"
+            raise ArtifactError(f"layer {name} is FP8 with a scale {per}; modelopt's FP8 has one per tensor",
                                 "re-quantize with --set quantize.weights.spec.granularity=tensor, or " + _HINT)
         if spec.get("rotate"):
             raise ArtifactError(f"layer {name} ({fmt}) uses a Hadamard rotation, which modelopt cannot undo", _HINT)

@@ -30,6 +30,7 @@ INT8 = ["quantize.weights.spec.bits=8", "quantize.weights.spec.vector=32", "quan
 CT_CASES = {
     "nvfp4": ("nvfp4", [], "nvfp4-pack-quantized"),
     "fp8": ("fp8", [], "float-quantized"),
+    "fp8_block": ("fp8", ["quantize.weights.spec.granularity=block"], "float-quantized"),
     "mxfp4": ("mxfp4", [], "mxfp4-pack-quantized"),
     "mxfp8": ("mxfp8", [], "mxfp8-quantized"),
     "int4": ("int4", [], "pack-quantized"),

@@ -47,6 +47,8 @@ ROWS = {
     "nvfp4_w4a4": ("nvfp4_w4a4", CALIB, {"modelopt": "yes", "peft": NO_LOWRANK}, "compressed-tensors"),
     "fp8": ("fp8", [], {"modelopt": "FP8 with a scale per channel", "peft": NO_LOWRANK}, "compressed-tensors"),
     "fp8_tensor": ("fp8", FP8_TENSOR, {"modelopt": "yes", "peft": NO_LOWRANK}, "compressed-tensors"),
+    "fp8_block": ("fp8", ["quantize.weights.spec.granularity=block"],
+                  {"modelopt": "FP8 with a scale per 128x128 block", "peft": NO_LOWRANK}, "compressed-tensors"),
     "mxfp4": ("mxfp4", [], {"modelopt": "format 'mxfp4'", "peft": NO_LOWRANK}, "compressed-tensors"),
     "mxfp8": ("mxfp8", [], {"modelopt": "format 'mxfp8'", "peft": NO_LOWRANK}, "compressed-tensors"),
     "int4": ("int4", [], {"modelopt": "format 'int'", "peft": NO_LOWRANK}, "compressed-tensors"),
