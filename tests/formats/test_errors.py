@@ -31,7 +31,7 @@ def test_unknown_spec_key_names_the_valid_keys(fmt_name):
     ("nvfp4", {"clip": "percentile"}, r"clip='percentile'"),
     ("mxfp4", {"clip_min": 1.5}, r"clip_min=1.5"),
     ("fgmp", {"high_fraction": 2}, r"high_fraction=2"),
-    ("fp8_e4m3", {"granularity": "block"}, r"granularity='block'"),
+    ("fp8_e4m3", {"granularity": "row"}, r"granularity='row'"),
 ])
 def test_bad_spec_values(name, spec, match):
     with pytest.raises(FormatError, match=match):
