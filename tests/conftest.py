@@ -116,6 +116,13 @@ def make_llama():
 
 
 @pytest.fixture(scope="session")
+def tokenizer_builder():
+    """`build_tokenizer` for tests that build their own model (importing it from `conftest` by name picks
+    whichever conftest module pytest registered first)."""
+    return build_tokenizer
+
+
+@pytest.fixture(scope="session")
 def family_dir(tmp_path_factory):
     """family name (tests/families/zoo.py: llama, qwen2, ..., gpt2, mixtral, ..., bert, t5), padded=False ->
     the directory of that family's tiny random model with the small tokenizer (built once per session)."""

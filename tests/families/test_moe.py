@@ -121,10 +121,8 @@ def _two_idle_experts(model) -> None:
         w[0], w[1] = v, -v
 
 
-def test_idle_experts_get_stand_in_statistics_and_gptq_keeps_them(tmp_path, text_files):
-    from conftest import build_tokenizer
-
-    src = build_family(tmp_path / "model", "mixtral", build_tokenizer, edit=_two_idle_experts, num_experts_per_tok=1)
+def test_idle_experts_get_stand_in_statistics_and_gptq_keeps_them(tmp_path, text_files, tokenizer_builder):
+    src = build_family(tmp_path / "model", "mixtral", tokenizer_builder, edit=_two_idle_experts, num_experts_per_tok=1)
     recipe = load_recipe("nvfp4", SMALL + ["quantize.method=gptq"])
     calib = stages.calibrate(str(src), str(text_files["jsonl"]), tmp_path / "calib", recipe)
     idle = sorted(calib.manifest["summary"]["experts_without_tokens"])
