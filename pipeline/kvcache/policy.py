@@ -15,6 +15,7 @@ cache: the policy does nothing (and needs no metadata).
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -95,7 +96,7 @@ class PolicyLayer(DynamicLayer):
         self.chunk_bytes = {c: b for c, b in self.chunk_bytes.items() if c in alive}
 
 
-class KVPolicy:
+class KVPolicy(ABC):
     """Base: holds the budget and the byte accounting; subclasses implement `enforce` (and `observe`)."""
 
     name = "full"
@@ -146,8 +147,9 @@ class KVPolicy:
             # attn (1, heads, q, N): summed over query heads and the step's queries
             layer.score += attn[0].float().sum(dim=(0, 1))[: layer.held()]
 
+    @abstractmethod
     def enforce(self, layer: PolicyLayer, index: int) -> None:
-        raise NotImplementedError
+        """Bring `layer` (its layer number `index`) back within the budget after a write."""
 
     def fits(self, layer: PolicyLayer) -> bool:
         return self.held_bytes(layer) <= self.budget_bytes
