@@ -14,7 +14,6 @@ calibrated activation amax; the KV cache scales against modelopt's own export st
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -111,12 +110,10 @@ def check() -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = ap.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--export-only", action="store_true", help="write lpc's exports (lpc's venv)")
-    mode.add_argument("--check", action="store_true", help="read them with modelopt (.venv-modelopt)")
-    args = ap.parse_args()
-    export_only() if args.export_only else check()
+    from _two_venvs import two_venv_main
+
+    two_venv_main(__doc__, "write lpc's exports (lpc's venv)", "read them with modelopt (.venv-modelopt)",
+                  export_only, check)
 
 
 if __name__ == "__main__":

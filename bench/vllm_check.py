@@ -19,7 +19,6 @@ runs transformers' compressed-tensors loader and lpc's FP8 KV cache; modelopt: l
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -198,14 +197,11 @@ def check(only: list[str] | None) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = ap.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--export-only", action="store_true", help="write lpc's exports and references (lpc's venv)")
-    mode.add_argument("--check", action="store_true", help="parse and run them with vLLM (.venv-vllm)")
-    ap.add_argument("--only", default="", help=f"comma-separated exports to reference / check, from {', '.join(EXPORTS)}")
-    args = ap.parse_args()
-    only = [s for s in args.only.split(",") if s] or None
-    export_only(only) if args.export_only else check(only)
+    from _two_venvs import two_venv_main
+
+    two_venv_main(__doc__, "write lpc's exports and references (lpc's venv)",
+                  "parse and run them with vLLM (.venv-vllm)", export_only, check,
+                  only_help=f"comma-separated exports to reference / check, from {', '.join(EXPORTS)}")
 
 
 if __name__ == "__main__":
