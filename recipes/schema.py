@@ -62,6 +62,20 @@ class DistillConfig(Section):
     batch_rows: int = Field(8, ge=1, description="sequences per forward pass (padded to the longest)")
 
 
+class TuneConfig(Section):
+    """`method: tune`: tune each decoder layer's weights so the layer reproduces the original layer's outputs."""
+
+    steps: int = Field(40, ge=0, description="optimizer steps per decoder layer at most")
+    lr: float = Field(3e-3, gt=0, description="Adam step, relative to each weight's RMS")
+    samples_per_step: int = Field(4, ge=1, description="calibration samples whose gradients make one step")
+    eval_every: int = Field(5, ge=1, description="steps between held-out error measurements")
+    patience: int = Field(2, ge=1, description="stop a layer after this many measurements without improvement")
+    val_fraction: float = Field(0.125, ge=0, lt=1, description="calibration samples held out to pick the best step")
+    inputs: Literal["quantized", "original"] = Field(
+        "quantized", description="each layer's inputs: the hidden states of the already-quantized layers, or the "
+                                 "original model's (the target is always the original layer's output on the original's)")
+
+
 class QuantizeConfig(Section):
     weights: TensorQuant
     activations: TensorQuant | None = Field(None, description="simulated activation quantization")
@@ -77,8 +91,10 @@ class QuantizeConfig(Section):
         "rtn", description="a registered quantize method: rtn: round each weight; gptq: second-order error feedback over the "
                            "calibrated X^T X (block formats; needs a calibration); distill: tune the "
                            "weights so the quantized model matches the original's predictions on the "
-                           "calibration text (KL, straight-through; needs a calibration)")
+                           "calibration text (KL, straight-through; needs a calibration); tune: the same "
+                           "one decoder layer at a time against the original layer's outputs (needs a calibration)")
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
 
 class AllocateConfig(Section):

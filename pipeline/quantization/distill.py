@@ -33,37 +33,16 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 from lpc.pipeline.errors import InputError
 from lpc.pipeline.calibration.fisher import eval_with_checkpointing, frozen_params, input_device
 from lpc.pipeline.progress import Progress, track
 from lpc.pipeline.quantization.registry import QUANTIZE_METHODS, QuantizeMethod, TuneInputs, round_to_nearest
+from lpc.pipeline.quantization.ste import fake_quantizer, quantized_weights, split_held_out, weight_rms
+
+__all__ = ["distill_weights", "fake_quantizer"]  # fake_quantizer lives in ste.py
 
 log = logging.getLogger(__name__)
-
-
-class _Quantized(nn.Module):
-    """Parametrization weight <- Q(latent) with a straight-through gradient, or the original weight
-    while `teacher` is on. The latent is kept in fp32; the result has the original dtype."""
-
-    def __init__(self, original: torch.Tensor, quantizer: Callable[[torch.Tensor], torch.Tensor]):
-        super().__init__()
-        self.register_buffer("original", original.detach().clone(), persistent=False)
-        self.quantizer = quantizer
-        self.teacher = False
-        self._cached: tuple[int, torch.Tensor] | None = None
-
-    def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        if self.teacher:
-            return self.original
-        # Q(latent) is computed once per optimizer step (the step bumps the latent's version), not
-        # once per sequence and again in each checkpoint recompute.
-        if self._cached is None or self._cached[0] != latent._version:
-            with torch.no_grad():
-                self._cached = (latent._version, self.quantizer(latent.detach()).to(latent.dtype))
-        q = self._cached[1]
-        return (latent + (q - latent).detach()).to(self.original.dtype)
 
 
 def distill_weights(model: nn.Module, targets: dict[str, nn.Linear],
@@ -90,12 +69,12 @@ def distill_weights(model: nn.Module, targets: dict[str, nn.Linear],
     t0 = time.perf_counter()
     with ExitStack() as stack:
         stack.enter_context(frozen_params(model))
-        params = stack.enter_context(_parametrized(targets, quantizers))
+        params = stack.enter_context(quantized_weights(targets, quantizers))
         stack.enter_context(eval_with_checkpointing(model, checkpointing))
         teacher = _TeacherCache(model, targets)
         # The RMS is read through the parametrization (the quantized weight), which also fills
         # each layer's Q cache for step 0.
-        groups = [{"params": [p], "lr": lr * _rms(targets[n])} for n, p in params.items()]
+        groups = [{"params": [p], "lr": lr * weight_rms(targets[n])} for n, p in params.items()]
         opt = torch.optim.Adam(groups)
 
         def kl_on(packs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -162,18 +141,8 @@ def _check(targets, quantizers, batches, steps, lr, eval_every, patience, val_fr
 
 def _split(batches: list[torch.Tensor], val_fraction: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Every k-th batch (k = round(1 / val_fraction), counting from the k-th) is held out."""
-    if val_fraction <= 0 or len(batches) < 2:
-        return list(batches), []
-    k = max(2, round(1 / val_fraction))
-    held = set(range(k - 1, len(batches), k)) or {len(batches) - 1}
-    return ([b for i, b in enumerate(batches) if i not in held],
-            [b for i, b in enumerate(batches) if i in held])
-
-
-def _rms(module: nn.Linear) -> float:
-    w = module.weight.detach().float()
-    rms = float(w.square().mean().sqrt())
-    return rms if rms > 0 else 1.0
+    train, held = split_held_out(len(batches), val_fraction)
+    return [batches[i] for i in train], [batches[i] for i in held]
 
 
 def _packs(batches: list[torch.Tensor], rows: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -239,31 +208,6 @@ class _TeacherCache:
 
 
 @contextmanager
-def _parametrized(targets: dict[str, nn.Linear],
-                  quantizers: dict[str, Callable]) -> Iterator[dict[str, nn.Parameter]]:
-    """Put a fp32 latent copy of each target weight behind a `_Quantized` parametrization; yields
-    the latents (the optimizer's parameters). On exit the original Parameter objects are back."""
-    originals = {n: m.weight for n, m in targets.items()}
-    latents: dict[str, nn.Parameter] = {}
-    try:
-        for name, mod in targets.items():
-            w = originals[name]
-            latent = nn.Parameter(w.detach().float().clone())
-            del mod.weight
-            mod.weight = latent
-            parametrize.register_parametrization(mod, "weight", _Quantized(w.detach(), quantizers[name]),
-                                                 unsafe=True)
-            latents[name] = mod.parametrizations.weight.original
-        yield latents
-    finally:
-        for name, mod in targets.items():
-            if parametrize.is_parametrized(mod, "weight"):
-                parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
-            del mod.weight  # the latent, or the original if setup stopped before swapping it
-            mod.weight = originals[name]
-
-
-@contextmanager
 def _activations(model: nn.Module, plan: dict[str, dict] | None, teacher: "_TeacherCache") -> Iterator[None]:
     """Simulated activation quantization on the tuned model's forwards (not the original's)."""
     if not plan:
@@ -277,15 +221,6 @@ def _activations(model: nn.Module, plan: dict[str, dict] | None, teacher: "_Teac
     finally:
         for h in handles:
             h.remove()
-
-
-def fake_quantizer(fmt: Any, spec: dict[str, Any], ctx: dict[str, Any], dtype: torch.dtype
-                   ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """w -> Q(w) of one layer's setup (format, spec, context), computed in the layer's dtype."""
-    def fake(w: torch.Tensor) -> torch.Tensor:
-        c = {k: (v.to(w.device) if hasattr(v, "to") else v) for k, v in ctx.items()}
-        return fmt.fake_quantize(w.to(dtype), **spec, **c)
-    return fake
 
 
 def _tune(x: TuneInputs) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -46,10 +46,15 @@ class Rounder(Protocol):
 @dataclass(frozen=True)
 class QuantizeMethod:
     """round: (format, weight (out, in), spec, context, X^T X / n or None) -> QTensor.
-    tune: TuneInputs -> (layer name -> weight to round instead of the layer's own, report)."""
+    tune: TuneInputs -> (layer name -> weight to round instead of the layer's own, report).
+    layer_tuner: for a tuning that works one decoder layer at a time, (recipe, activation plan, model,
+    device, progress) -> an object with `begin(layer-0 inputs)`, `layer(layer, targets, setups) ->
+    (tuned weights, report)` and `report()` (quantization/tune.py): the layer-streaming engine
+    drives it; `tune` is then the same tuning over a resident model."""
 
     round: Rounder
     tune: Callable[[TuneInputs], tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None
+    layer_tuner: Callable[..., Any] | None = None
     needs_calibration: bool = False
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)

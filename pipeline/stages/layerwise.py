@@ -7,9 +7,14 @@ without being held; then, for each decoder layer: materialise its weights from t
 its output tensors to the staging directory, release it. The output file(s) are then assembled
 tensor by tensor (artifact/shards.py). Peak memory: one layer, its statistics, bounded temporaries.
 
+A layer-wise tuning method (`quantize.method: tune`) runs inside this walk: the embeddings are
+loaded once to compute decoder layer 0's inputs from the calibration tokens and released; each layer
+is then tuned against its original outputs before it is quantized, and the hidden states (original
+and quantized) are carried to the next layer (quantization/tune.py).
+
 The artifact equals the whole-model path's byte for byte (same tensors, names, dtypes, config).
-Recipes whose quantization needs the whole model at once (a tuning method, model-wide LO-BCQ
-codebooks, targets outside the decoder stack) take the whole-model path (`streamable` says which).
+Recipes whose quantization needs the whole model at once (an end-to-end tuning method, model-wide
+LO-BCQ codebooks, targets outside the decoder stack) take the whole-model path (`open_streamed` says which).
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ from lpc.pipeline.artifact.lpc_model import QUANT_METHOD, weight_marker
 from lpc.pipeline.artifact.shards import Entry, ShardWriter, entries_of
 from lpc.pipeline.artifact.store import write_json
 from lpc.pipeline.io.models import find_targets
-from lpc.pipeline.io.streaming import WeightStore, materialize, open_stack, release, tied_names
+from lpc.pipeline.io.streaming import (WeightStore, materialize, materialize_outside, open_stack, release, tie,
+                                        tied_names)
 from lpc.pipeline.progress import Progress, track
 from lpc.pipeline.quantization.layers import layer_setups, quantize_layers
 
@@ -34,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def open_streamed(src: str, recipe: Any, plan: dict[str, Any] | None, method: Any):
     """(skeleton, store, decoder stack) when `lpc quantize` can stream this model and recipe, else None."""
-    if method.tune is not None or not Path(src).is_dir():
+    if (method.tune is not None and method.layer_tuner is None) or not Path(src).is_dir():
         return None
     opened = open_stack(src, recipe.targets, recipe.ignore, "quantizing")
     if opened is None:
@@ -52,16 +58,21 @@ def open_streamed(src: str, recipe: Any, plan: dict[str, Any] | None, method: An
 
 def quantize_streamed(tmp: Path, opened, recipe: Any, plan: dict[str, Any], stats, shard_bytes: int | None,
                       extra_tensors: dict[str, torch.Tensor], progress: Progress | None = None,
-                      device: str = "cpu") -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
+                      device: str = "cpu", tuner: Any = None, batches: list[torch.Tensor] | None = None
+                      ) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
     """Quantize layer by layer into `tmp`; returns (per-layer records, quantized layers' meta, bit counts).
 
-    bit counts: {"bits": stored bits of every target weight, "numel": their elements}."""
+    bit counts: {"bits": stored bits of every target weight, "numel": their elements}.
+    tuner: a layer-wise tuning method's tuner (QuantizeMethod.layer_tuner), fed decoder layer 0's
+    inputs on `batches` (calibration token ids (1, T)), then each layer before it is quantized."""
     model, store, (path, layers) = opened
     q = recipe.quantize
     targets = find_targets(model, recipe.targets, recipe.ignore)
     writer = ShardWriter(tmp, shard_bytes)
     tied = sorted(tied_names(model))
     _add_outside(writer, model, store, path, set(tied))
+    if tuner is not None:
+        tuner.begin(_first_inputs(model, store, path, layers, batches or [], device))
     records: dict[str, Any] = {}
     metas: dict[str, Any] = {}
     count = {"bits": 0, "numel": 0}
@@ -70,7 +81,7 @@ def quantize_streamed(tmp: Path, opened, recipe: Any, plan: dict[str, Any], stat
         mine = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
         materialize(layer, prefix, store)
         try:
-            tensors = _quantize_layer(layer, prefix, mine, plan, stats, q, records, metas, count, device)
+            tensors = _quantize_layer(layer, prefix, mine, plan, stats, q, records, metas, count, device, tuner)
         finally:
             release(layer)
         writer.add(tensors)
@@ -100,12 +111,31 @@ def _add_outside(writer: ShardWriter, model: nn.Module, store: WeightStore, path
             writer.add({name: store.get(name).to(params[name].dtype)})
 
 
+def _first_inputs(model: nn.Module, store: WeightStore, path: str, layers: nn.ModuleList,
+                  batches: list[torch.Tensor], device: str) -> list[tuple[tuple, dict]]:
+    """Decoder layer 0's inputs for each calibration sequence; the embeddings (everything outside the
+    stack) are loaded for it and released afterwards."""
+    from lpc.pipeline.calibration.stats import capture_layer_inputs
+    from lpc.pipeline.modes import eval_mode
+
+    materialize_outside(model, path, store)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            return capture_layer_inputs(model, layers, batches, device)
+    finally:
+        release(model)
+        tie(model)  # a tied head still pointed at the loaded embeddings
+
+
 def _quantize_layer(layer: nn.Module, prefix: str, mine: dict[str, nn.Linear], plan: dict[str, Any], stats,
-                    q: Any, records: dict, metas: dict, count: dict, device: str) -> dict[str, torch.Tensor]:
+                    q: Any, records: dict, metas: dict, count: dict, device: str, tuner: Any = None
+                    ) -> dict[str, torch.Tensor]:
     """One materialised decoder layer -> its output tensors (packed targets, everything else as is)."""
     sub_stats = {n: stats[n] for n in mine if stats is not None and n in stats}
     setups = layer_setups(mine, plan, sub_stats, q.fuse_groups, q.importance != "none", q.codebook_scope)
-    qtensors, recs = quantize_layers(mine, plan, sub_stats, method=q.method, setups=setups, device=device)
+    tuned = tuner.layer(layer, mine, setups)[0] if tuner is not None else None
+    qtensors, recs = quantize_layers(mine, plan, sub_stats, method=q.method, setups=setups, device=device,
+                                     weights=tuned)
     out = {f"{prefix}.{k}": t for k, t in layer.state_dict().items()}
     for name, qt in qtensors.items():
         out.pop(f"{name}.weight")

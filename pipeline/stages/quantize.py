@@ -16,7 +16,7 @@ from lpc.pipeline.io.families import derive_fuse_groups, layout_config, merge_gr
 from lpc.pipeline.io.models import copy_tokenizer_files, find_targets, load_hf_model, model_files, resolve_model
 from lpc.pipeline.progress import Progress
 from lpc.pipeline.quantization import QUANTIZE_METHODS, TuneInputs
-from lpc.pipeline.quantization.actquant import activation_config
+from lpc.pipeline.quantization.actquant import activation_config, activation_plan
 from lpc.pipeline.quantization.layers import bits_summary, layer_setups, plan_from_recipe, quantize_layers
 from lpc.pipeline.artifact.shards import parse_size
 from lpc.pipeline.calibration.stats import check_full_covariance
@@ -113,11 +113,27 @@ def _streamed_body(tmp: Path, opened, src: str, recipe: Recipe, layer_plan, cali
     if recipe.kv_cache is not None:
         aux = {**aux, **read_kv_stats(calib)}
         extra["kv_cache"] = recipe.kv_cache.model_dump(mode="json")
-    records, metas, count = quantize_streamed(tmp, opened, recipe, lp, stats, shard_bytes, aux, progress, device)
+    method = QUANTIZE_METHODS.get(q.method)
+    tuner, batches = None, None
+    if method.layer_tuner is not None:
+        tuner = method.layer_tuner(recipe, activation_plan(acts, aux) if acts else None, model, device)
+        batches = _calibration_tokens(calib, src)
+    records, metas, count = quantize_streamed(tmp, opened, recipe, lp, stats, shard_bytes, aux, progress, device,
+                                              tuner, batches)
     write_config(tmp, model, metas, sorted(tied_names(model)), extra or None)
     copy_tokenizer_files(src, tmp)
     summary = {"bits_per_weight": count["bits"] / max(count["numel"], 1), "quantized_layers": len(metas),
                "target_layers": len(targets), "target_params": count["numel"],
                "activations": q.activations.format if q.activations else None}
+    if tuner is not None:
+        summary[q.method] = tuner.report()
     return {"recipe": recipe.model_dump(mode="json"), "layers": records, "summary": summary,
             "bits_per_weight": summary["bits_per_weight"]}
+
+
+def _calibration_tokens(calib, src: str) -> list:
+    """The calibration's token sequences without loading the model (unless they were sampled from it)."""
+    from lpc.pipeline.artifact.store import read_manifest
+
+    sample_from = load_hf_model(src) if read_manifest(calib, "calibrate")["config"]["data"] == "self" else None
+    return calibration_batches_of(calib, src, sample_from)

@@ -1,0 +1,91 @@
+"""Straight-through quantized weights, shared by the tuning methods (`distill`, `tune`).
+
+A target Linear's weight is replaced by a fp32 latent W~ behind a parametrization that computes
+Q(W~) (the layer's own format, spec and context: FGMP mask, scales, global amax) in the forward pass
+and passes the gradient to W~ unchanged: Q(W~) + (W~ - sg(W~)). The optimizer moves the latents;
+what is finally stored is the format's rounding of the best latent, so the artifact's bits are those
+of plain rounding.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+Quantizer = Callable[[torch.Tensor], torch.Tensor]
+
+
+class QuantizedWeight(nn.Module):
+    """Parametrization weight <- Q(latent) with a straight-through gradient, or the original weight
+    while `teacher` is on. The latent is kept in fp32; the result has the original dtype."""
+
+    def __init__(self, original: torch.Tensor, quantizer: Quantizer):
+        super().__init__()
+        self.register_buffer("original", original.detach().clone(), persistent=False)
+        self.quantizer = quantizer
+        self.teacher = False
+        self._cached: tuple[int, torch.Tensor] | None = None
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.teacher:
+            return self.original
+        # Q(latent) is computed once per optimizer step (the step bumps the latent's version), not
+        # once per sequence and again in each checkpoint recompute.
+        if self._cached is None or self._cached[0] != latent._version:
+            with torch.no_grad():
+                self._cached = (latent._version, self.quantizer(latent.detach()).to(latent.dtype))
+        q = self._cached[1]
+        return (latent + (q - latent).detach()).to(self.original.dtype)
+
+
+@contextmanager
+def quantized_weights(targets: dict[str, nn.Linear], quantizers: dict[str, Quantizer]
+                      ) -> Iterator[dict[str, nn.Parameter]]:
+    """Put a fp32 latent copy of each target weight behind a `QuantizedWeight` parametrization; yields
+    the latents (the optimizer's parameters). On exit the original Parameter objects are back."""
+    originals = {n: m.weight for n, m in targets.items()}
+    latents: dict[str, nn.Parameter] = {}
+    try:
+        for name, mod in targets.items():
+            w = originals[name]
+            latent = nn.Parameter(w.detach().float().clone())
+            del mod.weight
+            mod.weight = latent
+            parametrize.register_parametrization(mod, "weight", QuantizedWeight(w.detach(), quantizers[name]),
+                                                 unsafe=True)
+            latents[name] = mod.parametrizations.weight.original
+        yield latents
+    finally:
+        for name, mod in targets.items():
+            if parametrize.is_parametrized(mod, "weight"):
+                parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+            del mod.weight  # the latent, or the original if setup stopped before swapping it
+            mod.weight = originals[name]
+
+
+def fake_quantizer(fmt: Any, spec: dict[str, Any], ctx: dict[str, Any], dtype: torch.dtype) -> Quantizer:
+    """w -> Q(w) of one layer's setup (format, spec, context), computed in the layer's dtype."""
+    def fake(w: torch.Tensor) -> torch.Tensor:
+        c = {k: (v.to(w.device) if hasattr(v, "to") else v) for k, v in ctx.items()}
+        return fmt.fake_quantize(w.to(dtype), **spec, **c)
+    return fake
+
+
+def weight_rms(module: nn.Linear) -> float:
+    """RMS of a Linear's weight (1.0 for an all-zero weight): the unit of a tuning step."""
+    w = module.weight.detach().float()
+    rms = float(w.square().mean().sqrt())
+    return rms if rms > 0 else 1.0
+
+
+def split_held_out(n: int, val_fraction: float) -> tuple[list[int], list[int]]:
+    """Indices (train, held out) of n samples: every k-th (k = round(1 / val_fraction), counting from the
+    k-th) is held out when n >= 2 and val_fraction > 0."""
+    if val_fraction <= 0 or n < 2:
+        return list(range(n)), []
+    k = max(2, round(1 / val_fraction))
+    held = set(range(k - 1, n, k)) or {n - 1}
+    return [i for i in range(n) if i not in held], sorted(held)
