@@ -3,10 +3,12 @@
 Measured on held-out calibration text only (never eval_head.txt): the windows of calib_tail.txt after
 the 128 x 512 calibration tokens, in 2048-token windows. Variants: keys only / values only, the first
 (attention-sink) token kept in bf16, per-token scales, per-head scales, fp32 compute, and per layer
-the norm of the first token's key against the others (the attention sink). Each row gives perplexity
-and its increase over the bf16 cache in the same compute dtype, and KL to it.
+the norm of the first token's key against the others (the attention sink), and key / value smoothing
+folded into the weights (`smooth k=alpha`, lpc.pipeline.kvcache.smooth) at several alphas, the setting
+`kv_cache.smooth` is chosen from. Each row gives perplexity and its increase over the bf16 cache in the
+same compute dtype.
 
-    python bench/kvcache_diagnose.py [--windows 3] [--calib-windows 128] [--only fp8,nvfp4]
+    python bench/kvcache_diagnose.py [--windows 3] [--calib-windows 128] [--only fp8,nvfp4] [--variants a,b]
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _protocol import CALIB, CALIB_SAMPLES, CALIB_SEQ_LEN, model_dir, score  # noqa: E402
 
-STATS = Path("/tmp/lpc-kvcache-smollm2-stats.safetensors")
+STATS = "/tmp/lpc-kvcache-smollm2-stats-chan-{}.safetensors"  # per calibration size (per-channel absmax)
+ALPHAS = (0.25, 0.5, 0.75, 1.0)
 
 
 def heldout_windows(tok, n: int, seq_len: int = 2048) -> list[list[int]]:
@@ -34,11 +37,42 @@ def variants(fmt: str, spec: dict) -> dict[str, dict]:
             f"{fmt} rotated": {"rotate": True}, f"{fmt} rotated + headroom 2 + sink": {"rotate": True, "headroom": 2.0,
                                                                                      "sinks": 1},
             f"{fmt} KIVI keys (16 tokens)": {"kivi": True},
-            f"{fmt} headroom 2": {"headroom": 2.0}, f"{fmt} headroom 2 + sink kept": {"headroom": 2.0, "sinks": 1}}
+            f"{fmt} headroom 2": {"headroom": 2.0}, f"{fmt} headroom 2 + sink kept": {"headroom": 2.0, "sinks": 1},
+            **{f"{fmt} smooth k={a}": {"smooth_k": a} for a in ALPHAS},
+            **{f"{fmt} smooth k={a} v={a}": {"smooth_k": a, "smooth_v": a} for a in ALPHAS},
+            **{f"{fmt} smooth v={a}": {"smooth_v": a} for a in (0.5, 1.0)}}
+
+
+class smoothed:
+    """Context: `model`'s attention weights smoothed in place (keys alpha `k`, values `v`), the K/V
+    statistics of the smoothed model as the value; the weights are restored on exit."""
+
+    def __init__(self, model, stats, k: float = 0.0, v: float = 0.0):
+        self.model, self.stats, self.k, self.v = model, stats, k, v
+
+    def __enter__(self):
+        from lpc.pipeline.kvcache.smooth import apply_transforms, smoothed_stats, smoothing_plan, weight_transforms
+
+        if not (self.k or self.v):
+            return self.stats
+        plan = smoothing_plan(self.stats, self.model.config, self.k, self.v, prefix="")
+        tf = weight_transforms(self.model, plan)
+        self.saved = {n: p.detach().clone() for n, p in self.model.named_parameters() if n in tf}
+        apply_transforms(self.model, tf)
+        return smoothed_stats(self.stats, plan, prefix="")
+
+    def __exit__(self, *exc):
+        import torch
+
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                if n in getattr(self, "saved", {}):
+                    p.copy_(self.saved[n])
+        self.saved = {}
 
 
 def specs_for(fmt, spec, stats, n_layers, keys=True, values=True, sinks=0, per_token=False, head=False,
-              headroom=1.0, rotate=False, kivi=False):
+              headroom=1.0, rotate=False, kivi=False, smooth_k=0.0, smooth_v=0.0):
     from lpc.pipeline.kvcache import KVSpec
 
     out = []
@@ -87,12 +121,15 @@ def main() -> None:
     ap.add_argument("--only", default="fp8,nvfp4")
     ap.add_argument("--fp32", type=int, default=1, help="1: also the plain format in fp32 compute")
     ap.add_argument("--variants", default="", help="comma-separated variant names (default all)")
+    ap.add_argument("--tag", default="", help="a `run` field added to every row")
     args = ap.parse_args()
+    tag = {"run": args.tag} if args.tag else {}
     model, tok = load(model_dir())
-    if not STATS.is_file():
+    path = Path(STATS.format(args.calib_windows))
+    if not path.is_file():
         save_file(kv_stat_tensors(kv_statistics(model, calibration_batches(str(CALIB), tok, args.calib_windows,
-                                                                           CALIB_SEQ_LEN))), str(STATS))
-    stats = load_file(str(STATS))
+                                                                           CALIB_SEQ_LEN))), str(path))
+    stats = load_file(str(path))
     seqs = heldout_windows(tok, args.windows)
     for r in sink_profile(model, seqs):
         print(json.dumps({"sink_profile": r}), flush=True)
@@ -101,19 +138,20 @@ def main() -> None:
     for dtype in (torch.bfloat16, torch.float32)[:1 + args.fp32]:
         model.to(dtype)
         base = score(model, seqs)
-        print(json.dumps({"variant": "bf16 cache", "compute": str(dtype), **base}), flush=True)
+        print(json.dumps({**tag, "variant": "bf16 cache", "compute": str(dtype), **base}), flush=True)
         for name in args.only.split(","):
             fmt, spec = formats[name]
             for label, kw in variants(name, spec).items():
                 if (dtype == torch.float32 and label != name) or (args.variants and label not in args.variants.split(",")):
                     continue
-                handle = attach_kv_quantization(model, specs_for(fmt, spec, stats, n, **kw))
                 t0 = time.perf_counter()
-                try:
-                    r = score(model, seqs)
-                finally:
-                    handle.remove()
-                print(json.dumps({"variant": label, "compute": str(dtype), "perplexity": r["perplexity"],
+                with smoothed(model, stats, kw.get("smooth_k", 0.0), kw.get("smooth_v", 0.0)) as st:
+                    handle = attach_kv_quantization(model, specs_for(fmt, spec, st, n, **kw))
+                    try:
+                        r = score(model, seqs)
+                    finally:
+                        handle.remove()
+                print(json.dumps({**tag, "variant": label, "compute": str(dtype), "perplexity": r["perplexity"],
                                   "ppl_increase_pct": round(100 * (r["perplexity"] / base["perplexity"] - 1), 3),
                                   "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
 

@@ -209,6 +209,12 @@ class KVCacheConfig(TensorQuant):
                                                            "(free for FP8/NVFP4 scales up to a few binades); None = 1")
     kivi: bool = Field(False, description="KIVI: keys grouped per channel along tokens, values per token")
     group: int = Field(32, gt=0, description="KIVI: tokens per key group (a shorter recent tail stays full precision)")
+    smooth: bool = Field(False, description="fold per-channel power-of-two factors into q_proj/k_proj (and "
+                                            "v_proj/o_proj) so the cache holds flatter keys; exact, engines need "
+                                            "nothing new (lpc.pipeline.kvcache.smooth)")
+    smooth_alpha: float = Field(1.0, ge=0, le=1, description="smoothing strength for keys: factor "
+                                                             "2^round(alpha log2(channel amax / median))")
+    smooth_values: float = Field(0.0, ge=0, le=1, description="the same strength for values (0: values left alone)")
 
 
 class Recipe(Section):

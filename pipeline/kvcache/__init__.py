@@ -2,10 +2,13 @@
 
 The recipe's `kv_cache` section names a format (any lpc format), its spec, where scales come from
 (`scales: tensor | head | dynamic | token`), `sinks` (leading tokens kept at full precision), `headroom`,
-`rotate` and KIVI grouping (`kivi: true`: keys per channel in groups of
-`group` tokens, values per token). Calibration writes calib/kv_stats.safetensors (per layer and KV head
-absmax of keys after RoPE and of values); quantize stores them in the artifact as `lpc.kv.<i>.k_amax` /
-`v_amax` with the section in quantization_config["kv_cache"]; load attaches the quantized cache.
+`rotate`, KIVI grouping (`kivi: true`: keys per channel in groups of `group` tokens, values per token)
+and `smooth` (per-channel power-of-two factors folded into q/k and v/o weights, `smooth.py`).
+Calibration writes calib/kv_stats.safetensors (per layer, the absmax of keys after RoPE and of values
+per KV head and per KV head and channel); quantize stores them in the artifact as `lpc.kv.<i>.k_amax` /
+`v_amax` / `k_chan_amax` / `v_chan_amax` (of the smoothed model when smoothing, with the exponents as
+`k_smooth_log2` / `v_smooth_log2`) with the section in quantization_config["kv_cache"]; load attaches
+the quantized cache.
 
 Cache policies (eviction and mixed precision under a byte budget, `policy.py` and one module per
 policy: uniform, streaming, h2o, thinkv) are simulated by `lpc eval` through `decode.py`.
@@ -17,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lpc.pipeline.errors import ArtifactError, InputError
+from lpc.pipeline.errors import ArtifactError, InputError, RecipeError
 from lpc.pipeline.kvcache.cache import QuantizedKVCache, attach_kv_quantization
 from lpc.pipeline.kvcache.calibrate import kv_statistics
 from lpc.pipeline.kvcache.quantizer import KVSpec
@@ -40,6 +43,27 @@ def read_kv_stats(calib_dir: str | Path) -> dict[str, torch.Tensor]:
         raise InputError(f"calibration {calib_dir} has no K/V statistics ({KV_STATS_FILE})",
                          "calibrate with a recipe that has a kv_cache section (the same recipe as quantize)")
     return {KV_PREFIX + k: v for k, v in load_tensors(path).items()}
+
+
+def kv_artifact(recipe: Any, calib: str | Path | None, model: Any) -> tuple[dict[str, torch.Tensor], dict]:
+    """(the artifact's `lpc.kv.*` tensors, weight transforms) for the recipe's kv_cache section.
+
+    Without `smooth` the transforms are empty. With it they map parameter names of `model` (loaded or
+    a meta skeleton) to the exact functions that fold the smoothing into its q/k (and v/o) weights, to
+    apply before the weights are quantized; the K/V statistics are those of the smoothed model."""
+    kv = recipe.kv_cache
+    if kv is None:
+        return {}, {}
+    stats = read_kv_stats(calib)
+    if not kv.smooth:
+        return stats, {}
+    if recipe.compensate is not None:
+        raise RecipeError("kv_cache.smooth changes the q/k/v/o weights, which compensate would read unsmoothed "
+                          "from the original model", "drop kv_cache.smooth or the compensate section")
+    from lpc.pipeline.kvcache.smooth import smoothed_stats, smoothing_plan, weight_transforms
+
+    plan = smoothing_plan(stats, model.config, kv.smooth_alpha, kv.smooth_values)
+    return smoothed_stats(stats, plan), weight_transforms(model, plan)
 
 
 def kv_specs(config: dict[str, Any], tensors: dict[str, torch.Tensor], n_layers: int
@@ -65,5 +89,5 @@ def kv_specs(config: dict[str, Any], tensors: dict[str, torch.Tensor], n_layers:
     return specs
 
 
-__all__ = ["KVSpec", "KV_PREFIX", "KV_STATS_FILE", "QuantizedKVCache", "attach_kv_quantization", "kv_specs",
+__all__ = ["KVSpec", "KV_PREFIX", "KV_STATS_FILE", "QuantizedKVCache", "attach_kv_quantization", "kv_artifact", "kv_specs",
            "kv_stat_tensors", "kv_statistics", "read_kv_stats"]

@@ -1,5 +1,6 @@
-"""K/V statistics as the cache stores them: per decoder layer, the absmax of keys (after RoPE) and values,
-per KV head, collected by running the calibration sequences with a recording cache."""
+"""K/V statistics as the cache stores them: per decoder layer, the absmax of keys (after RoPE) and values
+per KV head and per KV head and channel, collected by running the calibration sequences with a recording
+cache."""
 from __future__ import annotations
 
 from typing import Any
@@ -12,19 +13,18 @@ from lpc.pipeline.progress import Progress, track
 
 
 class _RecordingLayer(DynamicLayer):
-    """Keeps no states: records the per-head absmax of what would be written."""
+    """Keeps no states: records the per-head and per-channel absmax of what would be written."""
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        self.k_amax: torch.Tensor | None = None
-        self.v_amax: torch.Tensor | None = None
+        self.found: dict[str, torch.Tensor] = {}
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        k = key_states.detach().abs().float().amax(dim=(0, 2, 3))
-        v = value_states.detach().abs().float().amax(dim=(0, 2, 3))
-        self.k_amax = k if self.k_amax is None else torch.maximum(self.k_amax, k)
-        self.v_amax = v if self.v_amax is None else torch.maximum(self.v_amax, v)
+        for part, x in (("k", key_states), ("v", value_states)):
+            chan = x.detach().abs().float().amax(dim=(0, 2))  # (kv_heads, head_dim)
+            for key, t in ((f"{part}_amax", chan.amax(-1)), (f"{part}_chan_amax", chan)):
+                self.found[key] = t if key not in self.found else torch.maximum(self.found[key], t)
         return key_states, value_states
 
 
@@ -35,7 +35,8 @@ class RecordingCache(Cache):
 
 def kv_statistics(model: nn.Module, batches: list[torch.Tensor], progress: Progress | None = None
                   ) -> dict[int, dict[str, torch.Tensor]]:
-    """layer index -> {"k_amax": (kv_heads,), "v_amax": (kv_heads,)} fp32 over all calibration tokens.
+    """layer index -> {"k_amax": (kv_heads,), "v_amax": (kv_heads,), "k_chan_amax": (kv_heads, head_dim),
+    "v_chan_amax"} fp32 over all calibration tokens.
 
     batches: LongTensor (B, T) token ids on the model's device. Each sequence runs alone with a fresh
     recording cache (no states kept), so memory is one forward pass."""
@@ -51,11 +52,9 @@ def kv_statistics(model: nn.Module, batches: list[torch.Tensor], progress: Progr
                 cache = RecordingCache()
                 model(input_ids=ids, use_cache=True, **{key: cache})
                 for i, layer in enumerate(cache.layers):
-                    if layer.k_amax is None:
-                        continue
-                    cur = found.setdefault(i, {"k_amax": layer.k_amax, "v_amax": layer.v_amax})
-                    cur["k_amax"] = torch.maximum(cur["k_amax"], layer.k_amax)
-                    cur["v_amax"] = torch.maximum(cur["v_amax"], layer.v_amax)
+                    cur = found.setdefault(i, {}) if layer.found else {}
+                    for name, t in layer.found.items():
+                        cur[name] = t if name not in cur else torch.maximum(cur[name], t)
     finally:
         model.train(was_training)
     return found

@@ -65,13 +65,21 @@ def compress(level: str, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor
         return k, v, 0
     if level in ("int4", "int2"):
         bits = payload_bits(level)
-        return (kivi_fake(k, bits, KIVI_GROUP, 1), kivi_fake(v, bits, KIVI_GROUP, 2),
-                kivi_scale_bytes(h, n, d))
+        return kivi_fake(k, bits, KIVI_GROUP, 1), kivi_fake(v, bits, KIVI_GROUP, 2), scale_bytes(level, h, n, d)
     spec = KVSpec("fp8_e4m3", {"granularity": "tensor"}, per_token=True) if level == "fp8" \
         else KVSpec("nvfp4", {}, per_token=True)
-    per_token = 2 * 4 * h * n  # FP32 per token and head, K and V
-    blocks = 2 * h * n * math.ceil(d / 16) if level == "nvfp4" else 0  # one E4M3 byte per 16 elements
-    return spec.fake(k.unsqueeze(0))[0], spec.fake(v.unsqueeze(0))[0], per_token + blocks
+    return spec.fake(k.unsqueeze(0))[0], spec.fake(v.unsqueeze(0))[0], scale_bytes(level, h, n, d)
+
+
+def scale_bytes(level: str, heads: int, n: int, head_dim: int) -> int:
+    """Bytes of the scales of one chunk of `n` tokens stored at `level` (K and V)."""
+    if check_level(level) == "bf16":
+        return 0
+    if level in ("int4", "int2"):
+        return kivi_scale_bytes(heads, n, head_dim)
+    per_token = 2 * 4 * heads * n  # FP32 per token and head, K and V
+    blocks = 2 * heads * n * math.ceil(head_dim / 16) if level == "nvfp4" else 0  # one E4M3 byte per 16 elements
+    return per_token + blocks
 
 
 def token_bytes(level: str, heads: int, head_dim: int) -> int:

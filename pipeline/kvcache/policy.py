@@ -80,13 +80,20 @@ class PolicyLayer(DynamicLayer):
         return sum(c * token_bytes(LEVELS[i], heads, dim) for i, c in enumerate(counts))
 
     def compress(self, index: torch.Tensor, level: str) -> None:
-        """Store the held tokens at `index` (1-D, one chunk) at `level`; their scales form one chunk."""
+        """Store the held tokens at `index` (1-D, one chunk) at `level` (from what they hold now: a
+        demoted token is requantized from its stored value); their scales form one chunk, and a chunk
+        left with no token frees its scales."""
         k, v, scale_bytes = compress(level, self.keys[0][:, index], self.values[0][:, index])
         self.keys[0][:, index], self.values[0][:, index] = k, v
+        before = set(self.chunk[index].tolist()) - {-1}
         self.level[index] = LEVELS.index(level)
-        self.chunk[index] = self.next_chunk
-        self.chunk_bytes[self.next_chunk] = scale_bytes
-        self.next_chunk += 1
+        self.chunk[index] = self.next_chunk if level != "bf16" else -1
+        if level != "bf16":
+            self.chunk_bytes[self.next_chunk] = scale_bytes
+            self.next_chunk += 1
+        alive = set(self.chunk.tolist()) if before else set()
+        for c in before - alive:
+            del self.chunk_bytes[c]
 
     def keep(self, mask: torch.Tensor) -> None:
         """Keep only the held tokens where `mask` (N,) bool is true; a chunk with no token left frees its scales."""

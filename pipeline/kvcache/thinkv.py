@@ -1,43 +1,49 @@
-"""ThinKV (arXiv 2510.01290): thought-adaptive KV compression for long generations.
+"""ThinKV (arXiv 2510.01290): thought-adaptive KV compression for long generations, budget-aware.
 
 The generated sequence is cut into segments of `group` positions (thoughts at the granularity the
 cache compresses); each closed segment is classified from the attention sparsity its tokens showed
 when they were generated (mean over layers, heads and steps of the share of held tokens whose attention
 weight is below uniform, 1/N): sparsity <= `thresholds[0]` is a reasoning thought (R), >= `thresholds[1]`
 a transition thought (T), between an execution thought (E). The prompt counts as reasoning. Importance
-R > E > T decides everything else:
+R > E > T (the paper's order) decides where precision goes and what goes first:
 
-- Precision: a segment is compressed, oldest first and only when the budget requires it, to its type's
-  level (`levels`, default R: fp8, E: int4, T: int2). The first `sinks` tokens and the open segment
-  stay at full precision.
-- Progressive eviction: when a new transition thought starts (the trajectory changes), every older
-  transition thought keeps only the `keep` fraction of its tokens that received the most attention.
-- Budget: over budget once nothing is left to compress, thought types give way in the order T, E, R:
-  the type's segments lose precision one level at a time (fp8 -> int4 -> int2, oldest first), then
-  its tokens beyond `min_tokens` per segment are evicted (least attended first, oldest segment first);
-  only then the next type. Last, whole segments go in the same order, and the sinks at the very end.
+- Precision from the budget: a ladder (default bf16 > fp8 > int4 > int2). At setup, the base level is
+  the most precise lossy level at which every token of the budgeted sequence fits (scales and metadata
+  counted, as uniform quantization would choose); the budget left over lifts R, then E, one level up
+  (type shares taken as the calibrated tertiles, a third each). A closed segment stays bf16 until the
+  budget requires compressing it, then goes straight to its type's level.
+- Demotion before eviction: over budget, one segment at a time moves one level down the ladder: the
+  most precise first, among equals the least important type, then the oldest; the open segment (the
+  current thought, the most important) may go from bf16 to fp8 (per-token scales), last.
+- Eviction only when everything sits at the lowest level: whole thoughts in order T, E, R, among a type
+  the least attended (mean attention each token received per query since it was written) first, and in
+  a thought its least attended tokens first; the newest `recent` closed segments, the open segment and
+  the first `sinks` tokens go last, in that order. So the cache never evicts a token it could hold at
+  a lower precision, holds at least what uniform quantization at its base level holds, and spends the
+  rest on the important thoughts.
 
 Simulation choices where the paper leaves room: thoughts are fixed segments of `group` tokens (the unit
 the cache compresses in), a segment's type is decided once it closes, attention is summed over heads
-per layer (eviction is per layer, the type is shared by all layers), and nothing is compressed before
-the budget requires it.
+per layer (eviction is per layer, the type is shared by all layers), demotion requantizes the stored
+values (an engine keeps no bf16 copy), and nothing is compressed before the budget requires it.
 
 The sparsity thresholds come from calibration text (`calibrate_thresholds`: tertiles of the segment
 sparsities of full-cache passes), never from the evaluated text.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lpc.pipeline.errors import InputError
-from lpc.pipeline.kvcache.evict import evict_in_order, oldest_full_chunk
-from lpc.pipeline.kvcache.levels import KIVI_GROUP, LEVELS, check_level
+from lpc.pipeline.kvcache.evict import evict_in_order
+from lpc.pipeline.kvcache.levels import KIVI_GROUP, LEVELS, check_level, scale_bytes, token_bytes
 from lpc.pipeline.kvcache.policy import POLICIES, KVPolicy, PolicyCache, PolicyLayer
 
 TYPES = ("R", "E", "T")  # most important first
-LADDER = ("fp8", "int4", "int2")
+LADDER = ("bf16", "fp8", "int4", "int2")
 
 
 def sparsity(attn: torch.Tensor) -> torch.Tensor:
@@ -69,6 +75,17 @@ def classify(s: float, thresholds: tuple[float, float]) -> str:
     return "R" if s <= thresholds[0] else ("T" if s >= thresholds[1] else "E")
 
 
+@dataclass
+class Unit:
+    """A segment's held tokens in one layer: what demotion and eviction act on."""
+
+    seg: int
+    index: torch.Tensor  # held-token indices
+    rank: int  # importance: 0 R, 1 E, 2 T; -1 the open segment (most important)
+    rung: int  # ladder position of its most precise token
+    cost: int  # exact bytes it holds now (payload, metadata, its chunks' scales)
+
+
 @POLICIES.register("thinkv")
 class ThinKVPolicy(KVPolicy):
     name = "thinkv"
@@ -77,26 +94,47 @@ class ThinKVPolicy(KVPolicy):
     needs_attention = True
 
     def __init__(self, budget: float = 1.0, group: int = KIVI_GROUP, thresholds: tuple[float, float] = (0.80, 0.90),
-                 levels: dict[str, str] | None = None, sinks: int = 4, keep: float = 0.5, min_tokens: int = 2,
-                 evict_on_transition: bool = True, **options: Any):
-        """group: segment length; thresholds: sparsity (R|E, E|T); levels: {R, E, T} -> fp8|nvfp4|int4|int2;
-        sinks: full-precision leading tokens; keep: share an old transition keeps at a new transition;
-        min_tokens: tokens a segment keeps before whole segments go; evict_on_transition"""
+                 ladder: tuple[str, ...] | list[str] = LADDER, sinks: int = 4, recent: int = 1, **options: Any):
+        """group: segment length; thresholds: sparsity (R|E, E|T); ladder: precisions from bf16 down
+        (e.g. [bf16, fp8, int4, int2]); sinks: leading tokens evicted last; recent: newest closed
+        segments evicted after every other closed one"""
         super().__init__(budget, **options)
         lo, hi = (float(t) for t in thresholds)
         if not 0 <= lo <= hi <= 1:
             raise InputError(f"thinkv thresholds must be 0 <= R|E <= E|T <= 1, got {thresholds}",
                              "e.g. thresholds: [0.8, 0.9]")
-        self.levels = {"R": "fp8", "E": "int4", "T": "int2", **(levels or {})}
-        for t, lvl in self.levels.items():
-            if t not in TYPES:
-                raise InputError(f"thinkv levels: unknown thought type '{t}'", "use R, E and T")
-            check_level(lvl)
-        self.group, self.thresholds, self.sinks = int(group), (lo, hi), int(sinks)
-        self.keep, self.min_tokens, self.evict_on_transition = float(keep), int(min_tokens), bool(evict_on_transition)
+        ladder = tuple(check_level(x) for x in ladder)
+        if len(ladder) < 2 or ladder[0] != "bf16" or len(set(ladder)) != len(ladder) \
+                or [LEVELS.index(x) for x in ladder] != sorted(LEVELS.index(x) for x in ladder):
+            raise InputError(f"thinkv ladder must start at bf16 and go down in precision, got {list(ladder)}",
+                             "e.g. ladder: [bf16, fp8, int4, int2]")
+        self.group, self.thresholds, self.sinks, self.recent = int(group), (lo, hi), int(sinks), int(recent)
+        self.ladder = ladder
+        self.targets = {t: ladder[-1] for t in TYPES}  # set from the budget at setup
         self.types: dict[int, str] = {}  # segment -> type, shared by all layers
         self.stats: dict[int, list[float]] = {}  # open segment -> [sparsity sum, steps]
         self.prompt = None  # tokens of the prompt (the first forward)
+
+    # -- precision from the budget ------------------------------------------------------------
+    def setup(self, heads: int, head_dim: int, capacity: int) -> None:
+        super().setup(heads, head_dim, capacity)
+        per_token = self.budget_bytes / max(capacity, 1)
+        cost = {lvl: self.steady_cost(lvl) for lvl in self.ladder}
+        lossy = self.ladder[1:]
+        base = next((lvl for lvl in lossy if cost[lvl] <= per_token), lossy[-1])
+        self.targets = {t: base for t in TYPES}
+        spare = per_token - cost[base]
+        up = self.ladder[self.ladder.index(base) - 1]
+        for t in TYPES:  # the importance order: R, then E, then T, while the budget lasts
+            extra = (cost[up] - cost[base]) / len(TYPES)
+            if up == "bf16" or extra > spare:
+                break
+            self.targets[t], spare = up, spare - extra
+
+    def steady_cost(self, level: str) -> float:
+        """Bytes per token of a full segment held at `level`: payload, metadata, scales, table entry."""
+        h, d, g = self.heads, self.head_dim, self.group
+        return token_bytes(level, h, d) + self.meta_bytes + (scale_bytes(level, h, g, d) + self.table_entry_bytes) / g
 
     # -- classification ------------------------------------------------------------------
     def observe(self, cache: PolicyCache, attentions: tuple[torch.Tensor, ...] | None) -> None:
@@ -117,12 +155,7 @@ class ThinKVPolicy(KVPolicy):
                     acc[0], acc[1] = acc[0] + s, acc[1] + 1
         for seg in sorted(g for g in self.stats if (g + 1) * self.group <= written):  # closed segments
             total, steps = self.stats.pop(seg)
-            kind = classify(total / steps, self.thresholds)
-            starts_transition = kind == "T" and self.types.get(seg - 1) != "T"
-            self.types[seg] = kind
-            if starts_transition and self.evict_on_transition:
-                for layer in cache.layers:
-                    self._shrink_transitions(layer, seg)
+            self.types[seg] = classify(total / steps, self.thresholds)
 
     def segment_type(self, seg: int) -> str:
         return self.types.get(seg, "R")
@@ -132,83 +165,93 @@ class ThinKVPolicy(KVPolicy):
         return self.table_entry_bytes * int((layer.pos // self.group).unique().numel())
 
     def enforce(self, layer: PolicyLayer, index: int) -> None:
-        while not self.fits(layer):
-            chunk = oldest_full_chunk(layer, self.group, self.sinks)
-            if chunk is None:
-                break
-            seg = int(layer.pos[chunk[0]]) // self.group
-            layer.compress(chunk, self.levels[self.segment_type(seg)])
-        for kind in reversed(TYPES):  # T, then E, then R: lower precision, then tokens beyond min_tokens
-            while not self.fits(layer) and self._demote_one(layer, kind):
-                pass
-            if self.fits(layer):
-                return
-            order, kinds, phase = self._eviction_order(layer)
-            evict_in_order(self, layer, order[(kinds == TYPES.index(kind)) & (phase == 0)])
-        if not self.fits(layer):  # everything but the sinks, then the sinks themselves
-            rest = torch.cat([self._eviction_order(layer)[0], torch.nonzero(layer.pos < self.sinks).flatten()])
-            evict_in_order(self, layer, rest)
-
-    def _priority(self, layer: PolicyLayer) -> list[int]:
-        """Closed segments with held tokens, least important and oldest first."""
-        segs = sorted(set((layer.pos[layer.pos >= self.sinks] // self.group).tolist()))
-        closed = [g for g in segs if g < layer.written // self.group]
-        return sorted(closed, key=lambda g: (-TYPES.index(self.segment_type(g)), g))
-
-    def _demote_one(self, layer: PolicyLayer, kind: str) -> bool:
-        """Requantize the oldest compressed segment of type `kind` not yet at the ladder's end one step down."""
-        lower = [LEVELS.index(name) for name in ("fp8", "nvfp4", "int4")]
-        if not bool(torch.isin(layer.level, torch.tensor(lower, device=layer.level.device)).any()):
-            return False
-        for g in self._priority(layer):
-            if self.segment_type(g) != kind:
-                continue
-            idx = torch.nonzero((layer.pos // self.group == g) & (layer.pos >= self.sinks)).flatten()
-            level = LEVELS[int(layer.level[idx[0]])]
-            if level in LADDER[:-1]:
-                layer.compress(idx, LADDER[LADDER.index(level) + 1])
-                return True
-            if level == "nvfp4":
-                layer.compress(idx, "int2")
-                return True
-        return False
-
-    def _eviction_order(self, layer: PolicyLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Held tokens (sinks excluded) in eviction order: first the tokens beyond `min_tokens` of each
-        closed segment (least attended first), segment by segment least important and oldest first; then
-        the rest of those segments in the same order; the open segment last. Also each one's type
-        (index in TYPES) and phase (0: beyond min_tokens, 1: the last ones, 2: open segment)."""
-        seg = layer.pos // self.group
-        cand = torch.nonzero(layer.pos >= self.sinks).flatten()
-        seg, score = seg[cand], layer.score[cand]
-        n_seg = int(seg.max()) + 1 if cand.numel() else 0
-        kinds = torch.tensor([TYPES.index(self.segment_type(g)) for g in range(n_seg)], dtype=torch.long)
-        by_score = torch.argsort(score, stable=True)
-        by_seg = by_score[torch.argsort(seg[by_score], stable=True)]  # grouped by segment, least attended first
-        counts = torch.bincount(seg, minlength=n_seg)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.empty_like(seg)
-        rank[by_seg] = torch.arange(seg.numel()) - starts[seg[by_seg]]
-        phase = (rank >= counts[seg] - self.min_tokens).long()  # 0: beyond min_tokens, 1: the last ones
-        phase = torch.where(seg >= layer.written // self.group, torch.full_like(phase, 2), phase)
-        order = by_score  # sort keys from the least significant: score, segment age, importance, phase
-        for key in (seg, -kinds[seg], phase):
-            order = order[torch.argsort(key[order], stable=True)]
-        return cand[order], kinds[seg][order] if n_seg else seg, phase[order]
-
-    def _shrink_transitions(self, layer: PolicyLayer, current: int) -> None:
-        """Older transition thoughts keep their `keep` share of most attended tokens (at least min_tokens)."""
-        if not layer.is_initialized:
+        if self.fits(layer):
             return
-        mask = torch.ones(layer.held(), dtype=torch.bool, device=layer.pos.device)
+        self._demote(layer)
+        if not self.fits(layer):
+            evict_in_order(self, layer, self.eviction_order(layer))
+
+    def units(self, layer: PolicyLayer) -> list[Unit]:
+        """Every segment with held tokens, oldest first."""
         seg_of = layer.pos // self.group
-        for g, kind in self.types.items():
-            if kind != "T" or g >= current:
+        segs, inv = torch.unique(seg_of, return_inverse=True)
+        h, d = layer.keys.shape[1], layer.keys.shape[-1]
+        per_level = torch.tensor([token_bytes(x, h, d) + self.meta_bytes for x in LEVELS], dtype=torch.float64)
+        cost = torch.bincount(inv, weights=per_level[layer.level], minlength=segs.numel())
+        for c, b in layer.chunk_bytes.items():  # a chunk lies inside one segment
+            first = int(torch.nonzero(layer.chunk == c)[0, 0])
+            cost[inv[first]] += b
+        rungs = torch.tensor([self._rung(x) for x in LEVELS])[layer.level]
+        rung = torch.full((segs.numel(),), len(self.ladder), dtype=torch.long).scatter_reduce(0, inv, rungs, "amin")
+        open_seg = layer.written // self.group
+        out = []
+        for j, g in enumerate(segs.tolist()):
+            rank = -1 if g >= open_seg else TYPES.index(self.segment_type(g))
+            out.append(Unit(g, torch.nonzero(inv == j).flatten(), rank, int(rung[j]), int(cost[j])))
+        return out
+
+    def _rung(self, level: str) -> int:
+        """Ladder position of `level` (a level off the ladder counts as the next lower rung)."""
+        i = LEVELS.index(level)
+        return next((r for r, x in enumerate(self.ladder) if LEVELS.index(x) >= i), len(self.ladder) - 1)
+
+    def _next_rung(self, u: Unit) -> int | None:
+        """Where demoting `u` takes it: a closed bf16 segment straight to its type's level, else one rung
+        down; the open segment only from bf16 to the first lossy rung with per-token scales (fp8/nvfp4)."""
+        if u.rank < 0:
+            first = self.ladder[1]
+            return 1 if u.rung == 0 and first in ("fp8", "nvfp4") else None
+        if u.rung >= len(self.ladder) - 1:
+            return None
+        target = self.ladder.index(self.targets[TYPES[u.rank]])
+        return target if u.rung < target else u.rung + 1
+
+    def _demote(self, layer: PolicyLayer) -> None:
+        """Plan by exact bytes which segments go down and how far (most precise first, least important,
+        oldest), then requantize each changed segment once."""
+        h, d = layer.keys.shape[1], layer.keys.shape[-1]
+        units = self.units(layer)
+        over = self.held_bytes(layer) - self.budget_bytes
+        plan: dict[int, int] = {}
+        while over > 0:
+            movable = [u for u in units if self._next_rung(u) is not None]
+            if not movable:
+                break
+            u = min(movable, key=lambda x: (x.rung, -x.rank, x.seg))
+            rung = self._next_rung(u)
+            level = self.ladder[rung]
+            if u.rank < 0:  # the open segment: its bf16 tokens become per-token fp8 chunks
+                bf = int((layer.level[u.index] == 0).sum())
+                new = u.cost - bf * (token_bytes("bf16", h, d) - token_bytes(level, h, d)) + scale_bytes(level, h, bf, d)
+            else:
+                new = u.index.numel() * (token_bytes(level, h, d) + self.meta_bytes) + scale_bytes(level, h, u.index.numel(), d)
+            over -= u.cost - new
+            u.cost, u.rung, plan[u.seg] = new, rung, rung
+        for u in units:
+            if u.seg not in plan:
                 continue
-            idx = torch.nonzero((seg_of == g) & (layer.pos >= self.sinks)).flatten()
-            keep = max(self.min_tokens, int(idx.numel() * self.keep))
-            if idx.numel() > keep:
-                order = idx[torch.argsort(layer.score[idx], descending=True, stable=True)]
-                mask[order[keep:]] = False
-        if not bool(mask.all()):
-            layer.keep(mask)
+            level = self.ladder[plan[u.seg]]
+            idx = u.index[layer.level[u.index] == 0] if u.rank < 0 else u.index
+            if idx.numel():
+                layer.compress(idx, level)
+
+    def eviction_order(self, layer: PolicyLayer) -> torch.Tensor:
+        """Held-token indices, first evicted first: closed segments but the newest `recent` (type T, E, R;
+        least mean attention first; their least attended tokens first), then those recent ones (oldest
+        first), the open segment (oldest first), and the sinks last."""
+        mean = layer.score / (layer.written - layer.pos).clamp(min=1).float()
+        units = self.units(layer)
+        closed = [u for u in units if u.rank >= 0]
+        recent = {u.seg for u in closed[-self.recent:]} if self.recent > 0 else set()
+        sink = layer.pos < self.sinks
+
+        def tokens(u: Unit) -> torch.Tensor:
+            idx = u.index[~sink[u.index]]
+            return idx[torch.argsort(mean[idx], stable=True)]
+
+        old = sorted((u for u in closed if u.seg not in recent),
+                     key=lambda u: (-u.rank, float(mean[u.index].mean()), u.seg))
+        order = [tokens(u) for u in old] + [tokens(u) for u in closed if u.seg in recent]
+        order += [u.index[~sink[u.index]] for u in units if u.rank < 0]
+        order.append(torch.nonzero(sink).flatten())
+        return torch.cat(order) if order else torch.empty(0, dtype=torch.long)

@@ -11,7 +11,8 @@ from lpc.pipeline.artifact.lpc_model import shared_bits, write_lpc_model
 from lpc.pipeline.calibration.stats import STATS_FILE, calibration_batches_of, read_stats
 from lpc.pipeline.errors import RecipeError
 from lpc.pipeline.io.device import check_device
-from lpc.pipeline.kvcache import KV_STATS_FILE, read_kv_stats
+from lpc.pipeline.kvcache import KV_STATS_FILE, kv_artifact
+from lpc.pipeline.kvcache.smooth import SmoothedStore, apply_transforms
 from lpc.pipeline.io.families import derive_fuse_groups, layout_config, merge_groups
 from lpc.pipeline.io.models import copy_tokenizer_files, find_targets, load_hf_model, model_files, resolve_model
 from lpc.pipeline.progress import Progress
@@ -67,6 +68,8 @@ def quantize(model: str, recipe: Recipe | None, out: Path, calib: Path | None = 
         if opened is not None:
             return _streamed_body(tmp, opened, src, recipe, layer_plan, calib, shard_bytes, progress, device)
         m = load_hf_model(src)
+        kv_aux, smooth = kv_artifact(recipe, calib, m)  # KV smoothing folds into q/k/v/o before quantizing
+        apply_transforms(m, smooth)
         stats = read_stats(calib) if calib else None
         targets = find_targets(m, recipe.targets, recipe.ignore)
         lp = layer_plan if layer_plan is not None else plan_from_recipe(recipe, list(targets))
@@ -81,7 +84,7 @@ def quantize(model: str, recipe: Recipe | None, out: Path, calib: Path | None = 
         acts, aux = activation_config(recipe, qtensors, stats, lp)
         extra = {"fuse_groups": fuse, **({"activations": acts} if acts else {}), **layout_config(m)}
         if recipe.kv_cache is not None:
-            aux = {**aux, **read_kv_stats(calib)}
+            aux = {**aux, **kv_aux}
             extra["kv_cache"] = recipe.kv_cache.model_dump(mode="json")
         write_lpc_model(tmp, m, qtensors, extra_tensors=aux, extra_config=extra or None)
         copy_tokenizer_files(src, tmp)
@@ -103,6 +106,8 @@ def _streamed_body(tmp: Path, opened, src: str, recipe: Recipe, layer_plan, cali
                    device) -> dict[str, Any]:
     """The body of `quantize` one decoder layer at a time (stages/layerwise.py)."""
     model, _, _ = opened
+    kv_aux, smooth = kv_artifact(recipe, calib, model)  # KV smoothing: the layers read smoothed weights
+    opened = (model, SmoothedStore(opened[1], smooth), opened[2]) if smooth else opened
     q = recipe.quantize
     stats = read_stats(calib) if calib else None
     targets = find_targets(model, recipe.targets, recipe.ignore)
@@ -111,7 +116,7 @@ def _streamed_body(tmp: Path, opened, src: str, recipe: Recipe, layer_plan, cali
     acts, aux = activation_config(recipe, dict.fromkeys(quantized), stats, lp)
     extra = {"fuse_groups": q.fuse_groups, **({"activations": acts} if acts else {}), **layout_config(model)}
     if recipe.kv_cache is not None:
-        aux = {**aux, **read_kv_stats(calib)}
+        aux = {**aux, **kv_aux}
         extra["kv_cache"] = recipe.kv_cache.model_dump(mode="json")
     method = QUANTIZE_METHODS.get(q.method)
     tuner, batches = None, None

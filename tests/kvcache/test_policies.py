@@ -1,5 +1,6 @@
 """KV cache policies under a byte budget (uniform quantization, StreamingLLM, H2O, ThinKV) on the tiny
-Llama: exact budgets, the full cache at 100%, which tokens eviction keeps, ThinKV's thought types."""
+Llama: exact budgets, the full cache at 100%, which tokens eviction keeps (ThinKV's own behaviour:
+test_thinkv.py)."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,6 @@ from lpc.pipeline.errors import InputError
 from lpc.pipeline.kvcache.decode import decode, use_eager_attention
 from lpc.pipeline.kvcache.levels import compress, kivi_scale_bytes, token_bytes
 from lpc.pipeline.kvcache.policy import POLICIES, PolicyCache, make_policy
-from lpc.pipeline.kvcache.thinkv import ThinKVPolicy
 
 CASES = [("streaming", {}), ("h2o", {}), ("thinkv", {}), ("uniform", {"level": "fp8"}),
          ("uniform", {"level": "nvfp4"}), ("uniform", {"level": "int4"}), ("uniform", {"level": "int2"})]
@@ -111,77 +111,6 @@ def run_cache(model, pol, ids):
     return cache
 
 
-def attention_rows(n: int, kind: str) -> torch.Tensor:
-    """(1, heads=2, 1, n) attention over n held tokens: dense, concentrated on a few, or in between."""
-    w = torch.ones(n)
-    if kind == "sparse":
-        w = torch.full((n,), 1e-4)
-        w[:2] = 1.0
-    elif kind == "medium":
-        w[: n // 2] = 1e-4
-    return (w / w.sum()).expand(1, 2, 1, n)
-
-
-def fill(policy: ThinKVPolicy, cache: PolicyCache, kinds: list[str], group: int) -> None:
-    """Prompt of one group, then one segment of each kind, with the constructed attention."""
-    for layer in cache.layers:
-        layer.update(torch.randn(1, 2, group, 16), torch.randn(1, 2, group, 16))
-    cache.end_step(None)
-    for kind in kinds:
-        for _ in range(group):
-            for layer in cache.layers:
-                layer.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
-            n = cache.layers[0].held()
-            cache.end_step(tuple(attention_rows(layer.held(), kind) for layer in cache.layers))
-            assert n == cache.layers[0].held() or policy.budget < 1
-
-
-def test_thinkv_classifies_segments_by_attention_sparsity():
-    pol = ThinKVPolicy(0.99, group=8, thresholds=(0.3, 0.7), evict_on_transition=False)
-    cache = PolicyCache(pol, 2)
-    pol.setup(2, 16, 10_000)
-    fill(pol, cache, ["dense", "sparse", "medium", "dense", "sparse"], 8)
-    assert pol.types == {0: "R", 1: "R", 2: "T", 3: "E", 4: "R", 5: "T"}
-
-
-def thinkv_run(budget: float) -> tuple[ThinKVPolicy, list[int], dict[int, str]]:
-    """Prompt R, then R E T R T segments of 8 tokens under `budget` of 60 tokens: tokens held per
-    segment and each segment's level."""
-    from lpc.pipeline.kvcache.levels import LEVELS
-
-    pol = ThinKVPolicy(budget, group=8, thresholds=(0.3, 0.7), evict_on_transition=False, sinks=0)
-    cache = PolicyCache(pol, 1)
-    pol.setup(2, 16, 60)
-    fill(pol, cache, ["dense", "medium", "sparse", "dense", "sparse"], 8)
-    layer = cache.layers[0]
-    assert pol.types == {0: "R", 1: "R", 2: "E", 3: "T", 4: "R", 5: "T"}
-    assert pol.held_bytes(layer) <= pol.budget_bytes
-    levels = {int(p) // 8: LEVELS[int(lv)] for p, lv in zip(layer.pos, layer.level)}
-    return pol, torch.bincount(layer.pos // 8, minlength=6).tolist(), levels
-
-
-def test_thinkv_stores_each_thought_type_at_its_precision():
-    _, per_seg, levels = thinkv_run(0.56)  # room for every token once compressed
-    assert per_seg == [8] * 6
-    assert [levels[g] for g in range(5)] == ["fp8", "fp8", "int4", "int2", "fp8"]
-
-
-def test_thinkv_evicts_transitions_first_then_execution_and_spares_reasoning():
-    pol, per_seg, levels = thinkv_run(0.5)
-    assert per_seg[3] == pol.min_tokens and per_seg[2] < 8  # T down to min_tokens, E lost tokens too
-    assert per_seg[0] == per_seg[1] == per_seg[4] == 8  # reasoning thoughts untouched ...
-    assert levels[0] == levels[1] == levels[4] == "fp8" and levels[2] == "int2"  # ... at their precision
-
-
-def test_thinkv_halves_old_transitions_when_a_new_one_starts():
-    pol = ThinKVPolicy(0.99, group=8, thresholds=(0.3, 0.7), keep=0.5, sinks=0)
-    cache = PolicyCache(pol, 1)
-    pol.setup(2, 16, 10_000)
-    fill(pol, cache, ["sparse", "dense", "sparse"], 8)
-    per_seg = torch.bincount(cache.layers[0].pos // 8, minlength=4).tolist()
-    assert per_seg == [8, 4, 8, 8]  # segment 1 (the first transition) kept half at the second one
-
-
 def test_levels_scale_bytes_and_grids():
     k, v = torch.randn(2, 40, 64), torch.randn(2, 40, 64)
     fk, fv, scales = compress("int2", k, v)
@@ -204,16 +133,7 @@ def test_bad_policy_input_is_refused():
         make_policy("uniform", 0.1, level="int3")
     with pytest.raises(InputError, match="thresholds"):
         make_policy("thinkv", 0.1, thresholds=(0.9, 0.1))
+    with pytest.raises(InputError, match="ladder"):
+        make_policy("thinkv", 0.1, ladder=["int4", "fp8"])
     with pytest.raises(InputError, match="option"):
         make_policy("streaming", 0.1, window=3)
-
-
-def test_thinkv_thresholds_are_tertiles_of_calibration_sparsity(model):
-    from lpc.pipeline.kvcache.thinkv import calibrate_thresholds
-
-    g = torch.Generator().manual_seed(5)
-    windows = [torch.randint(0, 64, (96,), generator=g).tolist() for _ in range(2)]
-    lo, hi = calibrate_thresholds(model, windows, group=16)
-    assert 0 < lo <= hi < 1
-    with pytest.raises(InputError, match="two segments"):
-        calibrate_thresholds(model, [windows[0][:20]], group=16)
