@@ -2,8 +2,9 @@
 
 Decoder layers are tuned in order. For layer l, a fp32 latent W~ of each of its target weights is
 tuned so that the layer computing with Q(W~) (each Linear's own format, spec and context: FGMP block
-mask, scales, fused global amax; straight-through gradient, ste.py) reproduces the ORIGINAL layer's
-output on the original model's hidden states:
+mask, scales, fused global amax; straight-through gradient, ste.py; for NVFP4 and FGMP the grid plain
+rounding chose is frozen during the steps, frozen.py) reproduces the ORIGINAL layer's output on the
+original model's hidden states:
 
     min_W~  sum_j || L_l(x_j ; Q(W~)) - L_l(x*_j ; W) ||^2  /  sum_j || L_l(x*_j ; W) ||^2
 
@@ -17,8 +18,9 @@ Adam moves each latent by steps of `lr` x its weight's RMS; a step accumulates t
 `samples_per_step` training samples (taken in turn). Every `eval_every` steps the relative error on
 held-out samples (every k-th sample, `val_fraction`) is measured; the best latent is kept, plain
 rounding (step 0) included, so a layer is never worse than plain rounding on held-out samples; after
-`patience` measurements without improvement the layer stops. The layer is then rounded from the best
-latent and its quantized outputs become the next layer's inputs.
+`patience` measurements without improvement the layer stops. The best latent is rounded by the
+format's own quantizer (what the artifact stores), measured on the same held-out samples, and kept
+only if it beats plain rounding there. Its quantized outputs become the next layer's inputs.
 
 Memory: one layer, three fp32 copies of its targets (latent, Adam's two moments) and one of their
 originals, and the calibration set's hidden states (the original stream, its next-layer values and,
@@ -37,6 +39,7 @@ from torch import nn
 
 from lpc.pipeline.errors import RecipeError
 from lpc.pipeline.modes import eval_mode
+from lpc.pipeline.quantization.frozen import grid_quantizer
 from lpc.pipeline.quantization.registry import QUANTIZE_METHODS, QuantizeMethod, round_to_nearest
 from lpc.pipeline.quantization.ste import Quantizer, fake_quantizer, quantized_weights, split_held_out, weight_rms
 
@@ -46,8 +49,8 @@ State = tuple[tuple, dict]  # (args, kwargs) of one sample's call of a decoder l
 
 
 def tune_layer(layer: nn.Module, targets: dict[str, nn.Linear], quantizers: dict[str, Quantizer],
-               inputs: list[State], wanted: list[torch.Tensor], cfg: Any,
-               activations=None, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+               inputs: list[State], wanted: list[torch.Tensor], cfg: Any, activations=None, device: str = "cpu",
+               final: dict[str, Quantizer] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tune the target weights of one decoder layer so that it reproduces `wanted`.
 
     targets: the layer's Linears to tune (its modules), by name; quantizers: name -> fake quantizer.
@@ -55,6 +58,9 @@ def tune_layer(layer: nn.Module, targets: dict[str, nn.Linear], quantizers: dict
     original layer's output (1, T, H), same order. cfg: steps, lr, eval_every, patience,
     val_fraction, samples_per_step (recipes/schema.py TuneConfig). activations: a function of
     `straight_through` giving the context that simulates activation quantization, or None.
+    final: name -> the rounding that will be stored, when `quantizers` only approximate it (a frozen
+    grid, frozen.py): the selected weights are measured through it on the same samples, and the
+    original weights are returned when that is not better than plain rounding.
     Returns (name -> tuned fp32 weight on the CPU, report). The layer is left as it was.
     """
     t0 = time.perf_counter()
@@ -92,11 +98,22 @@ def tune_layer(layer: nn.Module, targets: dict[str, nn.Linear], quantizers: dict
                     misses += 1
                     if misses >= cfg.patience:
                         break
+        tuned = {n: w.float() for n, w in best[2].items()}
+        stored = best[0]
+        if final is not None and best[1] > 0:  # the rounding the artifact will hold, on the same samples
+            # handed over on the frozen grid: the format's scale search then finds that grid again for
+            # (almost) every block, where the latent itself could move a block's scale
+            tuned = {n: quantizers[n](w).float() for n, w in tuned.items()}
+            with _weights(targets, {n: final[n](tuned[n]) for n in targets}), eval_mode(layer), sim(False):
+                stored = _error(layer, inputs, wanted, pick, device)
+        if not stored < start:
+            tuned, stored = {n: m.weight.detach().float() for n, m in targets.items()}, start
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-    tuned = {n: w.float().cpu() for n, w in best[2].items()}
+    tuned = {n: w.cpu() for n, w in tuned.items()}
     report = {"steps": done, "best_step": best[1], "error_start": start, "error_best": best[0],
+              "error_final": stored, "kept": "tuned" if stored < start else "plain rounding",
               "selected_on": "held-out samples" if val else "training samples",
               "train_samples": len(train), "val_samples": len(val), "history": history,
               "seconds": round(time.perf_counter() - t0, 3)}
@@ -174,21 +191,22 @@ class LayerwiseTuner:
         (name -> tuned fp32 weight, the layer's report)."""
         names = [n for n in targets if n in setups]
         mine = {n: targets[n] for n in names}
-        quantizers = {n: fake_quantizer(*setups[n], targets[n].weight.dtype) for n in names}
         layer.to(self.device)
         try:
-            return self._layer(layer, names, mine, quantizers)
+            return self._layer(layer, names, mine, setups)
         finally:
             layer.to("cpu")
 
     def _layer(self, layer: nn.Module, names: list[str], mine: dict[str, nn.Linear],
-               quantizers: dict[str, Quantizer]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+               setups: dict[str, tuple]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        quantizers = {n: fake_quantizer(*setups[n], mine[n].weight.dtype) for n in names}
         with eval_mode(layer):
             wanted = [run_layer(layer, s, self.device).detach().cpu() for s in self.orig]
         inputs = self.quant if self.quant is not None else self.orig
         if names and self.cfg.steps > 0:
-            tuned, report = tune_layer(layer, mine, quantizers, inputs, wanted, self.cfg,
-                                       lambda st: self._activations(names, st), self.device)
+            grid = {n: grid_quantizer(*setups[n], mine[n].weight.detach(), mine[n].weight.dtype) for n in names}
+            tuned, report = tune_layer(layer, mine, grid, inputs, wanted, self.cfg,
+                                       lambda st: self._activations(names, st), self.device, final=quantizers)
         else:
             tuned = {n: m.weight.detach().float().cpu() for n, m in mine.items()}
             report = {"steps": 0, "best_step": 0}
@@ -201,16 +219,16 @@ class LayerwiseTuner:
         report = {"layers": names, **report}
         self.reports.append(report)
         log.info("tune: %d targets, relative output error %.5g -> %.5g (step %s of %s)", len(names),
-                 report.get("error_start", 0.0), report.get("error_best", 0.0), report["best_step"],
+                 report.get("error_start", 0.0), report.get("error_final", 0.0), report["best_step"],
                  report["steps"])
         return tuned, report
 
     def report(self) -> dict[str, Any]:
         tuned = [r for r in self.reports if "error_start" in r]
         return {"inputs": self.cfg.inputs, "decoder_layers": len(self.reports),
-                "improved_layers": sum(r["best_step"] > 0 for r in tuned),
+                "improved_layers": sum(r["kept"] == "tuned" for r in tuned),
                 "mean_error_start": sum(r["error_start"] for r in tuned) / max(len(tuned), 1),
-                "mean_error_best": sum(r["error_best"] for r in tuned) / max(len(tuned), 1),
+                "mean_error_final": sum(r["error_final"] for r in tuned) / max(len(tuned), 1),
                 "seconds": round(time.perf_counter() - self.t0, 3), "per_layer": self.reports}
 
     def _activations(self, names: list[str], straight_through: bool):

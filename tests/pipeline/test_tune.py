@@ -18,6 +18,7 @@ from lpc.pipeline.errors import RecipeError
 from lpc.pipeline.io.models import find_targets
 from lpc.pipeline.io.streaming import resident_params
 from lpc.pipeline.quantization.layers import layer_setups, plan_from_recipe
+from lpc.pipeline.quantization.frozen import grid_quantizer
 from lpc.pipeline.quantization.ste import fake_quantizer
 from lpc.pipeline.quantization.tune import run_layer, tune_layer
 from lpc.pipeline.stages import layerwise
@@ -123,7 +124,7 @@ def test_streamed_tuning_keeps_one_layer_resident_and_equals_the_whole_model_pat
     assert len(seen) == 3 and max(seen) == one
     report = streamed.manifest["summary"]["tune"]
     assert report["decoder_layers"] == 3 and report["improved_layers"] >= 1
-    assert report["mean_error_best"] < report["mean_error_start"]
+    assert report["mean_error_final"] < report["mean_error_start"]
     monkeypatch.setattr(importlib.import_module("lpc.pipeline.stages.quantize"), "open_streamed", lambda *a: None)
     whole = stages.quantize(str(d), recipe, tmp_path / "w", calib=calib)
     assert (tmp_path / "s" / "model.safetensors").read_bytes() == (tmp_path / "w" / "model.safetensors").read_bytes()
@@ -152,7 +153,7 @@ def test_fgmp_masks_and_scales_survive_tuning_and_the_artifact_evaluates(tmp_pat
     assert all(torch.equal(t[k], p[k]) for k in t if k.endswith(".global_scale"))
     assert any(not torch.equal(t[k], p[k]) for k in t if k.endswith(".qdata") or k.endswith(".qdata_lo"))
     report = tuned.manifest["summary"]["tune"]
-    assert report["mean_error_best"] < report["mean_error_start"]
+    assert report["mean_error_final"] < report["mean_error_start"]
     qconfig = json.loads((tmp_path / "t" / "config.json").read_text())["quantization_config"]
     assert ("activations" in qconfig) == (recipe == "fgmp_nvfp4")  # tuned through simulated FGMP activations
     ev = evaluate_report(str(tmp_path / "t"), baseline=str(tiny_model_dir), ppl=[str(text_files["txt"])], seq_len=32)
@@ -168,7 +169,7 @@ def test_tuning_sees_the_simulated_activation_quantization(tmp_path, tiny_model_
     weights_only = stages.quantize(str(tiny_model_dir), w4, tmp_path / "w", calib=calib).manifest["summary"]["tune"]
     # quantized inputs add error that the weights alone do not have; tuning still lowers it
     assert with_acts["mean_error_start"] > 1.5 * weights_only["mean_error_start"]
-    assert with_acts["mean_error_best"] < with_acts["mean_error_start"]
+    assert with_acts["mean_error_final"] < with_acts["mean_error_start"]
 
 
 def test_original_inputs_and_quantized_inputs_differ_after_the_first_layer(tmp_path, tiny_model_dir, text_files):
@@ -191,3 +192,36 @@ def test_bad_tune_settings_and_a_missing_calibration_fail(tmp_path, tiny_model_d
     with pytest.raises(RecipeError, match="no calibration was given"):
         stages.quantize(str(tiny_model_dir), load_recipe("nvfp4", ["quantize.method=tune"]), tmp_path / "q")
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("fmt_name, spec, k", [("nvfp4", {"clip": "sensitivity", "scale_search": 2}, 64),
+                                               ("nvfp4", {}, 40), ("fgmp", {"clip": "sensitivity", "scale_search": 2}, 40),
+                                               ("fgmp", {}, 64)])
+def test_the_frozen_grid_rounds_the_original_weight_as_the_format_does(fmt_name, spec, k):
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(24, k, generator=gen) * torch.rand(1, k, generator=gen)
+    fmt = get_format(fmt_name)
+    nb = (k + 15) // 16
+    ctx = {"importance": torch.rand(k, generator=gen) + 0.1, "global_amax": w.abs().amax() * 1.1}
+    if fmt_name == "fgmp":
+        ctx["mask"] = torch.rand(24, nb, generator=gen) < 0.3
+    if "clip" not in spec:
+        ctx.pop("importance")
+    for dtype in (torch.float32, torch.bfloat16):
+        grid = grid_quantizer(fmt, spec, ctx, w, dtype)
+        assert torch.equal(grid(w), fmt.fake_quantize(w.to(dtype), **spec, **ctx))
+        moved = w + 0.05 * torch.randn(w.shape, generator=gen)  # other values round on the same grid
+        q = grid(moved).float()
+        assert not torch.equal(q, grid(w).float())
+        assert (q - moved.to(dtype).float()).abs().max() <= (w.abs().max() + 0.3) / 6 * 1.1
+
+
+def test_a_stored_rounding_that_is_worse_than_plain_keeps_plain(one_layer):
+    _, layer, targets, quantizers, inputs, wanted = one_layer
+    # the stored rounding differs from the tuned one (a far coarser grid): tuning must not keep it
+    coarse = {n: (lambda w: (w * 4).round() / 4) for n in targets}
+    tuned, report = tune_layer(layer, targets, quantizers, inputs, wanted, Settings(), final=coarse)
+    assert report["best_step"] > 0 and report["error_best"] < report["error_start"]
+    assert report["error_final"] == report["error_start"] and report["kept"] == "plain rounding"
+    for n, m in targets.items():
+        assert torch.equal(tuned[n], m.weight.detach().float())
