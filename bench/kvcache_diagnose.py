@@ -4,8 +4,9 @@ Measured on held-out calibration text only (never eval_head.txt): the windows of
 the 128 x 512 calibration tokens, in 2048-token windows. Variants: keys only / values only, the first
 (attention-sink) token kept in bf16, per-token scales, per-head scales, fp32 compute, and per layer
 the norm of the first token's key against the others (the attention sink), and key / value smoothing
-folded into the weights (`smooth k=alpha`, lpc.pipeline.kvcache.smooth) at several alphas, the setting
-`kv_cache.smooth` is chosen from. Each row gives perplexity and its increase over the bf16 cache in the
+folded into the weights (`smooth k=alpha`, lpc.pipeline.kvcache.smooth) at several alphas, and the
+per-layer static scale search (`scale search`, lpc.pipeline.kvcache.search): the settings `kv_cache.smooth`
+and `kv_cache.scale_search` are chosen from. Each row gives perplexity and its increase over the bf16 cache in the
 same compute dtype.
 
     python bench/kvcache_diagnose.py [--windows 3] [--calib-windows 128] [--only fp8,nvfp4] [--variants a,b]
@@ -21,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _protocol import CALIB, CALIB_SAMPLES, CALIB_SEQ_LEN, model_dir, score  # noqa: E402
 
-STATS = "/tmp/lpc-kvcache-smollm2-stats-chan-{}.safetensors"  # per calibration size (per-channel absmax)
+STATS = "/tmp/lpc-kvcache-smollm2-stats-v2-{}.safetensors"  # per calibration size (channels, samples)
 ALPHAS = (0.25, 0.5, 0.75, 1.0)
 
 
@@ -40,7 +41,9 @@ def variants(fmt: str, spec: dict) -> dict[str, dict]:
             f"{fmt} headroom 2": {"headroom": 2.0}, f"{fmt} headroom 2 + sink kept": {"headroom": 2.0, "sinks": 1},
             **{f"{fmt} smooth k={a}": {"smooth_k": a} for a in ALPHAS},
             **{f"{fmt} smooth k={a} v={a}": {"smooth_k": a, "smooth_v": a} for a in ALPHAS},
-            **{f"{fmt} smooth v={a}": {"smooth_v": a} for a in (0.5, 1.0)}}
+            **{f"{fmt} smooth v={a}": {"smooth_v": a} for a in (0.5, 1.0)},
+            f"{fmt} scale search": {"search": True}, f"{fmt} smooth k=1.0 + scale search": {"smooth_k": 1.0, "search": True},
+            f"{fmt} smooth k=1.0 v=1.0 + scale search": {"smooth_k": 1.0, "smooth_v": 1.0, "search": True}}
 
 
 class smoothed:
@@ -72,7 +75,7 @@ class smoothed:
 
 
 def specs_for(fmt, spec, stats, n_layers, keys=True, values=True, sinks=0, per_token=False, head=False,
-              headroom=1.0, rotate=False, kivi=False, smooth_k=0.0, smooth_v=0.0):
+              headroom=1.0, rotate=False, kivi=False, smooth_k=0.0, smooth_v=0.0, search=False):
     from lpc.pipeline.kvcache import KVSpec
 
     out = []
@@ -146,6 +149,10 @@ def main() -> None:
                     continue
                 t0 = time.perf_counter()
                 with smoothed(model, stats, kw.get("smooth_k", 0.0), kw.get("smooth_v", 0.0)) as st:
+                    if kw.get("search"):
+                        from lpc.pipeline.kvcache.search import search_scales
+
+                        st = search_scales(st, {"format": fmt, "spec": spec}, prefix="")
                     handle = attach_kv_quantization(model, specs_for(fmt, spec, st, n, **kw))
                     try:
                         r = score(model, seqs)

@@ -215,6 +215,9 @@ class KVCacheConfig(TensorQuant):
     smooth_alpha: float = Field(1.0, ge=0, le=1, description="smoothing strength for keys: factor "
                                                              "2^round(alpha log2(channel amax / median))")
     smooth_values: float = Field(0.0, ge=0, le=1, description="the same strength for values (0: values left alone)")
+    scale_search: bool = Field(False, description="per layer, the static K/V scale multiplier in [1, 2) with the "
+                                                  "least attention error on the calibration sample (engines load "
+                                                  "the scale as any other)")
 
 
 class Recipe(Section):

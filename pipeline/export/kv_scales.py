@@ -10,7 +10,8 @@ ScaledFloat scale), values likewise. Engines hold the same per-tensor static sca
 
 (`<attn>` = model.layers.<i>.self_attn; vLLM maps both spellings onto its attention layer's scales.)
 With `smooth`, the artifact's q/k (and v/o) weights already carry the smoothing and its K/V statistics
-are those of the smoothed model, so the exports hold the smoothed weights and the smaller k_scale.
+are those of the smoothed model, so the exports hold the smoothed weights and the smaller k_scale. With
+`scale_search` the stored amax already carries each layer's searched multiplier.
 Other KV settings (NVFP4 or int caches, per-head or dynamic scales, KIVI grouping, clipping) have no
 engine form and are refused with the reason.
 """
@@ -28,7 +29,7 @@ from lpc.pipeline.kvcache import KV_PREFIX
 CT_KV_SCHEME = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
 MODELOPT_KV_ALGO = "FP8"
 # `group` only matters with kivi; smoothing lives in the q/k/v/o weights, which engines load as they are
-_KNOWN = ("format", "spec", "scales", "kivi", "group", "smooth", "smooth_alpha", "smooth_values")
+_KNOWN = ("format", "spec", "scales", "kivi", "group", "smooth", "smooth_alpha", "smooth_values", "scale_search")
 
 
 def kv_unsupported(kv: dict[str, Any] | None) -> str | None:

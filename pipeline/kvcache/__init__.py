@@ -3,7 +3,8 @@
 The recipe's `kv_cache` section names a format (any lpc format), its spec, where scales come from
 (`scales: tensor | head | dynamic | token`), `sinks` (leading tokens kept at full precision), `headroom`,
 `rotate`, KIVI grouping (`kivi: true`: keys per channel in groups of `group` tokens, values per token)
-and `smooth` (per-channel power-of-two factors folded into q/k and v/o weights, `smooth.py`).
+`smooth` (per-channel power-of-two factors folded into q/k and v/o weights, `smooth.py`) and
+`scale_search` (each layer's static scale multiplier chosen on the calibration sample, `search.py`).
 Calibration writes calib/kv_stats.safetensors (per layer, the absmax of keys after RoPE and of values
 per KV head and per KV head and channel); quantize stores them in the artifact as `lpc.kv.<i>.k_amax` /
 `v_amax` / `k_chan_amax` / `v_chan_amax` (of the smoothed model when smoothing, with the exponents as
@@ -54,16 +55,20 @@ def kv_artifact(recipe: Any, calib: str | Path | None, model: Any) -> tuple[dict
     kv = recipe.kv_cache
     if kv is None:
         return {}, {}
-    stats = read_kv_stats(calib)
-    if not kv.smooth:
-        return stats, {}
-    if recipe.compensate is not None:
-        raise RecipeError("kv_cache.smooth changes the q/k/v/o weights, which compensate would read unsmoothed "
-                          "from the original model", "drop kv_cache.smooth or the compensate section")
-    from lpc.pipeline.kvcache.smooth import smoothed_stats, smoothing_plan, weight_transforms
+    stats, transforms = read_kv_stats(calib), {}
+    if kv.smooth:
+        if recipe.compensate is not None:
+            raise RecipeError("kv_cache.smooth changes the q/k/v/o weights, which compensate would read unsmoothed "
+                              "from the original model", "drop kv_cache.smooth or the compensate section")
+        from lpc.pipeline.kvcache.smooth import smoothed_stats, smoothing_plan, weight_transforms
 
-    plan = smoothing_plan(stats, model.config, kv.smooth_alpha, kv.smooth_values)
-    return smoothed_stats(stats, plan), weight_transforms(model, plan)
+        plan = smoothing_plan(stats, model.config, kv.smooth_alpha, kv.smooth_values)
+        stats, transforms = smoothed_stats(stats, plan), weight_transforms(model, plan)
+    if kv.scale_search:
+        from lpc.pipeline.kvcache.search import search_scales
+
+        stats = search_scales(stats, kv.model_dump(mode="json"))
+    return {k: v for k, v in stats.items() if not k.endswith("_sample")}, transforms
 
 
 def kv_specs(config: dict[str, Any], tensors: dict[str, torch.Tensor], n_layers: int

@@ -1,6 +1,8 @@
 """K/V statistics as the cache stores them: per decoder layer, the absmax of keys (after RoPE) and values
 per KV head and per KV head and channel, collected by running the calibration sequences with a recording
-cache."""
+cache; and the queries, keys and values of the first calibration sequence (`q_sample`, `k_sample`,
+`v_sample`, (heads, tokens, head_dim) after RoPE), recorded through the attention interface, on which a
+static scale can be searched (search.py)."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,6 +12,45 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from lpc.pipeline.progress import Progress, track
+
+RECORD = "lpc_kv_record"
+
+
+def _recording_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         *args: Any, **kwargs: Any):
+    """Records the first call's (query, key, value) of batch row 0, then runs the model's own attention."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    sample = getattr(module, "_lpc_kv_sample", None)
+    if sample is not None and not sample:
+        sample.update(q_sample=query[0].detach().cpu(), k_sample=key[0].detach().cpu(), v_sample=value[0].detach().cpu())
+    impl = getattr(module, "_lpc_kv_impl", "eager")
+    fn = eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
+    return fn(module, query, key, value, *args, **kwargs)
+
+
+def _record_samples(model: nn.Module) -> tuple[dict[int, dict[str, torch.Tensor]], Any]:
+    """Route attention through `_recording_attention`: ({layer: sample dict}, undo)."""
+    from transformers import AttentionInterface
+
+    original = model.config._attn_implementation or "eager"
+    if original not in ("eager", "sdpa"):  # another kernel: sample with sdpa (the same arithmetic up to rounding)
+        original = "sdpa"
+    AttentionInterface.register(RECORD, _recording_attention)
+    samples: dict[int, dict[str, torch.Tensor]] = {}
+    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
+    for m in mods:
+        m._lpc_kv_sample, m._lpc_kv_impl = samples.setdefault(int(m.layer_idx), {}), original
+    before = model.config._attn_implementation
+    model.set_attn_implementation(RECORD)
+
+    def undo() -> None:
+        model.set_attn_implementation(before or "eager")
+        for m in mods:
+            del m._lpc_kv_sample, m._lpc_kv_impl
+
+    return samples, undo
 
 
 class _RecordingLayer(DynamicLayer):
@@ -36,7 +77,7 @@ class RecordingCache(Cache):
 def kv_statistics(model: nn.Module, batches: list[torch.Tensor], progress: Progress | None = None
                   ) -> dict[int, dict[str, torch.Tensor]]:
     """layer index -> {"k_amax": (kv_heads,), "v_amax": (kv_heads,), "k_chan_amax": (kv_heads, head_dim),
-    "v_chan_amax"} fp32 over all calibration tokens.
+    "v_chan_amax"} fp32 over all calibration tokens, and the samples of the first sequence.
 
     batches: LongTensor (B, T) token ids on the model's device. Each sequence runs alone with a fresh
     recording cache (no states kept), so memory is one forward pass."""
@@ -46,6 +87,7 @@ def kv_statistics(model: nn.Module, batches: list[torch.Tensor], progress: Progr
     found: dict[int, dict[str, torch.Tensor]] = {}
     was_training = model.training
     model.eval()
+    samples, undo = _record_samples(model)
     try:
         with torch.no_grad():
             for ids in track(batches, "kv cache statistics", progress):
@@ -56,5 +98,9 @@ def kv_statistics(model: nn.Module, batches: list[torch.Tensor], progress: Progr
                     for name, t in layer.found.items():
                         cur[name] = t if name not in cur else torch.maximum(cur[name], t)
     finally:
+        undo()
         model.train(was_training)
+    for i, sample in samples.items():
+        if i in found:
+            found[i].update(sample)
     return found

@@ -29,6 +29,7 @@ class DecodeResult:
     policy_seconds: float = 0.0  # time inside the policy (observe + enforce)
     seconds: float = 0.0
     held_tokens: list[int] = field(default_factory=list)  # tokens held by layer 0 after each step
+    cache: PolicyCache | None = None  # the cache as the last step left it (to go on decoding with `step`)
 
 
 ATTENTION = "lpc_policy_eager"
@@ -67,43 +68,55 @@ def new_cache(model: nn.Module, policy: KVPolicy, capacity: int) -> PolicyCache:
 
 
 @torch.no_grad()
+def step(model: nn.Module, cache: PolicyCache, feed: list[int]) -> tuple[torch.Tensor, float]:
+    """One forward of `feed` tokens after what `cache` has seen, then the policy acts: (logits (len, vocab)
+    of the fed positions, seconds spent in the policy)."""
+    policy = cache.policy
+    want_attn = policy.active and policy.needs_attention
+    start = cache.written()
+    pos = torch.arange(start, start + len(feed), device=model.device)
+    out = model(input_ids=torch.tensor([feed], device=model.device), position_ids=pos.unsqueeze(0),
+                cache_position=pos, use_cache=True, output_attentions=want_attn, **{cache_argument(model): cache})
+    t1 = time.perf_counter()
+    cache.end_step(out.attentions if want_attn else None)
+    return out.logits[0], time.perf_counter() - t1
+
+
+@torch.no_grad()
 def decode(model: nn.Module, prompt: list[int], policy: KVPolicy, capacity: int, steps: int,
            forced: list[int] | None = None, reference: torch.Tensor | None = None,
-           keep_logprobs: bool = False, chunk: int = 1) -> DecodeResult:
+           keep_logprobs: bool = False, chunk: int = 1, stop: set[int] | None = None) -> DecodeResult:
     """Decode `steps` tokens after `prompt` with the cache kept by `policy` (budget relative to
     `capacity` tokens). `forced`: the continuation to score (teacher forcing, len >= steps), fed
     `chunk` tokens per forward (the policy acts between forwards); else greedy, one token per
-    forward. `reference` (steps, vocab) log-probs: KL(reference || this) is summed per step."""
-    key = cache_argument(model)
+    forward, ending early after a token in `stop`. `reference` (steps, vocab) log-probs:
+    KL(reference || this) is summed per step."""
     cache = new_cache(model, policy, capacity)
-    want_attn = policy.active and policy.needs_attention
-    res = DecodeResult(tokens=[], kl=0.0 if reference is not None else None)
+    res = DecodeResult(tokens=[], kl=0.0 if reference is not None else None, cache=cache)
     kept = []
     feed = list(prompt)
     t0 = time.perf_counter()
     while len(res.tokens) < steps:
         start = cache.written()
-        pos = torch.arange(start, start + len(feed), device=model.device)
-        out = model(input_ids=torch.tensor([feed], device=model.device), position_ids=pos.unsqueeze(0),
-                    cache_position=pos, use_cache=True, output_attentions=want_attn, **{key: cache})
-        t1 = time.perf_counter()
-        cache.end_step(out.attentions if want_attn else None)
-        res.policy_seconds += time.perf_counter() - t1
+        logits, spent = step(model, cache, feed)
+        res.policy_seconds += spent
         res.peak_bytes = max(res.peak_bytes, cache.held_bytes())
         res.held_tokens.append(cache.layers[0].held())
-        rows = out.logits[0, -1:] if start == 0 else out.logits[0]
+        rows = logits[-1:] if start == 0 else logits
         for row in rows[: steps - len(res.tokens)]:
             logp = torch.log_softmax(row.float(), -1)
-            step = len(res.tokens)
-            tok = forced[step] if forced is not None else int(logp.argmax())
+            i = len(res.tokens)
+            tok = forced[i] if forced is not None else int(logp.argmax())
             res.tokens.append(tok)
             res.nll -= float(logp[tok])
             if reference is not None:
-                ref = reference[step]
+                ref = reference[i]
                 res.kl += float((ref.exp() * (ref - logp)).sum(dtype=torch.float64))
             if keep_logprobs:
                 kept.append(logp)
         n = len(res.tokens)
+        if forced is None and stop and res.tokens[-1] in stop:
+            break
         feed = forced[n - 1:min(n - 1 + chunk, steps - 1)] if forced is not None else [res.tokens[-1]]
     res.seconds = time.perf_counter() - t0
     res.final_bytes = cache.held_bytes()

@@ -156,6 +156,13 @@ def smoothed_stats(stats: dict[str, torch.Tensor], plan: dict[int, tuple[torch.T
             out[f"{prefix}{i}.{part}_chan_amax"] = chan
             out[f"{prefix}{i}.{part}_amax"] = chan.amax(-1)
             out[f"{prefix}{i}.{part}_smooth_log2"] = e.to(torch.int32)
+            sample = stats.get(f"{prefix}{i}.{part}_sample")  # (kv_heads, T, D): what the smoothed model writes
+            if sample is not None:
+                out[f"{prefix}{i}.{part}_sample"] = torch.ldexp(sample, -e[:, None, :].to(sample.dtype))
+            q = stats.get(f"{prefix}{i}.q_sample")  # (heads, T, D): queries carry the key factors
+            if part == "k" and q is not None:
+                eq = _query_factor(e, q.shape[0])[:, None, :]
+                out[f"{prefix}{i}.q_sample"] = torch.ldexp(q, eq.to(q.dtype))
     return out
 
 
