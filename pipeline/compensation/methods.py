@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 
 from lpc.formats.registry import Registry
-from lpc.pipeline.compensation.espace import espace_compress, espace_projection, espace_residual
+from lpc.pipeline.compensation.espace import espace_compress, espace_projection
 from lpc.pipeline.compensation.lowrank import LowRankDecomposition, eora_decompose, svd_decompose
 from lpc.pipeline.errors import RecipeError
 
@@ -58,17 +58,51 @@ def svd(cfg: Any, x: LayerInputs) -> LowRankPath:
 
 @COMPENSATION_METHODS.register("espace")
 def espace(cfg: Any, x: LayerInputs) -> LowRankPath:
-    """ESPACE: projection on the top eigenvectors of a statistic (act / weight / grad); residual path
-    B = dW P, A = P^T, or (mode compress) the layer itself as (W P)(P^T x)."""
+    """ESPACE: projection on the top eigenvectors of a statistic (act / weight / grad). Mode compress:
+    the layer itself as (W P)(P^T x), the paper's form. Residual: the kept directions' span with the
+    least-squares B (`espace_fitted_residual`). B = dW P would be optimal only when P's directions are
+    uncorrelated under C (true for "act"); for "weight"/"grad" it can leave more output error than no
+    path at all, because dropping a direction also drops what it predicted of the kept ones."""
     dW = x.W - x.Wq
     target = x.W if cfg.mode == "compress" else dW
     cap = min(x.W.shape)
     # The weight statistic models the output error of what is projected: dW for a residual path.
     P = espace_projection(cfg.espace_stat, cap, x.C, W=target, C_g=_gradient_stat(cfg, x, dW),
                           normalize_rows=cfg.normalize_rows)
-    split = espace_compress if cfg.mode == "compress" else espace_residual
-    return LowRankPath(lambda top: _projection_curve(target, P[:, :top], x.C),
-                       lambda r: split(target, P[:, :r]))
+    if cfg.mode == "compress":
+        return LowRankPath(lambda top: _projection_curve(target, P[:, :top], x.C),
+                           lambda r: espace_compress(target, P[:, :r]))
+    Q = _c_orthonormal(P, x.C)
+    return LowRankPath(lambda top: _fitted_curve(dW, Q[:, :top], x.C),
+                       lambda r: espace_fitted_residual(dW, Q[:, :r], x.C))
+
+
+def _c_orthonormal(P: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Q (in, L) spanning the same nested subspaces as P's prefixes with Q^T C Q = I (Gram-Schmidt in the
+    C inner product, by a Cholesky factor of P^T C P; directions C does not see get a tiny ridge)."""
+    P64, C64 = P.double(), C.double()
+    G = P64.T @ C64 @ P64
+    ridge = 1e-9 * float(G.diagonal().abs().mean().clamp(min=1e-30))
+    L = torch.linalg.cholesky(G + ridge * torch.eye(G.shape[0], dtype=G.dtype, device=G.device))
+    return torch.linalg.solve_triangular(L, P64.T, upper=False).T  # P L^-T
+
+
+def espace_fitted_residual(dW: torch.Tensor, Q: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual path on the activation directions Q keeps, with the least-squares B for them:
+    A = Q^T (L, in), B = dW C Q (out, L) minimizes E||dW x - B A x||^2 (Q^T C Q = I), so the path never
+    raises the output error (B = 0 is a candidate). With P the eigenvectors of C (statistic "act")
+    this is the same path as B = dW P, A = P^T."""
+    Q64 = Q.double()
+    B = dW.double() @ (C.double() @ Q64)
+    return B.to(torch.float32), Q64.T.contiguous().to(torch.float32)
+
+
+def _fitted_curve(dW: torch.Tensor, Q: torch.Tensor, C: torch.Tensor) -> list[float]:
+    """Output error tr(dW C dW^T) - sum_{i<r} ||dW C q_i||^2 of `espace_fitted_residual` at r = 0..L."""
+    D, C64 = dW.double(), C.double()
+    total = float((D @ C64 * D).sum())
+    gain = torch.cumsum((D @ (C64 @ Q.double())).square().sum(0), 0)
+    return [total] + (total - gain).clamp(min=0).cpu().tolist()
 
 
 def _gradient_stat(cfg: Any, x: LayerInputs, dW: torch.Tensor) -> torch.Tensor | None:

@@ -236,3 +236,74 @@ def test_cli_bad_input_is_one_line_exit_1(staged, tmp_path, case, message):
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.output
     assert not (tmp_path / "out").exists()
+
+
+def _correlated(n_in: int = 24, n_out: int = 16, seed: int = 0):
+    """A layer whose input channels are strongly correlated, and a quantization-like error."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n_in, n_in, generator=g, dtype=torch.float64)
+    X = torch.randn(4096, n_in, generator=g, dtype=torch.float64) @ mix
+    C = (X.T @ X / X.shape[0]).float()
+    W = torch.randn(n_out, n_in, generator=g)
+    dW = 0.05 * torch.randn(n_out, n_in, generator=g)
+    fisher = torch.rand(n_out, generator=g, dtype=torch.float64) * 10
+    return W, W - dW, C, fisher
+
+
+def _output_error(dW, B, A, C):
+    E = (dW - B @ A).double()
+    return float((E @ C.double() * E).sum())
+
+
+@pytest.mark.parametrize("stat", ["act", "weight", "grad"])
+def test_espace_residual_never_raises_the_output_error_and_its_curve_is_exact(stat):
+    from lpc.pipeline.compensation.methods import LayerInputs, espace
+    from lpc.recipes.schema import CompensateConfig
+
+    W, Wq, C, g_out = _correlated()
+    cfg = CompensateConfig(method="espace", espace_stat=stat, rank=4)
+    path = espace(cfg, LayerInputs(W, Wq, C, g_in=C.diagonal(), g_out=g_out))
+    curve = path.curve(12)
+    dW = W - Wq
+    none = _output_error(dW, torch.zeros(16, 1), torch.zeros(1, 24), C)
+    assert curve[0] == pytest.approx(none, rel=1e-6)
+    for r in (1, 4, 8, 12):
+        B, A = path.factors(r)
+        err = _output_error(dW, B, A, C)
+        assert err == pytest.approx(curve[r], rel=1e-4, abs=1e-9)
+        assert err < none and curve[r] <= curve[r - 1] + 1e-12
+        # B is the least-squares fit for the kept directions: any other B on the same A does no better
+        B_ls = torch.linalg.lstsq((A.double() @ C.double() @ A.double().T),
+                                  (A.double() @ C.double() @ dW.double().T)).solution.T
+        assert err <= _output_error(dW, B_ls.float(), A, C) * (1 + 1e-4)
+
+
+def test_espace_act_residual_is_the_plain_projection():
+    """For the activation statistic the fitted path is B = dW P, A = P^T up to a per-direction scale."""
+    from lpc.pipeline.compensation.espace import espace_projection, espace_residual
+    from lpc.pipeline.compensation.methods import LayerInputs, espace
+    from lpc.recipes.schema import CompensateConfig
+
+    W, Wq, C, _ = _correlated(seed=1)
+    B, A = espace(CompensateConfig(method="espace", rank=6), LayerInputs(W, Wq, C)).factors(6)
+    B0, A0 = espace_residual(W - Wq, espace_projection("act", 6, C))
+    torch.testing.assert_close(B @ A, B0 @ A0, rtol=1e-4, atol=1e-5)
+
+
+def test_the_unfitted_projection_can_raise_the_output_error():
+    """Why the residual path fits B: two anti-correlated inputs whose errors cancel. Weight- and
+    gradient-aware statistics keep the first channel; B = dW P then drops the second channel's
+    cancelling half and leaves ~29x the error of no path at all. The fitted path stays below it."""
+    from lpc.pipeline.compensation.espace import espace_projection, espace_residual
+    from lpc.pipeline.compensation.methods import LayerInputs, espace
+    from lpc.recipes.schema import CompensateConfig
+
+    C = torch.tensor([[1.0, -0.99], [-0.99, 1.0]])
+    dW = torch.tensor([[1.0, 0.9]])
+    none = _output_error(dW, torch.zeros(1, 1), torch.zeros(1, 2), C)
+    for stat in ("weight", "grad"):
+        B, A = espace_residual(dW, espace_projection(stat, 1, C, W=dW, C_g=dW.T @ dW))
+        assert _output_error(dW, B, A, C) > 10 * none
+        x = LayerInputs(dW, torch.zeros_like(dW), C, g_out=torch.ones(1, dtype=torch.float64))
+        B, A = espace(CompensateConfig(method="espace", espace_stat=stat, rank=1), x).factors(1)
+        assert _output_error(dW, B, A, C) < none
