@@ -46,7 +46,7 @@ def run(model: Path, calib_data: Path, heldout: Path, out: Path, ranks: list[int
     from lpc.pipeline.stages.compensate import compensate
     from lpc.recipes import load_recipe
 
-    base = load_recipe("nvfp4", ["calibrate.fisher=true"])
+    base = load_recipe("nvfp4_eora", ["calibrate.fisher=true"])  # its calibration keeps the covariances
     cal = stages.calibrate(str(model), str(calib_data), out / "calib", base, overwrite=True)
     quant = stages.quantize(str(model), base, out / "quant", calib=out / "calib", overwrite=True)
     result: dict[str, Any] = {
