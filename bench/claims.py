@@ -64,6 +64,26 @@ CLAIMS: dict[str, tuple[str, str, dict[str, tuple[str, list[str]]]]] = {
 }
 
 
+def pareto_of(run: Path) -> dict:
+    """The allocation's Pareto front (VaPr: bits per weight and the loss increase lpc measured on the
+    calibration text at each budget), when the row's run has one."""
+    f = run / "stages" / "alloc" / "pareto.json"
+    if not f.is_file():
+        return {}
+    points = json.loads(f.read_text())["points"]
+    return {"pareto": [{k: p.get(k) for k in ("budget_bits_per_weight", "bits_per_weight", "predicted_loss",
+                                              "measured_loss_increase")} for p in points]}
+
+
+def monotone(points: list[dict]) -> bool | None:
+    """Whether the measured loss increase falls as bits grow along the front (None: not measured)."""
+    pts = sorted((p["bits_per_weight"], p["measured_loss_increase"]) for p in points
+                 if p.get("measured_loss_increase") is not None)
+    if len(pts) < 2:
+        return None
+    return all(b[1] < a[1] for a, b in zip(pts, pts[1:]))
+
+
 def verdict(claim: str, rows: dict[str, dict]) -> dict:
     """Whether the claim's method has the lowest KL among its rows (EoRA: at every rank)."""
     statement, method, labels = CLAIMS[claim]
@@ -77,7 +97,11 @@ def verdict(claim: str, rows: dict[str, dict]) -> dict:
     if len(have) < len(labels):
         return {"claim": claim, "statement": statement, "holds": None, "missing": sorted(set(labels) - set(have))}
     best = min(have, key=lambda k: have[k]["kl_to_original"])
-    return {"claim": claim, "statement": statement, "holds": best == method, "lowest_kl": best}
+    out = {"claim": claim, "statement": statement, "holds": best == method, "lowest_kl": best}
+    if claim == "vapr":  # and the measured front must be monotone
+        out["pareto_monotone"] = monotone(have[method].get("pareto") or [])
+        out["holds"] = out["holds"] and out["pareto_monotone"] is True
+    return out
 
 
 def report(rows: list[dict]) -> str:
@@ -97,7 +121,14 @@ def report(rows: list[dict]) -> str:
         state = {True: "holds", False: "does not hold", None: "not measured"}[v["holds"]]
         out.append(f"- {v['claim']}: {state}: {v['statement']}"
                    + (f" (lowest KL: {v['lowest_kl']})" if "lowest_kl" in v else "")
-                   + (f" (by rank: {v['by_rank']})" if "by_rank" in v else ""))
+                   + (f" (by rank: {v['by_rank']})" if "by_rank" in v else "")
+                   + (f" (measured Pareto front monotone: {v['pareto_monotone']})" if "pareto_monotone" in v else ""))
+    for r in rows:
+        if r.get("pareto"):
+            out += ["", f"Pareto front of {r['row']} (loss increase measured on the calibration text, nats):", "",
+                    "| budget | bits/weight | predicted | measured |", "|---|---|---|---|"]
+            out += [f"| {p['budget_bits_per_weight']} | {p['bits_per_weight']:.3f} | {p['predicted_loss']:.5f} | "
+                    f"{p['measured_loss_increase']:.4f} |" for p in r["pareto"]]
     return "\n".join(out)
 
 
@@ -125,7 +156,7 @@ def main() -> None:
             key = (recipe, tuple(s for s in sets if s.startswith("calibrate.")))
             safe = label.replace(" ", "_").replace("/", "_").replace("(", "").replace(")", "").replace("=", "-")
             row = run_row(safe, recipe, sets, model, args.work, False, None, calib_of.get(key))
-            row.update(row=label, claim=claim)
+            row.update(row=label, claim=claim, **pareto_of(args.work / safe))
             if "error" not in row:
                 calib_of.setdefault(key, args.work / safe / "stages" / "calib")
             with args.out.open("a") as fh:
