@@ -19,10 +19,16 @@ from lpc.pipeline.progress import Progress, track
 
 log = logging.getLogger(__name__)
 
+# The most logits (batch x positions x vocab elements) computed at once: 2**27 is 0.5 GB in fp32,
+# about one 2048-token window of a 49k vocabulary. A batch holding more is scored in sub-batches.
+LOGIT_BUDGET = 1 << 27
+# Positions whose fp32 log-softmax copies exist at once when a row's KL is summed.
+POSITION_CHUNK = 256
+
 
 def perplexity(model: torch.nn.Module, tokenizer: Any, path: str | Path, seq_len: int = 256,
                progress: Progress | None = None, batch_size: int = 8,
-               max_tokens: int | None = None) -> dict:
+               max_tokens: int | None = None, logit_budget: int | None = None) -> dict:
     """Perplexity of `model` (on `model.device`) over the text in `path`.
 
     Protocol. `.jsonl` (an object with a string `text` per line): each record's text tokenized on
@@ -32,7 +38,8 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, path: str | Path, seq_len
     tokens of that stream (for jsonl, the truncated records laid end to end). A sequence of n
     tokens gives n-1 predictions; perplexity = exp(summed loss / predictions). Batches of
     `batch_size` (sorted by length, right-padded, masked) give the one-at-a-time result up to
-    float rounding.
+    float rounding; a batch's logits are computed in sub-batches of at most `logit_budget`
+    elements (default LOGIT_BUDGET), so memory does not grow with `batch_size`.
 
     Returns {"perplexity": float, "tokens": int (predictions), "sequences": int,
     "nll": float (mean loss, nats), "protocol": str}.
@@ -43,7 +50,7 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, path: str | Path, seq_len
     if max_tokens is not None:
         check_int("max_tokens", max_tokens, 2, "use at least 2 tokens, or None for all")
     seqs, how = _sequences(tokenizer, path, seq_len, max_tokens)
-    total, count = _score(model, seqs, batch_size, progress)
+    total, count = _score(model, seqs, batch_size, progress, logit_budget)
     return {"perplexity": math.exp(total / count), "tokens": count, "sequences": len(seqs),
             "nll": total / count,
             "protocol": f"{path.name}: {how}; exp(token-weighted mean next-token loss)"}
@@ -73,13 +80,16 @@ def _sequences(tokenizer: Any, path: Path, seq_len: int, max_tokens: int | None)
 
 def kl_divergence(model: torch.nn.Module, baseline: torch.nn.Module, tokenizer: Any, path: str | Path,
                   seq_len: int = 256, batch_size: int = 8, max_tokens: int | None = None,
-                  progress: Progress | None = None) -> dict:
+                  progress: Progress | None = None, logit_budget: int | None = None) -> dict:
     """Mean KL(baseline || model) of the next-token distributions over the perplexity protocol's
     predicted positions of `path` (nats per token, fp32 softmax, summed in fp64).
 
     Unlike perplexity it does not depend on how well either model fits the text: 0 means the
     compressed model predicts exactly like the baseline. Both models must share the tokenizer and
-    vocabulary. Returns {"kl": float, "tokens": int, "protocol": str}.
+    vocabulary. Memory: the logits of a batch are computed in sub-batches of at most
+    `logit_budget` elements (default LOGIT_BUDGET; at least one row), so the peak does not grow with
+    `batch_size`; the result is the whole batch's up to float rounding.
+    Returns {"kl": float, "tokens": int, "protocol": str}.
     """
     path = Path(path)
     check_int("seq_len", seq_len, 2, "use a window of at least 2 tokens, e.g. 256")
@@ -87,18 +97,21 @@ def kl_divergence(model: torch.nn.Module, baseline: torch.nn.Module, tokenizer: 
     seqs, how = _sequences(tokenizer, path, seq_len, max_tokens)
     batches = _length_batches(seqs, batch_size)
     parts = [0.0] * len(seqs)
+    vocab = _vocab_size(model)
     with eval_mode(model), eval_mode(baseline), torch.inference_mode():
         for batch in track(batches, "kl", progress):
-            rows = [seqs[i] for i in batch]
-            q = _batch_logits(model, rows)
-            p = _batch_logits(baseline, rows)
-            if p.shape[-1] != q.shape[-1]:
-                raise InputError(f"the baseline has {p.shape[-1]} output classes, the model {q.shape[-1]}",
-                                 "compare models that share the tokenizer and vocabulary")
-            for k, (i, row) in enumerate(zip(batch, rows)):
-                lp = torch.log_softmax(p[k, : len(row) - 1].float(), -1)
-                lq = torch.log_softmax(q[k, : len(row) - 1].to(lp.device).float(), -1)
-                parts[i] = float((lp.exp() * (lp - lq)).sum(dtype=torch.float64))
+            # Streamed: the logits of both models exist for one sub-batch at a time (logit_budget),
+            # and the fp32 log-softmax copies for POSITION_CHUNK positions at a time.
+            for sub in _sub_batches([len(seqs[i]) for i in batch], vocab, logit_budget):
+                rows = [seqs[batch[j]] for j in sub]
+                q = _batch_logits(model, rows)
+                p = _batch_logits(baseline, rows)
+                if p.shape[-1] != q.shape[-1]:
+                    raise InputError(f"the baseline has {p.shape[-1]} output classes, the model {q.shape[-1]}",
+                                     "compare models that share the tokenizer and vocabulary")
+                for k, (j, row) in enumerate(zip(sub, rows)):
+                    parts[batch[j]] = _row_kl(p[k, : len(row) - 1], q[k, : len(row) - 1])
+                del q, p
     count = sum(len(s) - 1 for s in seqs)
     return {"kl": math.fsum(parts) / count, "tokens": count,
             "protocol": f"{path.name}: {how}; mean KL(baseline || model) per predicted token"}
@@ -113,6 +126,39 @@ def _batch_logits(model: torch.nn.Module, rows: list[list[int]], device: Any = N
     mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(x) for x in seqs], batch_first=True)
     padded = bool((mask == 0).any())
     return model(input_ids=ids.to(device), attention_mask=mask.to(device) if padded else None).logits
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    """The model's output classes (config.vocab_size, else the output embedding's rows; 1 if unknown)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        vocab = int(head.weight.shape[0]) if head is not None and hasattr(head, "weight") else 1
+    return max(1, vocab)
+
+
+def _sub_batches(lengths: list[int], vocab: int, budget: int | None) -> list[list[int]]:
+    """Consecutive positions of `lengths` (sorted longest first) grouped so that rows x longest x vocab
+    stays within `budget` elements (default LOGIT_BUDGET); a row over it alone is a group of one."""
+    budget = LOGIT_BUDGET if budget is None else budget
+    groups: list[list[int]] = []
+    for j, n in enumerate(lengths):
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] * vocab <= budget:
+            groups[-1].append(j)
+        else:
+            groups.append([j])
+    return groups
+
+
+def _row_kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Summed KL(softmax p || softmax q) over the rows of logits p, q (positions, vocab): fp32
+    log-softmax, fp64 sum, POSITION_CHUNK positions at a time."""
+    total = torch.zeros((), dtype=torch.float64)
+    for s in range(0, p.shape[0], POSITION_CHUNK):
+        lp = torch.log_softmax(p[s : s + POSITION_CHUNK].float(), -1)
+        lq = torch.log_softmax(q[s : s + POSITION_CHUNK].to(lp.device).float(), -1)
+        total += (lp.exp() * (lp - lq)).sum(dtype=torch.float64).cpu()
+    return float(total)
 
 
 def check_int(name: str, value: Any, least: int, fix: str) -> None:
@@ -134,15 +180,17 @@ def _cap_tokens(seqs: list[list[int]], max_tokens: int | None) -> list[list[int]
 
 
 def _score(model: torch.nn.Module, seqs: list[list[int]], batch_size: int,
-           progress: Progress | None) -> tuple[float, int]:
+           progress: Progress | None, logit_budget: int | None = None) -> tuple[float, int]:
     """(summed next-token loss in nats, as fp64; number of predictions) over `seqs`."""
     batches = _length_batches(seqs, batch_size)
     device = getattr(model, "device", None) or next(model.parameters()).device
     losses = [0.0] * len(seqs)
     with eval_mode(model), torch.inference_mode():
         for batch in track(batches, "perplexity", progress):
-            for i, loss in zip(batch, _batch_losses(model, [seqs[i] for i in batch], device)):
-                losses[i] = loss
+            for sub in _sub_batches([len(seqs[i]) for i in batch], _vocab_size(model), logit_budget):
+                rows = [seqs[batch[j]] for j in sub]
+                for j, loss in zip(sub, _batch_losses(model, rows, device)):
+                    losses[batch[j]] = loss
     # Summed in input order so that the total does not depend on the batching.
     return math.fsum(losses), sum(len(s) - 1 for s in seqs)
 
