@@ -99,28 +99,91 @@ def run_row(label: str, recipe: str, sets: list[str], model: Path, work: Path, t
                stage_seconds={s.get("stage", str(i)): s.get("seconds") for i, s in enumerate(comp.get("stages", []))},
                stages_skipped=[s.get("stage") for s in comp.get("stages", []) if s.get("skipped")],
                compress_peak_rss_mb=round(rss, 1), compress_peak_rss_mb_lpc=comp.get("peak_rss_mb"))
-    ecmd = lpc("eval", comp.get("artifact", str(out / "model")), "--baseline", str(model),
+    artifact = comp.get("artifact", str(out / "model"))
+    ecmd = lpc("eval", artifact, "--baseline", str(model),
                "--ppl", str(P.EVAL), "--seq-len", str(P.EVAL_SEQ_LEN), "--json")
-    if tasks:
-        ecmd += ["--tasks", ",".join(P.TASKS)]
-        if limit:
-            ecmd += ["--limit", str(limit)]
     ev, err, ewall, erss = _child(ecmd)
     if ev is None:
         return {**row, "error": f"lpc eval failed: {err}"}
     key = str(P.EVAL)
     det = (ev.get("details") or {}).get(key, {})
-    row.update(perplexity=ev["perplexity"][key], predictions=det.get("tokens"),
+    row.update(artifact=str(artifact), perplexity=ev["perplexity"][key], predictions=det.get("tokens"),
                original_perplexity=ev["baseline"]["perplexity"][key],
                kl_to_original=(ev.get("kl_to_baseline") or {}).get(key),
                eval_seconds=round(ewall, 1), eval_peak_rss_mb=round(erss, 1))
     if tasks:
-        row["tasks"] = ev.get("tasks")
-        row["original_tasks"] = ev["baseline"].get("tasks")
-        row["task_limit"] = limit
-        row["accuracy"] = _accuracies(ev.get("tasks") or {})
-        row["original_accuracy"] = _accuracies(ev["baseline"].get("tasks") or {})
+        add_tasks(row, Path(artifact), model, work, limit)
     return row
+
+
+def _tasks_cmd(path: Path, limit: int | None) -> list[str]:
+    cmd = lpc("eval", str(path), "--tasks", ",".join(P.TASKS), "--tasks-data", str(P.MC), "--json")
+    return cmd + (["--limit", str(limit)] if limit else [])
+
+
+def original_tasks(model: Path, work: Path, limit: int | None) -> dict:
+    """The original's task report, computed once and cached in WORK/original_tasks.json, keyed on the
+    model directory (path, weight file sizes and mtimes), the task list, the data folder and the limit;
+    every row is compared with it instead of evaluating the original again."""
+    key = _original_key(model, limit)
+    cache = work / "original_tasks.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return saved
+    ev, err, wall, rss = _child(_tasks_cmd(model, limit))
+    if ev is None:
+        raise SystemExit(f"lpc eval of the original's tasks failed: {err}")
+    saved = {"key": key, "tasks": ev["tasks"], "seconds": round(wall, 1), "peak_rss_mb": round(rss, 1)}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(saved, indent=1) + "\n")
+    return saved
+
+
+def _original_key(model: Path, limit: int | None) -> dict:
+    model = model.resolve()
+    weights = sorted(model.glob("*.safetensors"))
+    return {"model": str(model), "weights": [[w.name, w.stat().st_size, int(w.stat().st_mtime)] for w in weights],
+            "tasks": P.TASKS, "tasks_data": str(P.MC), "limit": limit}
+
+
+def add_tasks(row: dict, artifact: Path, model: Path, work: Path, limit: int | None,
+              report: dict | None = None) -> dict:
+    """Task accuracies of `artifact` (or of a saved `lpc eval --tasks --json` report) into `row`, with
+    the cached original's and the recovery (mean accuracy / the original's mean accuracy)."""
+    if report is None:
+        report, err, wall, rss = _child(_tasks_cmd(artifact, limit))
+        if report is None:
+            row["tasks_error"] = f"lpc eval --tasks failed: {err}"
+            return row
+        row.update(task_seconds=round(wall, 1), task_peak_rss_mb=round(rss, 1))
+    orig = original_tasks(model, work, limit)
+    samples = {t: v.get("samples") for t, v in report["tasks"].items()}
+    orig_samples = {t: v.get("samples") for t, v in orig["tasks"].items()}
+    if samples != orig_samples:
+        raise SystemExit(f"{artifact}: task sample counts {samples} differ from the original's {orig_samples}")
+    row.update(tasks=report["tasks"], original_tasks=orig["tasks"], task_limit=limit,
+               accuracy=_accuracies(report["tasks"]), original_accuracy=_accuracies(orig["tasks"]))
+    mean, base = row["accuracy"].get("mean"), row["original_accuracy"].get("mean")
+    row["task_recovery"] = mean / base if mean is not None and base else None
+    return row
+
+
+def seed_original(model: Path, work: Path, limit: int | None, report_path: Path) -> None:
+    """Write the original's task cache from a saved `lpc eval MODEL --tasks ... --json` report."""
+    report = json.loads(report_path.read_text())
+    if sorted(report.get("tasks") or {}) != sorted(P.TASKS) or Path(report.get("model", "")).resolve() != model.resolve():
+        raise SystemExit(f"{report_path}: not a report of {model} on the tasks {P.TASKS}")
+    (work / "original_tasks.json").unlink(missing_ok=True)
+    key = _original_key(model, limit)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "original_tasks.json").write_text(json.dumps(
+        {"key": key, "tasks": report["tasks"], "seconds": report.get("seconds"), "from": str(report_path)},
+        indent=1) + "\n")
+
+
+def _label(row: dict) -> str:
+    return row["row"] if "row" in row else f"{row.get('peer')}_{row.get('config')}"
 
 
 def _accuracies(tasks: dict) -> dict:
@@ -136,7 +199,7 @@ def markdown(rows: list[dict]) -> str:
     with_tasks = any(r.get("accuracy") for r in rows)
     head = ["method", "bits/weight", "perplexity", "KL", "compress s", "peak RSS MB"]
     if with_tasks:
-        head += ["task mean acc"]
+        head += ["task mean acc (recovery)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if orig is not None:
         cells = ["bf16 original", "16", f"{orig:.3f}", "0", "", ""]
@@ -161,9 +224,40 @@ def markdown(rows: list[dict]) -> str:
                  + (" (calibration reused)" if "calibrate" in r.get("stages_skipped", []) else ""),
                  f"{rss:.0f}" if rss is not None else ""]
         if with_tasks:
-            mean = (r.get("accuracy") or {}).get("mean")
-            cells.append(f"{mean:.4f}" if mean is not None else "")
+            mean, rec = (r.get("accuracy") or {}).get("mean"), r.get("task_recovery")
+            cells.append((f"{mean:.4f}" if mean is not None else "") + (f" ({rec:.1%})" if rec is not None else ""))
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _name(r: dict) -> str:
+    if "peer" in r:
+        return f"{r['peer']} {r['config']} ({r.get('modifier')} {r.get('scheme')})"
+    return f"lpc `{r['recipe']}`" + (" " + " ".join(f"`{s}`" for s in r["set"]) if r.get("set") else "")
+
+
+def markdown_tasks(rows: list[dict]) -> str:
+    """The README's task table: accuracy per task (TASK_METRIC), mean and recovery, rows with tasks only."""
+    rows = [r for r in rows if (r.get("accuracy") or {}).get("mean") is not None and "error" not in r]
+    if not rows:
+        return ""
+    tasks = list(TASK_METRIC)
+    head = ["method"] + [f"{t.removesuffix('_local')} ({TASK_METRIC[t]})" for t in tasks] + ["mean", "recovery"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    orig = rows[0]["original_accuracy"]
+    n = {t: rows[0]["original_tasks"][t].get("samples") for t in tasks}
+    lines.append("| " + " | ".join(["bf16 original"] + [f"{orig[t]:.4f}" for t in tasks]
+                                   + [f"{orig['mean']:.4f}", "100%"]) + " |")
+    for r in rows:
+        if r["original_accuracy"] != orig:
+            raise SystemExit(f"{_label(r)}: compared with another original's accuracies than the first row's")
+        acc = r["accuracy"]
+        lines.append("| " + " | ".join([_name(r)] + [f"{acc[t]:.4f}" for t in tasks]
+                                       + [f"{acc['mean']:.4f}", f"{r['task_recovery']:.1%}"]) + " |")
+    limit = rows[0].get("task_limit")
+    lines.append("")
+    lines.append("Documents per task: " + ", ".join(f"{t.removesuffix('_local')} {n[t]}" for t in tasks)
+                 + (f" (first {limit})" if limit else " (full sets)") + "; zero-shot, lm-eval via `lpc eval --tasks`.")
     return "\n".join(lines)
 
 
@@ -179,15 +273,41 @@ def main() -> None:
                     help="copy this calib/ (e.g. runs/smollm2/nvfp4/stages/calib) into each row first; lpc skips "
                          "calibration when it matches (its seconds are then not in compress_seconds)")
     ap.add_argument("-o", "--out", type=Path, help="also write the JSON list here")
+    ap.add_argument("--tasks-of", action="append", default=[], metavar="ROW=PATH",
+                    help="add task accuracies to the existing row ROW of --out (lpc or peer row, e.g. "
+                         "llmcompressor_nvfp4a16_rtn): PATH is the row's model directory (evaluated now) or a "
+                         "saved `lpc eval --tasks ... --json` report")
+    ap.add_argument("--original-report", type=Path, metavar="JSON",
+                    help="a saved `lpc eval MODEL --tasks ... --json` report of the original: seeds the cache "
+                         "WORK/original_tasks.json instead of evaluating the original")
     ap.add_argument("--markdown", nargs="*", type=Path, metavar="JSON",
                     help="print the README table; with files, from those saved JSON lists (no run)")
     args = ap.parse_args()
     if args.markdown:
         rows = [r for f in args.markdown for r in json.loads(f.read_text())]
         print(markdown(rows))
+        if any((r.get("accuracy") or {}).get("mean") is not None for r in rows):
+            print("\n" + markdown_tasks(rows))
+        return
+    model = P.model_dir()
+    if args.original_report:
+        seed_original(model, args.work, args.limit, args.original_report)
+    if args.tasks_of:
+        if not args.out or not args.out.is_file():
+            raise SystemExit("--tasks-of needs -o/--out FILE, the saved JSON list holding the rows")
+        rows = json.loads(args.out.read_text())
+        for spec in args.tasks_of:
+            label, _, path = spec.partition("=")
+            row = next((r for r in rows if _label(r) == label), None)
+            if row is None or not path:
+                raise SystemExit(f"--tasks-of {spec}: give ROW=PATH with ROW among {[_label(r) for r in rows]}")
+            path = Path(path)
+            report = json.loads(path.read_text()) if path.is_file() else None
+            add_tasks(row, path, model, args.work, args.limit, report)
+            print(json.dumps({k: row.get(k) for k in ("accuracy", "task_recovery")}), flush=True)
+            args.out.write_text(json.dumps(rows, indent=1) + "\n")
         return
     names = args.only.split(",") if args.only else DEFAULT
-    model = P.model_dir()
     rows = []
     for name in names:
         recipe, sets = ROWS.get(name, (name, []))
@@ -197,9 +317,11 @@ def main() -> None:
         rows.append(row)
         if args.markdown is None:
             print(json.dumps(row), flush=True)
-    if args.out:
+    if args.out:  # rows of other labels already in the file are kept; a row of the same label is replaced
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+        old = json.loads(args.out.read_text()) if args.out.is_file() else []
+        new = {_label(r) for r in rows}
+        args.out.write_text(json.dumps([r for r in old if _label(r) not in new] + rows, indent=1) + "\n")
     if args.markdown is not None:
         print(markdown(rows))
 
