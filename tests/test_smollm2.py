@@ -1,8 +1,8 @@
 """SmolLM2-135M-Instruct under the issue-12 protocol: `lpc compress --recipe nvfp4` keeps the bench figure.
 
 The model is never fetched here: run ../shared/assets/smollm2/get.sh once (it prints the directory,
-${LPC_MODELS:-~/.cache/lpc-models}/smollm2-135m). Slow: on a shared 2-core CPU the calibration of
-128 x 512 tokens took 28 minutes (fp64 X^T X accumulation), quantize 2, eval 3.
+${LPC_MODELS:-~/.cache/lpc-models}/smollm2-135m). Slow: on a 2-core CPU compress takes about one
+minute (calibration 39 s, quantize 16 s) and the perplexity evaluation two to four.
 """
 from __future__ import annotations
 
@@ -19,12 +19,20 @@ MODEL = Path(os.environ.get("LPC_MODELS", Path.home() / ".cache" / "lpc-models")
 CALIB = ASSETS / "data" / "wikitext2" / "calib_tail.txt"
 EVAL = ASSETS / "data" / "wikitext2" / "eval_head.txt"
 
-# bench/results/smollm2.json, row "nvfp4" (python bench/smollm2.py --only nvfp4): lpc eval computes
-# in the checkpoint's bf16. Tolerance 1% relative: the run is deterministic on one machine, the
-# margin is for other CPUs / torch builds; it is far below the gap to plain round-to-nearest NVFP4.
-NVFP4_PPL = 24.039  # bench: 24.0392 (KL 0.1287, 4.50 bits/weight)
+# The bench figure is read from bench/results/smollm2.json, row "nvfp4" (python bench/smollm2.py
+# --only nvfp4 -o bench/results/smollm2.json), so the test follows the committed table. lpc eval
+# computes in the checkpoint's bf16. Tolerance 1% relative (about 0.24 perplexity): the run is
+# deterministic on one machine, the margin is for other CPUs / torch builds; it is far below the gap to
+# plain round-to-nearest NVFP4 (26.67, bench/results/claims.jsonl) and to the original (20.87).
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "results" / "smollm2.json"
 NVFP4_TOL = 0.01
 PREDICTIONS = 32821  # 17 windows of eval_head.txt's 32,838 tokens (SOURCES.md)
+
+
+def bench_nvfp4_perplexity() -> float:
+    rows = [r for r in json.loads(BENCH.read_text()) if r.get("row") == "nvfp4" and "error" not in r]
+    assert len(rows) == 1, f"{BENCH} should hold one nvfp4 row"
+    return rows[0]["perplexity"]
 
 
 def _lpc(*args: str) -> dict:
@@ -44,4 +52,6 @@ def test_smollm2_nvfp4_perplexity_matches_the_bench(tmp_path):
     assert comp["bits_per_weight"] == pytest.approx(4.5, abs=0.1)
     ev = _lpc("eval", comp["artifact"], "--ppl", str(EVAL), "--seq-len", "2048")
     assert ev["details"][str(EVAL)]["tokens"] == PREDICTIONS
-    assert ev["perplexity"][str(EVAL)] == pytest.approx(NVFP4_PPL, rel=NVFP4_TOL)
+    want = bench_nvfp4_perplexity()
+    assert 20.0 < want < 26.0  # the committed figure itself is an nvfp4 one (original 20.87, RTN 26.67)
+    assert ev["perplexity"][str(EVAL)] == pytest.approx(want, rel=NVFP4_TOL)
