@@ -12,9 +12,11 @@ bench talks to lpc only through its command line.
   adds none either: the same 32,838 ids), non-overlapping windows of 2048 tokens, the last partial
   window kept (17 windows, 32,821 predictions). Perplexity = exp(summed next-token loss /
   predictions); KL = mean over the same predicted positions of KL(original || compressed), fp32
-  softmax, each window summed in fp64, windows added with math.fsum in input order. Batches of 8
-  windows sorted longest first, right-padded and masked only when lengths differ: the same
-  arithmetic as `lpc eval --seq-len 2048 [--baseline MODEL]` (pipeline/evaluation/perplexity.py).
+  softmax, each window summed in fp64 over chunks of 256 positions, windows added with math.fsum in
+  input order. Batches of 8 windows sorted longest first, each scored in sub-batches of at most
+  LOGIT_BUDGET logits (one 2048-token window of SmolLM2's vocabulary), right-padded and masked only
+  when lengths differ: the same arithmetic as `lpc eval --seq-len 2048 [--baseline MODEL]`
+  (pipeline/evaluation/perplexity.py), with its bounded memory.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 # Reference figures (../shared/assets/SOURCES.md): the bf16 original in fp32 compute.
 REF_PPL_FP32 = 20.85
 REF_PREDICTIONS = 32821
+LOGIT_BUDGET = 1 << 27  # = lpc.pipeline.evaluation.perplexity.LOGIT_BUDGET (no lpc import here)
+POSITION_CHUNK = 256
 
 
 def model_dir() -> Path:
@@ -78,6 +82,30 @@ def _batches(seqs: list[list[int]], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def _sub_batches(lengths: list[int], vocab: int, budget: int | None = None) -> list[list[int]]:
+    """Consecutive positions of `lengths` (longest first) with rows x longest x vocab <= budget (>= 1 row)."""
+    budget = LOGIT_BUDGET if budget is None else budget
+    groups: list[list[int]] = []
+    for j in range(len(lengths)):
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] * vocab <= budget:
+            groups[-1].append(j)
+        else:
+            groups.append([j])
+    return groups
+
+
+def _row_kl(p, q) -> float:
+    """Summed KL(softmax p || softmax q) over positions, fp32 log-softmax, fp64 sum, in position chunks."""
+    import torch
+
+    total = torch.zeros((), dtype=torch.float64)
+    for s in range(0, p.shape[0], POSITION_CHUNK):
+        lp = torch.log_softmax(p[s:s + POSITION_CHUNK].float(), -1)
+        lq = torch.log_softmax(q[s:s + POSITION_CHUNK].float(), -1)
+        total += (lp.exp() * (lp - lq)).sum(dtype=torch.float64)
+    return float(total)
+
+
 def _logits(model, rows: list[list[int]]):
     import torch
 
@@ -100,18 +128,18 @@ def score(model, seqs: list[list[int]], baseline=None, batch_size: int = BATCH_S
         baseline.eval()
     with torch.inference_mode():
         for batch in _batches(seqs, batch_size):
-            rows = [seqs[i] for i in batch]
-            q = _logits(model, rows)
-            p = _logits(baseline, rows) if baseline is not None else None
-            for k, (i, row) in enumerate(zip(batch, rows)):
-                lq32 = q[k, :len(row) - 1].float()
-                target = torch.tensor(row[1:], dtype=torch.long)
-                losses[i] = float(F.cross_entropy(lq32, target, reduction="sum"))
-                if p is not None:
-                    lp = torch.log_softmax(p[k, :len(row) - 1].float(), -1)
-                    lq = torch.log_softmax(lq32, -1)
-                    kls[i] = float((lp.exp() * (lp - lq)).sum(dtype=torch.float64))
-            del q, p
+            for sub in _sub_batches([len(seqs[i]) for i in batch], model.config.vocab_size):
+                sub = [batch[j] for j in sub]
+                rows = [seqs[i] for i in sub]
+                q = _logits(model, rows)
+                p = _logits(baseline, rows) if baseline is not None else None
+                for k, (i, row) in enumerate(zip(sub, rows)):
+                    lq32 = q[k, :len(row) - 1].float()
+                    target = torch.tensor(row[1:], dtype=torch.long)
+                    losses[i] = float(F.cross_entropy(lq32, target, reduction="sum"))
+                    if p is not None:
+                        kls[i] = _row_kl(p[k, :len(row) - 1], q[k, :len(row) - 1])
+                del q, p
     count = sum(len(s) - 1 for s in seqs)
     out = {"perplexity": math.exp(math.fsum(losses) / count), "predictions": count, "windows": len(seqs)}
     if baseline is not None:

@@ -105,3 +105,25 @@ def test_lm_eval_batched_loglikelihoods_equal_unbatched(setup):
     for (ll1, g1), (ll8, g8) in zip(one, eight):
         assert ll8 == pytest.approx(ll1, rel=1e-5, abs=1e-5)
         assert g8 == g1
+
+
+def test_bench_protocol_scores_like_lpc_eval(setup, monkeypatch):
+    """bench/_protocol.py (the peers' evaluator, no lpc import) gives lpc eval's perplexity and KL,
+    also when its logits are streamed one row at a time."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import _protocol
+
+    tok, model, other, path = setup
+    seqs = token_windows(tok, path, 48)
+    want_kl = kl_divergence(other, model, tok, path, seq_len=48, batch_size=3)["kl"]
+    want_ppl = perplexity(other, tok, path, seq_len=48, batch_size=3)["perplexity"]
+    monkeypatch.setattr(_protocol, "LOGIT_BUDGET", 1)
+    monkeypatch.setattr(_protocol, "POSITION_CHUNK", 7)
+    assert _protocol._sub_batches([48, 48, 30], 10**3) == [[0], [1], [2]]  # one row per block
+    got = _protocol.score(other, seqs, baseline=model, batch_size=3)
+    assert got["predictions"] == sum(len(s) - 1 for s in seqs)
+    assert got["kl_to_original"] == pytest.approx(want_kl, rel=1e-6)
+    assert got["perplexity"] == pytest.approx(want_ppl, rel=1e-6)
