@@ -53,8 +53,9 @@ TASK_METRIC = {"arc_easy_local": "acc", "arc_challenge_local": "acc_norm", "piqa
                "winogrande_local": "acc", "openbookqa_local": "acc_norm"}
 
 
-def _child(cmd: list[str]) -> tuple[dict | None, str, float, float]:
-    """(parsed JSON stdout or None, stderr tail, wall seconds, peak RSS MB of that child via wait4)."""
+def _child(cmd: list[str]) -> tuple[dict | None, str, float, float, float]:
+    """(parsed JSON stdout or None, stderr tail, wall seconds, peak RSS MB, CPU seconds (user + sys) of
+    that child via wait4)."""
     env = {**os.environ, **P.OFFLINE_ENV}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
@@ -68,7 +69,8 @@ def _child(cmd: list[str]) -> tuple[dict | None, str, float, float]:
         data = json.loads(stdout) if proc.returncode == 0 else None
     except json.JSONDecodeError:
         data = None
-    return data, "\n".join(stderr.strip().splitlines()[-3:]), wall, usage.ru_maxrss / 1024
+    cpu = usage.ru_utime + usage.ru_stime
+    return data, "\n".join(stderr.strip().splitlines()[-3:]), wall, usage.ru_maxrss / 1024, cpu
 
 
 def lpc(*args: str) -> list[str]:
@@ -88,21 +90,22 @@ def run_row(label: str, recipe: str, sets: list[str], model: Path, work: Path, t
               "-o", str(out), "--overwrite", "--json")
     for s in sets:
         cmd += ["--set", s]
-    comp, err, wall, rss = _child(cmd)
+    comp, err, wall, rss, cpu = _child(cmd)
     row: dict = {"row": label, "recipe": recipe, "set": sets, "model": str(model)}
     if reuse_calib is not None:
         row["calib_copied_from"] = str(reuse_calib)
     if comp is None:
         return {**row, "error": f"lpc compress failed: {err}"}
     row.update(bits_per_weight=comp.get("bits_per_weight"),
-               compress_seconds=round(wall, 1), compress_seconds_lpc=comp.get("compress_seconds"),
+               compress_seconds=round(wall, 1), compress_cpu_seconds=round(cpu, 1),
+               compress_seconds_lpc=comp.get("compress_seconds"),
                stage_seconds={s.get("stage", str(i)): s.get("seconds") for i, s in enumerate(comp.get("stages", []))},
                stages_skipped=[s.get("stage") for s in comp.get("stages", []) if s.get("skipped")],
                compress_peak_rss_mb=round(rss, 1), compress_peak_rss_mb_lpc=comp.get("peak_rss_mb"))
     artifact = comp.get("artifact", str(out / "model"))
     ecmd = lpc("eval", artifact, "--baseline", str(model),
                "--ppl", str(P.EVAL), "--seq-len", str(P.EVAL_SEQ_LEN), "--json")
-    ev, err, ewall, erss = _child(ecmd)
+    ev, err, ewall, erss, _ = _child(ecmd)
     if ev is None:
         return {**row, "error": f"lpc eval failed: {err}"}
     key = str(P.EVAL)
@@ -131,7 +134,7 @@ def original_tasks(model: Path, work: Path, limit: int | None) -> dict:
         saved = json.loads(cache.read_text())
         if saved.get("key") == key:
             return saved
-    ev, err, wall, rss = _child(_tasks_cmd(model, limit))
+    ev, err, wall, rss, _ = _child(_tasks_cmd(model, limit))
     if ev is None:
         raise SystemExit(f"lpc eval of the original's tasks failed: {err}")
     saved = {"key": key, "tasks": ev["tasks"], "seconds": round(wall, 1), "peak_rss_mb": round(rss, 1)}
@@ -152,7 +155,7 @@ def add_tasks(row: dict, artifact: Path, model: Path, work: Path, limit: int | N
     """Task accuracies of `artifact` (or of a saved `lpc eval --tasks --json` report) into `row`, with
     the cached original's and the recovery (mean accuracy / the original's mean accuracy)."""
     if report is None:
-        report, err, wall, rss = _child(_tasks_cmd(artifact, limit))
+        report, err, wall, rss, _ = _child(_tasks_cmd(artifact, limit))
         if report is None:
             row["tasks_error"] = f"lpc eval --tasks failed: {err}"
             return row
