@@ -130,7 +130,9 @@ def eval_cmd(path: Annotated[str, typer.Argument(help="artifact or model directo
              tasks: Tasks = None, tasks_dir: TasksDir = None, tasks_data: TasksData = None, limit: Limit = None,
              max_length: Annotated[Optional[int], typer.Option("--max-length",
                                                                help="lm-eval context length (default: the model's)")] = None,
-             baseline: Annotated[Optional[str], typer.Option("--baseline", help="model to compare against")] = None,
+             baseline: Annotated[Optional[str], typer.Option("--baseline", help=(
+                 "model to compare against, or a saved report of it (lpc eval MODEL --json > FILE.json, "
+                 "or an -o DIR): compared without re-evaluating it; KL needs the model"))] = None,
              fail_under_recovery: Gate = None,
              out: Annotated[Optional[Path], typer.Option(
                  "-o", "--out", help="write the report as an eval artifact here (eval.json + manifest.json)")] = None,

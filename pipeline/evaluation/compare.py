@@ -1,8 +1,10 @@
 """Comparison of two evaluation reports (deltas, recoveries) and the CI recovery gate (exit 3)."""
 from __future__ import annotations
 
+import json
 import logging
 import math
+from pathlib import Path
 from typing import Any, Mapping
 
 from lpc.pipeline.errors import GateFailed, InputError
@@ -38,6 +40,45 @@ def compare(result: Mapping, baseline: Mapping) -> dict:
     worst = min(metrics, key=lambda n: (metrics[n]["recovery"], n))
     return {"metrics": metrics, "recovery": metrics[worst]["recovery"], "worst": worst,
             "unmatched": unmatched}
+
+
+def saved_baseline(baseline: Any, ppl: list | None = None, tasks: list | None = None,
+                   limit: int | None = None) -> dict | None:
+    """The baseline as a saved report when `baseline` names one, else None (a model to evaluate).
+
+    A saved report is what `lpc eval MODEL ... --json` prints (a .json file) or what `lpc eval MODEL
+    ... -o DIR` writes (DIR/eval.json, a directory without config.json). It stands for the original
+    in every comparison, so a CI job evaluates the original once and gates each compressed model
+    against the file. It must hold every asked perplexity file (same protocol and token count,
+    checked by compare) and task (same sample count); KL needs the model itself. Returns
+    {"model", "perplexity", "tasks", "details", "from"}; a bad file raises InputError.
+    """
+    path = Path(str(baseline)).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "eval.json").is_file():
+        path = path / "eval.json"
+    elif not (path.is_file() and path.suffix == ".json"):
+        return None
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise InputError(f"baseline report {path} is not readable JSON ({err})",
+                         "write it with `lpc eval MODEL ... --json > FILE.json` or `-o DIR`") from err
+    if not isinstance(report, dict) or not isinstance(report.get("perplexity", {}), dict) \
+            or not isinstance(report.get("tasks", {}), dict):
+        raise InputError(f"baseline report {path} is not an lpc eval report",
+                         "write it with `lpc eval MODEL ... --json > FILE.json` or `-o DIR`")
+    details = report.get("details") or {}
+    missing = [str(f) for f in ppl or [] if str(f) not in details]
+    missing += [t for t in tasks or [] if t not in (report.get("tasks") or {})]
+    if missing:
+        raise InputError(f"baseline report {path} lacks {missing}",
+                         "evaluate the original on the same --ppl files and --tasks, or pass the model")
+    if limit is not None and tasks:
+        counts = {t: report["tasks"][t].get("samples") for t in tasks}
+        log.info("baseline report %s: task sample counts %s (limit %s here)", path, counts, limit)
+    return {"model": report.get("model", str(path)), "perplexity": report.get("perplexity") or {},
+            "tasks": {t: report["tasks"][t] for t in tasks or []},
+            "details": {str(f): details[str(f)] for f in ppl or []}, "from": str(path)}
 
 
 def check_gate(recovery: float | Mapping, fail_under: float | None) -> None:

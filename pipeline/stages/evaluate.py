@@ -91,11 +91,17 @@ def evaluate_report(path: str | Path, baseline: str | Path | None = None, fail_u
     out = {"perplexity": result["perplexity"], "tasks": result["tasks"], "baseline": None,
            "recovery": None, "model": str(path), "details": result["details"], "seconds": result["seconds"]}
     if baseline is not None:
-        base = evaluate_model(baseline, **kwargs)
+        from lpc.pipeline.evaluation.compare import saved_baseline
+
+        # A saved report of the original (lpc eval MODEL --json / -o DIR) is compared as is: no re-evaluation.
+        saved = saved_baseline(baseline, kwargs.get("ppl"), kwargs.get("tasks"), kwargs.get("limit"))
+        base = saved or evaluate_model(baseline, **kwargs)
         cmp = compare(_as_report(result), _as_report(base))
         out["baseline"] = {"model": str(baseline), "perplexity": base["perplexity"], "tasks": base["tasks"]}
+        if saved:
+            out["baseline"].update(model=saved["model"], report=saved["from"])
         out["compare"] = cmp
-        if kwargs.get("ppl"):
+        if kwargs.get("ppl") and not saved:  # KL needs the baseline model itself
             out["kl_to_baseline"] = _kl_to_baseline(path, baseline, **kwargs)
         out["recovery"] = cmp.get("recovery")
         gate_report(out, fail_under_recovery)  # GateFailed carries the report: the CLI still shows the numbers
@@ -142,8 +148,12 @@ def read_report(out: str | Path) -> dict[str, Any]:
 
 
 def _files_of(model: str | Path) -> list[Path]:
+    from lpc.pipeline.evaluation.compare import saved_baseline
     from lpc.pipeline.io.models import model_files, resolve_model
 
+    saved = saved_baseline(model)
+    if saved:
+        return [Path(saved["from"])]
     return model_files(resolve_model(str(model)))
 
 
