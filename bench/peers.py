@@ -17,6 +17,11 @@ dependency of lpc. Each config is two child processes of this script, so that wa
      the same arithmetic as `lpc eval --seq-len 2048 --baseline MODEL` (bench/_protocol.py, score).
 `--dtype auto` (default) computes in the checkpoints' bf16, as `lpc eval` does today, so the figures
 sit beside lpc's; `--dtype float32` is the protocol's fp32 compute (original: 20.85).
+Task accuracies of a peer's weight-only checkpoint (lm-eval is not in .venv-peers) come from lpc's
+evaluator in the main venv, which decompresses compressed-tensors checkpoints, against the cached
+original's (bench/smollm2.py, original_tasks):
+    python bench/smollm2.py --tasks-of llmcompressor_nvfp4a16_rtn=runs/peers/nvfp4a16_rtn -o bench/results/peers.json
+(not for W4A4 checkpoints: that loader runs the weights without the activation fake-quantization).
 """
 from __future__ import annotations
 
