@@ -21,7 +21,7 @@ Task accuracies of a peer's weight-only checkpoint (lm-eval is not in .venv-peer
 evaluator in the main venv, which decompresses compressed-tensors checkpoints, against the cached
 original's (bench/smollm2.py, original_tasks):
     python bench/smollm2.py --tasks-of llmcompressor_nvfp4a16_rtn=runs/peers/nvfp4a16_rtn -o bench/results/peers.json
-(not for W4A4 checkpoints: that loader runs the weights without the activation fake-quantization).
+(weight-only configs only: for W4A4 it is not checked that the activation fake-quantization is kept).
 """
 from __future__ import annotations
 
