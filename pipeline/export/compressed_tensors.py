@@ -42,10 +42,11 @@ from lpc.pipeline.export.ct_layouts import (  # noqa: F401 (the layouts are part
     BF16_DECOMPRESSED, FP8_FORMAT, GROUP, INT_FORMAT, MX_GROUP, MXFP4_FORMAT, MXFP8_FORMAT, NVFP4_FORMAT, SCHEMES,
     fp8_tensors, int_tensors, layer_tensors, mx_tensors, nvfp4_tensors, reciprocal_scale,
 )
+from lpc.pipeline.export.ct_experts import expert_names_for, layer_names, per_expert
 from lpc.pipeline.export.kv_scales import CT_KV_SCHEME, attention_modules, check_kv, ct_kv_tensors, kv_scales
 from lpc.pipeline.export.registry import EXPORTERS
 from lpc.pipeline.artifact.lpc_model import AUX_PREFIX, WEIGHTS, read_qconfig, read_qtensors
-from lpc.pipeline.io.families import engine_layout_refusal
+from lpc.pipeline.io.families import engine_layout_refusal, routers
 from lpc.pipeline.io.models import copy_tokenizer_files, model_from_config
 
 log = logging.getLogger(__name__)
@@ -90,17 +91,31 @@ def write_compressed_tensors(src: Path, tmp: Path) -> dict[str, Any]:
     for name in conv.dense:
         conv.tensors[f"{name}.weight"] = conv.tensors[f"{name}.weight"].to(getattr(torch, dtype))
     conv.tensors.update({k: v for k, v in plain.items() if not k.startswith(AUX_PREFIX)})
+    bits = stored_bits(conv.tensors, qtensors)
     linears = linear_names(Path(src))
     kv = bool(qconfig.get("kv_cache"))
     if kv:
         conv.tensors.update(ct_kv_tensors(kv_scales(plain, attention_modules(linears))))
-    config["quantization_config"] = ct_config(conv.schemes, [n for n in linears if n not in conv.schemes], kv)
+    ignore = [n for n in linears if n not in conv.schemes]
+    if qconfig.get("experts"):  # MoE: per-expert checkpoint names, routers listed in ignore
+        ignore = moe_layout(Path(src), config, qconfig["experts"], conv, ignore)
+    config["quantization_config"] = ct_config(conv.schemes, ignore, kv)
     art.write_json(tmp / "config.json", config)
     art.save_tensors(conv.tensors, tmp / WEIGHTS, metadata={"format": "pt"})
     copy_tokenizer_files(src, tmp)
     counts = {k: sum(v == k for v in conv.schemes.values()) for k in sorted(set(conv.schemes.values()))}
     return {"ct_format": config["quantization_config"]["format"], "schemes": counts, "dense_layers": conv.dense,
-            "dtype": dtype, "bits_per_weight": stored_bits(conv.tensors, qtensors), "dropped": conv.dropped}
+            "dtype": dtype, "bits_per_weight": bits, "dropped": conv.dropped}
+
+
+def moe_layout(src: Path, config: dict[str, Any], blocks: list[str], conv: Converted, ignore: list[str]) -> list[str]:
+    """Rename the export's MoE experts to the family's per-expert checkpoint names (ct_experts), in place;
+    returns `ignore` in checkpoint names, with the routers and shared-expert gates added."""
+    names = expert_names_for(config, "compressed-tensors")
+    conv.tensors, conv.schemes, conv.dense = per_expert(conv.tensors, conv.schemes, conv.dense, blocks, names)
+    gates = routers(model_from_config(src, empty=True))
+    out = [new for n in ignore for new in layer_names(n, blocks, names)]
+    return out + [g for n in gates for g in layer_names(n, blocks, names) if g not in out]
 
 
 def stored_bits(tensors: dict[str, torch.Tensor], qtensors: dict[str, QTensor]) -> float:

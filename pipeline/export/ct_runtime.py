@@ -45,6 +45,8 @@ def settle(model: nn.Module, directory: str | Path | None = None) -> nn.Module:
     `directory`, default the model's own); a model with nothing to settle is returned unchanged."""
     quantizer = getattr(model, "hf_quantizer", None)
     compressor = getattr(quantizer, "compressor", None)
+    from lpc.pipeline.export.ct_experts import reload_experts  # transformers' expert path drops NVFP4 global scales
+    reload_experts(model, Path(directory or getattr(getattr(model, "config", None), "_name_or_path", "") or "."))
     if compressor is None:  # not a compressed-tensors model: nothing of it is touched
         return model
     if hasattr(model, "ct_decompress_hook"):

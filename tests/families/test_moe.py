@@ -2,7 +2,7 @@
 every expert matrix is quantized as its own tensor and counted in bits per weight, routers and gates stay
 in high precision, lpc's artifact loads with the logits of the original model carrying the artifact's
 expert weights, experts no calibration token reached get stand-in statistics (never zeroed by GPTQ),
-engine exports are refused with a one-line reason, and a layout lpc does not reach is warned about."""
+modelopt exports are refused with a one-line reason (compressed-tensors: test_moe_engine.py), and a layout lpc does not reach is warned about."""
 from __future__ import annotations
 
 import logging
@@ -98,13 +98,13 @@ def test_lpc_logits_are_the_original_model_with_the_artifacts_expert_weights(fam
 
 
 @pytest.mark.parametrize("family", MOE)
-def test_engine_exports_refused_dense_export_loads(family, quantized, tmp_path):
+def test_modelopt_refused_dense_export_loads(family, quantized, tmp_path):
+    """(compressed-tensors exports of the experts: test_moe_engine.py)"""
     q, _ = quantized[family]
-    for fmt in ("compressed-tensors", "modelopt"):
-        with pytest.raises(ArtifactError, match="MoE experts.*fused 3-D parameters"):
-            stages.export(q, tmp_path / fmt, fmt)
+    with pytest.raises(ArtifactError, match="MoE experts.*only in compressed-tensors"):
+        stages.export(q, tmp_path / "modelopt", "modelopt")
     auto = stages.export(q, tmp_path / "auto", "auto")
-    assert auto.manifest["summary"]["format"] == "lpc"
+    assert auto.manifest["summary"]["format"] == "compressed-tensors"  # the experts have an engine form now
     stages.export(q, tmp_path / "dense", "dense")
     lpc_model, tok = load(q)
     ids = tok(PROMPT, return_tensors="pt").input_ids
