@@ -7,11 +7,18 @@
     python bench/smollm2.py --markdown bench/results/smollm2.json bench/results/peers.json
                                                            # the README table, from saved JSON
 
-Each row is two child processes, timed and measured (peak RSS from os.wait4's rusage of that child):
+Each row is two or three child processes, timed and measured (peak RSS from os.wait4's rusage of that child):
   lpc compress MODEL --recipe R --data calib_tail.txt --set calibrate.samples=128
                --set calibrate.seq_len=512 [--set ...] -o WORK/ROW --overwrite --json
-  lpc eval WORK/ROW/model --baseline MODEL --ppl eval_head.txt --seq-len 2048 --json
-           [--tasks arc_easy_local,... --limit N]
+  lpc eval ARTIFACT --baseline MODEL --ppl eval_head.txt --seq-len 2048 --json
+  lpc eval ARTIFACT --tasks arc_easy_local,... --tasks-data MC --json [--limit N]     (with --tasks)
+The original's task results are computed once (`lpc eval MODEL --tasks ...`) and cached in
+WORK/original_tasks.json, keyed on the model's weight files, the tasks, their data folder and the
+limit; every row is compared with the cache (task_recovery = mean accuracy / the original's). Rows
+already measured get their tasks later without recompressing:
+    python bench/smollm2.py --tasks-of nvfp4=runs/smollm2/nvfp4 -o bench/results/smollm2.json
+(PATH may also be a saved `lpc eval ... --tasks --json` report; --original-report seeds the cache).
+`-o FILE` keeps the rows of other labels already in FILE and replaces those of the same label.
 Perplexity and KL(original || compressed) are lpc eval's (bench/_protocol.py describes the
 protocol; `lpc eval` computes in the checkpoint's dtype, bf16 here, not fp32). The model directory
 comes from ../shared/assets/smollm2/get.sh (LPC_MODELS respected). lpc is called only through its CLI.
