@@ -1,6 +1,6 @@
 """MoE compressed-tensors exports checked with vLLM's own code (bench/vllm_check.py, `moe-*` exports).
 
-Export side (lpc's venv): tiny random Mixtral / Qwen2-MoE / Qwen3-MoE models from tests/families/zoo.py
+Export side (lpc's venv): tiny random Mixtral / Qwen2-MoE / Qwen3-MoE / DeepSeek-V3 models from tests/families/zoo.py
 (hidden 32, 4 experts of width 64, 2 layers), quantized with lpc's nvfp4 and fp8 recipes and exported to
 compressed-tensors under runs/engine-exports/moe-<family>-<recipe>.
 
@@ -22,7 +22,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 FAMILIES = {"mixtral": ("block_sparse_moe", ("w1", "w2", "w3")), "qwen2_moe": ("mlp", ("gate_proj", "down_proj", "up_proj")),
-            "qwen3_moe": ("mlp", ("gate_proj", "down_proj", "up_proj"))}
+            "qwen3_moe": ("mlp", ("gate_proj", "down_proj", "up_proj")),
+            "deepseek_v3": ("mlp", ("gate_proj", "down_proj", "up_proj"))}
 RECIPES = ("nvfp4", "fp8")
 EXPORTS = [f"moe-{f}-{r}" for f in FAMILIES for r in RECIPES]
 
@@ -118,7 +119,7 @@ def check_export(export: Path, family: str) -> dict:
     config = json.loads((export / "config.json").read_text())
     qc = ctmod.CompressedTensorsConfig.from_config(config["quantization_config"])
     block, ckpt = FAMILIES[family]
-    experts = config.get("num_local_experts") or config.get("num_experts")
+    experts = config.get("num_local_experts") or config.get("num_experts") or config.get("n_routed_experts")
     inter = config.get("moe_intermediate_size") or config["intermediate_size"]
     result: dict = {"family": family, "format": config["quantization_config"]["format"]}
     layers = {}

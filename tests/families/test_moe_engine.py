@@ -1,6 +1,6 @@
-"""MoE experts in compressed-tensors exports (Mixtral, Qwen2-MoE, Qwen3-MoE; NVFP4 and FP8): each expert is
+"""MoE experts in compressed-tensors exports (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3; NVFP4 and FP8): each expert is
 written under its family's per-expert checkpoint names (Mixtral `block_sparse_moe.experts.<e>.w1/w3/w2`,
-Qwen-MoE `mlp.experts.<e>.gate_proj/up_proj/down_proj`), gate and up keep lpc's one global scale,
+Qwen-MoE and DeepSeek `mlp.experts.<e>.gate_proj/up_proj/down_proj`), gate and up keep lpc's one global scale,
 compressed-tensors' own decompression of every expert equals lpc's dequantized matrix, routers are in
 `ignore`, and `lpc.load` of the export gives lpc's logits. modelopt exports of MoE are refused in one line."""
 from __future__ import annotations
@@ -23,7 +23,8 @@ from lpc.recipes import load_recipe
 pytestmark = pytest.mark.skipif(find_spec("compressed_tensors") is None, reason="compressed_tensors is not installed")
 PROMPT = "once upon a time there was a little girl who liked to play in the park with her dog"
 NAMES = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2"), "qwen2_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
-         "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj")}
+         "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+         "deepseek_v3": ("mlp", "gate_proj", "up_proj", "down_proj")}
 RECIPES = {"nvfp4": "nvfp4-pack-quantized", "fp8": "float-quantized"}
 
 

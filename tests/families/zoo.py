@@ -9,7 +9,8 @@ width is a multiple of 16 (every block-format layer is zero-padded).
 What each family brings: Llama untied in bf16; Qwen2 q/k/v biases; Qwen3 tied with q/k norms; Mistral;
 Gemma2 logit soft-capping and sliding-window layers; Gemma3 q/k norms and sliding windows; Phi-3 fused
 qkv_proj / gate_up_proj; OPT and GPT-NeoX (fused query_key_value); GPT-2 Conv1D (transposed weights);
-Mixtral / Qwen2-MoE / Qwen3-MoE experts as fused 3-D parameters; BERT an encoder with an MLM head
+Mixtral / Qwen2-MoE / Qwen3-MoE experts as fused 3-D parameters; DeepSeek-V3 routed experts (fused
+3-D) next to a shared expert (Linears), a top-k router with a score-correction bias, MLA attention; BERT an encoder with an MLM head
 (`bert_pretraining`: pooler and next-sentence head too, as BERT's original checkpoints; `bert_encoder`: no
 head); T5 an encoder-decoder.
 """
@@ -21,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 DENSE = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "opt", "gpt_neox", "gpt2")
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 
 
 def _dims(padded: bool) -> tuple[int, int]:
@@ -31,10 +32,10 @@ def _dims(padded: bool) -> tuple[int, int]:
 def _decoder(cls_name: str, hidden: int, inter: int, vocab: int, **extra: Any):
     import transformers
 
-    cfg = getattr(transformers, cls_name)(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                          max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-                                          pad_token_id=0, **extra)
+    fields = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0)
+    cfg = getattr(transformers, cls_name)(**{**fields, **extra})
     return cfg
 
 
@@ -68,6 +69,11 @@ def _configs(hidden: int, inter: int, vocab: int) -> dict[str, Callable[[], Any]
         "qwen3_moe": lambda: _decoder("Qwen3MoeConfig", hidden, inter, vocab, head_dim=head,
                                       moe_intermediate_size=inter, num_experts=4, num_experts_per_tok=2,
                                       decoder_sparse_step=1, mlp_only_layers=[]),
+        "deepseek_v3": lambda: _decoder("DeepseekV3Config", hidden, inter, vocab, num_key_value_heads=4,
+                                        moe_intermediate_size=inter, n_routed_experts=4, num_experts_per_tok=2,
+                                        n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=0,
+                                        q_lora_rank=hidden, kv_lora_rank=hidden, qk_rope_head_dim=head,
+                                        qk_nope_head_dim=head, v_head_dim=head, tie_word_embeddings=False),
         "bert": lambda: tf.BertConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
                                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
                                       pad_token_id=0),
