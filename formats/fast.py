@@ -58,6 +58,22 @@ def run_eager(kernel: Callable, xb: torch.Tensor, *args: Any, chunk: int = CHUNK
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
+def worth_compiling(kernel: Callable, xb: torch.Tensor) -> bool:
+    """Whether `run_compiled` should be tried: compiling is enabled, has not failed for this kernel,
+    and the tensor is large (or the kernel is compiled already, so small tensors cost nothing more)."""
+    state = _compiled.get(kernel, False)
+    return enabled() and state is not None and (xb.numel() >= MIN_NUMEL or state is not False)
+
+
+def run_compiled(kernel: Callable, xb: torch.Tensor, *args: Any) -> tuple | None:
+    """kernel(xb, *args) compiled, once over the whole tensor; None if it cannot compile here.
+
+    Unlike `run`, the other arguments may be per-row or per-block tensors too (their dimensions
+    that match xb's are dynamic, like xb's); there is no eager fallback: the caller has its own.
+    """
+    return _run_compiled(kernel, xb, *args) if enabled() else None
+
+
 def _run_compiled(kernel: Callable, xb: torch.Tensor, *args: Any) -> tuple | None:
     fn = _compiled.get(kernel, False)
     if fn is None:
@@ -70,6 +86,9 @@ def _run_compiled(kernel: Callable, xb: torch.Tensor, *args: Any) -> tuple | Non
         # inductor vectorizes along it.
         for dim in range(xb.ndim - 1):
             torch._dynamo.maybe_mark_dynamic(xb, dim)
+            for a in args:  # per-row / per-block arguments vary with xb
+                if isinstance(a, torch.Tensor) and a.ndim > dim + 1 and a.shape[dim] == xb.shape[dim] > 1:
+                    torch._dynamo.maybe_mark_dynamic(a, dim)
         return fn(xb, *args)
     except Exception as err:  # any compiler failure: fall back for good, say so once
         log.warning("compiling %s failed (%s: %s); using the eager kernel",

@@ -153,3 +153,72 @@ def int_float_scale(xb: torch.Tensor, unit: torch.Tensor, bits: int, e4m3: bool
     s = xf.abs().amax(-1) / (qmax * unit)
     st = nonzero_or_one(round_e4m3(s) if e4m3 else s.to(torch.bfloat16).to(torch.float32))
     return int_codes(xf, st * unit, qmax, bits), st
+
+
+def e2m1_magnitude(a: torch.Tensor) -> torch.Tensor:
+    """Non-negative float32 -> the nearest E2M1 magnitude (ties to even, saturating at 6), float32.
+
+    The same thresholds as `e2m1_codes`, counted in half steps: 0.5, 1, 1.5, 2 are one half step
+    apart, 2 -> 3 -> 4 two, 4 -> 6 four. Every sum is a small integer, so the value is exact.
+    """
+    i32 = torch.int32
+    halves = (((a > 0.25).to(i32) + (a >= 0.75).to(i32)) + ((a > 1.25).to(i32) + (a >= 1.75).to(i32))
+              + 2 * ((a > 2.5).to(i32) + (a >= 3.5).to(i32)) + 4 * (a > 5.0).to(i32))
+    return halves.to(torch.float32) * 0.5
+
+
+# How ATen's CPU sum over a contiguous last dimension of 16 float32 orders its additions (found by
+# `sum_order`): "halves" adds lane i and lane i + 8 first, then the eight partial sums left to
+# right; "serial" adds all 16 left to right. None: neither matched (scale search stays eager).
+_SUM_ORDER: list = []
+
+
+def sum16(e: torch.Tensor, order: str) -> torch.Tensor:
+    """(..., 16) -> (...) summed in `order` (see `sum_order`), written out so that a compiled
+    kernel adds in exactly that order."""
+    if order == "halves":
+        e = e[..., :8] + e[..., 8:]
+    s = e[..., 0]
+    for i in range(1, e.shape[-1]):
+        s = s + e[..., i]
+    return s
+
+
+def sum_order() -> str | None:
+    """The addition order of `tensor.sum(-1)` over 16 contiguous float32 on this machine, probed
+    once on values of very different magnitudes (so that any other order gives other roundings)."""
+    if not _SUM_ORDER:
+        g = torch.Generator().manual_seed(0)
+        e = (torch.randn(1 << 14, 16, generator=g) * torch.exp(3 * torch.randn(1 << 14, 16, generator=g))).square()
+        ref = e.sum(-1)
+        found = [o for o in ("halves", "serial") if torch.equal(sum16(e, o), ref)]
+        _SUM_ORDER.append(found[0] if found else None)
+    return _SUM_ORDER[0]
+
+
+def nvfp4_search(xb: torch.Tensor, s2: torch.Tensor, cands: torch.Tensor, weight: torch.Tensor | None,
+                 order: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4 scale search fused with the final encode; equals nvfp4.search_scales + e2m1_encode.
+
+    xb: (r, nb, 16); s2: () f32; cands: (r, nb, C) f32 candidate block scales, the amax scale
+    first (it wins ties); weight: None or non-negative f32 broadcastable to xb; order: `sum_order()`.
+    Each candidate's block error sum((x - deq)^2 * w) is computed with the very operations of the
+    eager search, so the same scale wins. Returns packed codes (r, nb, 8) and the scales (r, nb).
+    """
+    xf = xb.to(torch.float32)
+    best = best_err = None
+    for c in range(cands.shape[-1]):
+        cand = cands[..., c]
+        step = (cand * s2).unsqueeze(-1)
+        y = xf / step
+        deq = torch.copysign(e2m1_magnitude(y.abs()), y) * step
+        err = (xf - deq).square()
+        err = sum16(err if weight is None else err * weight, order)
+        if best is None:
+            best, best_err = cand, err
+            continue
+        better = err < best_err
+        best = torch.where(better, cand, best)
+        best_err = torch.where(better, err, best_err)
+    codes = e2m1_codes(xf / (best * s2).unsqueeze(-1))
+    return pack_pairs(codes), best

@@ -46,11 +46,14 @@ class NVFP4(Format):
         """
         s2 = global_scale_for(amax_of(x) if global_amax is None else torch.as_tensor(global_amax))
         weight = None if importance is None else importance_rows(importance, tuple(x.shape))
-        if spec.clip == "none" and not spec.scale_search:
-            packed, sb = fast.run(kernels.nvfp4, blocks_of(x, BLOCK), s2.to(x.device))
-            return QTensor(self.name, tuple(x.shape), spec.model_dump(),
-                           {"qdata": packed.view(packed.shape[0], -1),
-                            "scale": sb.to(torch.float8_e4m3fn), "global_scale": s2.reshape(1)})
+        if spec.clip == "none":
+            out = fast.run(kernels.nvfp4, blocks_of(x, BLOCK), s2.to(x.device)) if not spec.scale_search else \
+                _fast_search(x, s2.to(x.device), spec.scale_search, weight)
+            if out is not None:
+                packed, sb = out
+                return QTensor(self.name, tuple(x.shape), spec.model_dump(),
+                               {"qdata": packed.view(packed.shape[0], -1),
+                                "scale": sb.to(torch.float8_e4m3fn), "global_scale": s2.reshape(1)})
         rows = as_rows(x)
         n_rows, k = rows.shape
         kp = padded(k, BLOCK)
@@ -124,12 +127,8 @@ def search_scales(xb: torch.Tensor, sb: torch.Tensor, s2: torch.Tensor, radius: 
                   weight: torch.Tensor | None) -> torch.Tensor:
     """Among the E4M3 values within `radius` codes of each block scale, keep the one with the least
     weighted squared error. Ties keep the amax scale (it is tried first)."""
-    base = sb.to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int16)
     best, best_err = sb, None
-    for step in [0] + [d for r in range(1, radius + 1) for d in (-r, r)]:
-        code = (base + step).clamp(1, _E4M3_MAX_CODE).to(torch.uint8)
-        cand = code.view(torch.float8_e4m3fn).to(torch.float32)
-        cand = torch.where(sb == 1.0, sb, cand) if step else cand  # all-zero blocks keep 1
+    for cand in candidate_scales(sb, radius):
         deq = e2m1_decode(e2m1_encode(xb / (cand * s2).unsqueeze(-1))) * (cand * s2).unsqueeze(-1)
         err = (xb - deq).square()
         err = (err if weight is None else err * weight).sum(-1)
@@ -140,3 +139,33 @@ def search_scales(xb: torch.Tensor, sb: torch.Tensor, s2: torch.Tensor, radius: 
         best = torch.where(better, cand, best)
         best_err = torch.where(better, err, best_err)
     return best
+
+
+def candidate_scales(sb: torch.Tensor, radius: int) -> list[torch.Tensor]:
+    """The scales scale search tries for block scales sb (R, B): sb itself, then the E4M3 values
+    1, 1, 2, 2, ... codes below and above it (clamped to the positive finite codes); a block whose
+    scale is 1 because it is all zero keeps 1 in every candidate."""
+    base = sb.to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int16)
+    out = []
+    for step in [0] + [d for r in range(1, radius + 1) for d in (-r, r)]:
+        code = (base + step).clamp(1, _E4M3_MAX_CODE).to(torch.uint8)
+        cand = code.view(torch.float8_e4m3fn).to(torch.float32)
+        out.append(torch.where(sb == 1.0, sb, cand) if step else cand)
+    return out
+
+
+def _fast_search(x: torch.Tensor, s2: torch.Tensor, radius: int, weight: torch.Tensor | None):
+    """Amax scales + scale search + encode as one compiled kernel over the whole tensor
+    (kernels.nvfp4_search), or None where it cannot run (not compiled here, too small to be worth
+    compiling, or this machine's sum order unknown): the caller then runs the eager search."""
+    order = kernels.sum_order()
+    xb = blocks_of(x, BLOCK)
+    if order is None or not fast.worth_compiling(kernels.nvfp4_search, xb):
+        return None
+    sb = scale_from_amax(xb.abs().amax(-1).to(torch.float32), s2)
+    cands = torch.stack(candidate_scales(sb, radius), dim=-1)
+    wb = None
+    if weight is not None:  # (R, K) rows, often one row broadcast (a per-input-channel importance)
+        rows = weight[:1] if weight.shape[0] > 1 and weight.stride(0) == 0 else weight
+        wb = pad_last(rows, BLOCK).reshape(rows.shape[0], -1, BLOCK)
+    return fast.run_compiled(kernels.nvfp4_search, xb, s2, cands, wb, order)
