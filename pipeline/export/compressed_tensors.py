@@ -42,7 +42,7 @@ from lpc.pipeline.export.ct_layouts import (  # noqa: F401 (the layouts are part
     BF16_DECOMPRESSED, FP8_FORMAT, GROUP, INT_FORMAT, MX_GROUP, MXFP4_FORMAT, MXFP8_FORMAT, NVFP4_FORMAT, SCHEMES,
     fp8_tensors, int_tensors, layer_tensors, mx_tensors, nvfp4_tensors, reciprocal_scale,
 )
-from lpc.pipeline.export.ct_experts import expert_names_for, layer_names, per_expert
+from lpc.pipeline.export.ct_experts import check_expert_schemes, expert_names_for, layer_names, per_expert
 from lpc.pipeline.export.kv_scales import CT_KV_SCHEME, attention_modules, check_kv, ct_kv_tensors, kv_scales
 from lpc.pipeline.export.registry import EXPORTERS
 from lpc.pipeline.artifact.lpc_model import AUX_PREFIX, WEIGHTS, read_qconfig, read_qtensors
@@ -112,6 +112,7 @@ def moe_layout(src: Path, config: dict[str, Any], blocks: list[str], conv: Conve
     """Rename the export's MoE experts to the family's per-expert checkpoint names (ct_experts), in place;
     returns `ignore` in checkpoint names, with the routers and shared-expert gates added."""
     names = expert_names_for(config, "compressed-tensors")
+    check_expert_schemes(conv, blocks)
     conv.tensors, conv.schemes, conv.dense = per_expert(conv.tensors, conv.schemes, conv.dense, blocks, names)
     gates = routers(model_from_config(src, empty=True))
     out = [new for n in ignore for new in layer_names(n, blocks, names)]

@@ -77,6 +77,31 @@ def checkpoint_name(name: str, blocks: list[str], names: ExpertNames) -> str:
     return name
 
 
+# Expert schemes whose per-expert tensors transformers 5.24's compressed-tensors loader merges into its fused
+# experts (packed: NVFP4, MXFP4, int; FP8 weight + scale), each checked by tests/families/test_recipe_matrix.py.
+LOADABLE = ("nvfp4a16", "mxfp4a16", "fp8_channel", "fp8_tensor",
+            *(f"w{b}a16_g{v}" for b in (4, 8) for v in (16, 32, 64)))
+
+
+def check_expert_schemes(conv: Any, blocks: list[str]) -> None:
+    """Raise ArtifactError for the first expert written dense (bf16, padded) or in a scheme transformers'
+    loader cannot merge into its fused experts (MXFP8: FP8 weight with E8M0 scales; FP8 128x128 blocks)."""
+    for name in sorted(conv.dense):
+        if _expert_of(name, blocks):
+            raise ArtifactError(f"MoE expert {name} is not in a compressed-tensors scheme (kept bf16 or padded): "
+                                "transformers' compressed-tensors loader cannot merge such per-expert weights "
+                                "into its fused experts", _HINT)
+    for name, scheme in sorted(conv.schemes.items()):
+        if _expert_of(name, blocks) and scheme == "nvfp4":
+            raise ArtifactError(f"MoE expert {name} has NVFP4 activations (W4A4): transformers loads experts as "
+                                "fused 3-D parameters, which compressed-tensors' activation quantization does not "
+                                "reach, so the export would not run as lpc's model", _HINT)
+        if _expert_of(name, blocks) and scheme not in LOADABLE:
+            raise ArtifactError(f"MoE expert {name} is in scheme {scheme}, whose per-expert tensors transformers' "
+                                f"compressed-tensors loader cannot merge into its fused experts "
+                                f"(it merges {', '.join(LOADABLE[:5])}, int)", _HINT)
+
+
 def split_rows(fields: dict[str, torch.Tensor], rows: int, layer: str) -> tuple[dict, dict]:
     """The tensors of one (2I, H) layer -> those of its first I rows and of the rest."""
     half = rows // 2

@@ -59,10 +59,11 @@ def check_kv(kv: dict[str, Any] | None, hint: str) -> None:
 
 
 def attention_modules(linears: list[str]) -> dict[int, str]:
-    """{decoder layer index: attention module name} from the model's Linear names (parents of k_proj)."""
+    """{decoder layer index: attention module name} from the model's Linear names (parents of k_proj, or of
+    a fused qkv_proj (Phi-3) / query_key_value (GPT-NeoX))."""
     out = {}
     for name in linears:
-        m = re.fullmatch(r"(.*\.(\d+)\.[^.]+)\.k_proj", name)
+        m = re.fullmatch(r"(.*\.(\d+)\.[^.]+)\.(k_proj|qkv_proj|query_key_value)", name)
         if m:
             out[int(m.group(2))] = m.group(1)
     return out

@@ -32,6 +32,7 @@ from lpc.pipeline.artifact import store as art
 from lpc.pipeline.errors import InputError
 from lpc.pipeline.export.registry import EXPORTERS
 from lpc.pipeline.artifact.load import load, pop_lowrank
+from lpc.pipeline.errors import ArtifactError
 from lpc.pipeline.artifact.lpc_model import WEIGHTS, read_qconfig
 from lpc.pipeline.io.models import copy_tokenizer_files
 
@@ -49,6 +50,11 @@ def write_peft(src: Path, tmp: Path) -> dict[str, Any]:
     if not layers:
         raise InputError(f"{src} has no low-rank paths to export as a PEFT adapter",
                          "export the output of lpc compensate, or use --format lpc or dense")
+    experts = [n for n in sorted(layers) if any(n.startswith(m + ".") for m in qconfig.get("experts") or [])]
+    if experts:
+        raise ArtifactError(f"layer {experts[0]} is an MoE expert with a low-rank path: PEFT's LoRA targets "
+                            "Linears, and transformers holds the experts as fused 3-D parameters",
+                            "export with --format dense (paths merged) or lpc")
     model, _ = load(src, activations=False)  # low-rank hooks are attached but save_pretrained ignores them
     model.save_pretrained(str(tmp), safe_serialization=True)
     copy_tokenizer_files(src, tmp)
