@@ -1,16 +1,21 @@
 """Wall time, CPU seconds and peak RSS of each lpc stage on random-init Llama checkpoints of real widths,
 next to llm-compressor NVFP4A16 oneshot + save on the same checkpoint; prints JSON (one row per run).
 
-    flock /tmp/lpc-heavy.lock .venv/bin/python bench/scale.py --shapes tinyllama-1.1b --recipes nvfp4 \
-        [--peers] [--set quantize.weights.spec.scale_search=0] [-o bench/results/scale.json]
+    /work/briefs/heavy .venv/bin/python bench/scale.py --shapes tinyllama-1.1b \
+        --recipes nvfp4,nvfp4+quantize.weights.spec.scale_search=0,fp8 [--peers] [--per-stage] [-o OUT.json]
 
+A recipe item `name+key=value+...` adds --set overrides to that item only (--set applies to all).
+By default `lpc compress` runs as one process (the whole job, as a user runs it: `compress` row);
+--per-stage runs calibrate, quantize and export as separate processes instead (each stage's own
+peak RSS and CPU seconds, plus one interpreter start-up per stage).
 Shapes: tinyllama-1.1b (hidden 2048, intermediate 5632, 22 layers) and tinyllama-4 (its first 4 layers
 only), llama2-7b-4 and llama2-7b-32
 (hidden 4096, intermediate 11008, 4 / 32 layers); vocabulary and tokenizer are SmolLM2's (49,152).
 Each checkpoint is written in bf16 one decoder layer per shard (HF index), never holding the model.
-Each lpc stage (calibrate, quantize, export) runs as its own child process, so its peak RSS
-(os.wait4's rusage) and CPU seconds are its own; `compress` is the sum of the stages' CPU seconds
-and the largest of their peaks. Calibration: 32 windows of 128 tokens of WikiText-2.
+With --per-stage, each lpc stage (calibrate, quantize, export) runs as its own child process, so
+its peak RSS (os.wait4's rusage) and CPU seconds are its own; `compress` is then the sum of the
+stages' CPU seconds and the largest of their peaks. Threads: OMP_NUM_THREADS of the environment
+(default 2), the same for lpc and llm-compressor. Calibration: 32 windows of 128 tokens of WikiText-2.
 Checkpoints and outputs go under runs/scale/ (gitignored); --keep keeps them (13.5 GB at 7B x 32).
 """
 from __future__ import annotations
@@ -35,7 +40,7 @@ SHAPES = {
     "llama2-7b-32": dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32),
 }
 VOCAB = 49152
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
 
 
 def build_checkpoint(path: Path, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> float:
@@ -125,6 +130,19 @@ def lpc_stages(model: Path, recipe: str, work: Path, sets: list[str]) -> dict:
     return rows
 
 
+def lpc_compress(model: Path, recipe: str, work: Path, sets: list[str]) -> dict:
+    """`lpc compress` as one process (the whole job); the stages' wall seconds from its summary."""
+    s = sum((["--set", x] for x in ["calibrate.samples=32", "calibrate.seq_len=128", *sets]), [])
+    row = {"compress": _wait4([sys.executable, "-m", "lpc.cli", "compress", str(model), "--recipe", recipe,
+                               "--data", str(DATA), *s, "-o", str(work / "out"), "--overwrite"])}
+    summary = work / "out" / "summary.json"
+    if summary.is_file():
+        stages = json.loads(summary.read_text()).get("stages", [])
+        row["stage_wall_s"] = {st.get("stage"): st.get("seconds") for st in stages}
+    row["compress"]["complete"] = "error" not in row["compress"]
+    return row
+
+
 def peer(model: Path, work: Path) -> dict:
     """llm-compressor NVFP4A16 oneshot (same 32 x 128 windows) + save_pretrained(save_compressed=True)."""
     python = ROOT / ".venv-peers" / "bin" / "python"
@@ -159,6 +177,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], dest="sets")
     ap.add_argument("--peers", action="store_true")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--per-stage", action="store_true")
     ap.add_argument("-o", "--out")
     ap.add_argument("--worker-peer", nargs=2)
     a = ap.parse_args()
@@ -175,13 +194,18 @@ def main() -> None:
         else:
             gb = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e9
         base = {"shape": shape, **SHAPES[shape], "checkpoint_gb": round(gb, 2), "build_s": round(time.perf_counter() - t0, 1)}
-        for recipe in a.recipes.split(","):
-            row = {**base, "tool": "lpc", "recipe": recipe, "sets": a.sets, **lpc_stages(model, recipe, work / recipe, a.sets)}
+        for item in a.recipes.split(","):
+            recipe, *own = item.split("+")
+            sets = [*a.sets, *own]
+            run = lpc_stages if a.per_stage else lpc_compress
+            row = {**base, "tool": "lpc", "recipe": recipe, "sets": sets, "threads": OFFLINE["OMP_NUM_THREADS"],
+                   **run(model, recipe, work / "lpc-run", sets)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-            shutil.rmtree(work / recipe, ignore_errors=True)
+            shutil.rmtree(work / "lpc-run", ignore_errors=True)
         if a.peers:
-            row = {**base, "tool": "llmcompressor", "recipe": "NVFP4A16 oneshot+save", **peer(model, work)}
+            row = {**base, "tool": "llmcompressor", "recipe": "NVFP4A16 oneshot+save",
+                   "threads": OFFLINE["OMP_NUM_THREADS"], **peer(model, work)}
             rows.append(row)
             print(json.dumps(row), flush=True)
             shutil.rmtree(work / "peer", ignore_errors=True)

@@ -89,6 +89,30 @@ def needs_covariance(recipe: Any) -> bool:
     return recipe.quantize.method == "gptq" or recipe.compensate is not None or recipe.allocate is not None
 
 
+# Formats that read calibration statistics only as the importance of a scale search or of
+# sensitivity clipping (anything else, e.g. FGMP's precision mask, needs them).
+_IMPORTANCE_ONLY = {"nvfp4", "fp8_e4m3", "fp8_e5m2", "mxfp4", "mxfp8", "bf16"}
+
+
+def needs_statistics(recipe: Any) -> bool:
+    """Whether quantizing by `recipe` reads anything a calibration measures. False for data-free
+    rounding (round-to-nearest, amax scales, no scale search or sensitivity clipping, no activation
+    or KV-cache quantization, nothing allocated or compensated): its calibration runs no forward pass."""
+    q = recipe.quantize
+    if (needs_covariance(recipe) or recipe.calibrate.fisher or recipe.kv_cache is not None
+            or q.activations is not None or q.method != "rtn"):
+        return True
+    for choice in [q.weights] + [o.weights for o in q.overrides]:
+        if choice is None:
+            continue
+        spec = dict(choice.spec)
+        if choice.format not in _IMPORTANCE_ONLY or spec.get("context"):
+            return True
+        if q.importance != "none" and (spec.get("scale_search", 0) or spec.get("clip", "none") == "sensitivity"):
+            return True
+    return False
+
+
 def check_full_covariance(calib_dir: str | Path, what: str) -> None:
     """RecipeError unless the calibration holds act_cov (it was made for a recipe needing it)."""
     from lpc.pipeline.errors import RecipeError

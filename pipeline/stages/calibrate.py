@@ -11,7 +11,8 @@ import torch
 from lpc.pipeline.artifact import store as art
 from lpc.pipeline.artifact.shards import ShardWriter
 from lpc.pipeline.calibration.fisher_layerwise import final_head
-from lpc.pipeline.calibration.stats import STATS_FILE, collect_input_stats, data_inputs, needs_covariance, stats_tensors
+from lpc.pipeline.calibration.stats import (STATS_FILE, collect_input_stats, data_inputs, needs_covariance,
+                                           needs_statistics, stats_tensors)
 from lpc.pipeline.io import distributed as dd
 from lpc.pipeline.io.data import calibration_batches
 from lpc.pipeline.io.device import check_device
@@ -33,8 +34,10 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
               "seed": c.seed, "targets": recipe.targets, "ignore": recipe.ignore,
               "kv_cache": recipe.kv_cache is not None,
               "statistics": "covariance" if needs_covariance(recipe) else "diagonal"}
-
     parallel = dd.start(device)
+    if not needs_statistics(recipe) and not parallel:  # data-free rounding: no forward pass, no data read
+        config["statistics"] = "none"
+        return run_stage("calibrate", out, [], config, overwrite, _data_free)
     ran = [False]
     if parallel and (c.fisher or data == "self" or recipe.kv_cache is not None):
         dd.refuse("calibration with Fisher, kv_cache or --data self")
@@ -97,6 +100,13 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
     if parallel and result.skipped:
         dd.broadcast_flag(False)
     return result
+
+
+def _data_free(tmp: Path) -> dict[str, Any]:
+    """The calibration of a recipe that reads no statistics: an empty statistics file."""
+    ShardWriter(tmp, None, filename=STATS_FILE).close(metadata={"format": "pt"})
+    return {"layers": {}, "summary": {"samples": 0, "tokens": 0, "layers": 0, "fisher": False, "kv_cache": False,
+                                      "statistics": "none: the recipe's rounding reads no statistics"}}
 
 
 def _follow_rank0(out: Path, body) -> StageResult:

@@ -22,7 +22,7 @@ def test_version_and_entry_points():
 
 
 def test_compress_load_evaluate_from_a_path(tmp_path, tiny_model_dir, text_files):
-    summary = lpc.compress(tiny_model_dir, "fp8", text_files["jsonl"], tmp_path / "run", **SMALL)
+    summary = lpc.compress(tiny_model_dir, "nvfp4", text_files["jsonl"], tmp_path / "run", **SMALL)
     assert [s["stage"] for s in summary["stages"]] == ["calibrate", "quantize", "export"]
     assert summary["stages"][0]["samples"] == 2  # the override reached the recipe
     model, tok = lpc.load(summary["artifact"])

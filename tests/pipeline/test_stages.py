@@ -129,11 +129,11 @@ def test_failed_stage_leaves_nothing_and_keeps_old_output(tmp_path, tiny_model_d
 
 
 def test_wrong_stage_artifact_is_refused(tmp_path, tiny_model_dir, text_files):
-    recipe = load_recipe("fp8", ["calibrate.samples=2"])
+    recipe = load_recipe("nvfp4", ["calibrate.samples=2"])
     stages.calibrate(str(tiny_model_dir), str(text_files["jsonl"]), tmp_path / "c", recipe)
     with pytest.raises(ArtifactError, match="is a 'calibrate' artifact, expected quantize"):
         stages.export(tmp_path / "c", tmp_path / "e")
-    # fp8 rounds to nearest: only the diagonal of X^T X / n is collected
+    # nvfp4 rounds to nearest (its scale search weighs by E[x^2]): only the diagonal of X^T X / n is collected
     assert set(read_stats(tmp_path / "c")["model.layers.0.mlp.up_proj"]) == {"act_absmax", "act_sqmean", "count"}
 
 
