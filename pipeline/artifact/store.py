@@ -40,11 +40,24 @@ def lpc_version() -> str:
         return "0.0.0+src"
 
 
+# (device, inode, size, mtime_ns) -> digest of large files, so that a checkpoint hashed by one stage is not
+# read again by the next in the same process (small files are always re-read: cheap, and an in-place
+# edit within the file system's timestamp granularity cannot go unseen).
+_DIGESTS: dict[tuple, str] = {}
+_MEMO_BYTES = 64 << 20
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
+    if st.st_size >= _MEMO_BYTES:
+        _DIGESTS[key] = h.hexdigest()
     return h.hexdigest()
 
 
