@@ -27,10 +27,13 @@ def e2m1_encode(y: torch.Tensor) -> torch.Tensor:
     return idx | (torch.signbit(y).to(torch.uint8) << 3)
 
 
+# Signed E2M1 values indexed by the whole 4-bit code (code 8 is negative zero).
+_E2M1_SIGNED = torch.cat([E2M1_VALUES, -E2M1_VALUES])
+
+
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes -> float32 values (negative zero for code 8)."""
-    mag = E2M1_VALUES.to(codes.device)[(codes & 7).long()]
-    return torch.where((codes & 8).bool(), -mag, mag)
+    return _E2M1_SIGNED.to(codes.device)[(codes & 15).to(torch.int32)]
 
 
 def round_e4m3(x: torch.Tensor) -> torch.Tensor:
