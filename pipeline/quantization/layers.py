@@ -82,14 +82,18 @@ def layer_errors(w: torch.Tensor, wq: torch.Tensor, cov: torch.Tensor | None) ->
 
     cov: (in, in), or its diagonal (in,) (calibrations made for round-to-nearest keep only that; the
     error then ignores correlations between input channels)."""
-    w, e = w.float(), (w.float() - wq.float())
-    err = e.square().sum().item()
-    out = {"sqnr_db": 10 * torch.log10(torch.tensor(w.square().sum().item() / max(err, 1e-30))).item()}
-    if cov is not None and cov.dim() == 1:
-        out["rel_output_error"] = (e.square() @ cov).sum().item() / max((w.square() @ cov).sum().item(), 1e-30)
-    elif cov is not None:
-        num = ((e @ cov) * e).sum().item()
-        den = ((w @ cov) * w).sum().item()
+    w = w.to(torch.float32, copy=True)  # squared in place below: never the caller's tensor
+    e = w - wq.float()
+    if cov is not None and cov.dim() == 2:
+        num, den = ((e @ cov) * e).sum().item(), ((w @ cov) * w).sum().item()
+    elif cov is not None:  # per-channel sums first: one matrix-vector product each
+        num = den = None
+    e2, w2 = e.square_(), w.square_()
+    err = e2.sum().item()
+    out = {"sqnr_db": 10 * torch.log10(torch.tensor(w2.sum().item() / max(err, 1e-30))).item()}
+    if cov is not None:
+        if num is None:
+            num, den = (e2.sum(0) @ cov).item(), (w2.sum(0) @ cov).item()
         out["rel_output_error"] = num / max(den, 1e-30)
     return out
 
