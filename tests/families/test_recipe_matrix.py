@@ -139,10 +139,13 @@ def check_export(quant: Path, out: Path, fmt: str) -> None:
     else:
         ref, tok = load(quant, dtype=torch.float32, activations=fmt == "lpc", merge_lowrank=fmt == "dense")
         if fmt == "lpc" and read_qconfig(out).get("experts"):
-            # lpc's transformers quantizer builds the model with fused 3-D experts and cannot place per-expert
-            # tensors: from_pretrained fails loudly (never loads wrong weights); lpc.load is the path
-            with pytest.raises(RuntimeError, match="mismatched"):
-                AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+            # MoE: from_pretrained either loads lpc's model or fails loudly (Qwen-MoE: "mismatched" sizes of
+            # the fused experts), never silently other weights; lpc.load is the documented path
+            try:
+                hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+                _near(_logits(hf, tok), _logits(ref, tok), "lpc via from_pretrained")
+            except RuntimeError as err:
+                assert "mismatched" in str(err)
             hf = load(out, dtype=torch.float32)[0]
         else:
             hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
