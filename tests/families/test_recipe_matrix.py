@@ -3,7 +3,7 @@
 the recipe runs with tiny calibration (2 samples of 8 tokens, RTN for FGMP, rank 4 for EoRA, no
 refinement for VaPr), lpc's artifact gives finite logits close to the original model's (cosine > 0.9),
 and every export format either loads with lpc's logits or is refused with a one-line reason that is
-asserted. The modelopt check is tests/export/test_export_matrix.py's read-back;
+asserted;
 what each format proves:
   lpc                 transformers' from_pretrained (lpc's registered quantizer) gives lpc's logits
   dense               from_pretrained gives the logits of lpc's weights (low-rank paths merged, no hooks)
@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.test_export_matrix import _check_modelopt
 from families.zoo import DENSE, MOE
 from lpc.pipeline import stages
 from lpc.pipeline.artifact.load import load
@@ -120,6 +119,33 @@ def _bf16_rounded(quant: Path):
     return ref, tok
 
 
+def _check_modelopt(quant: Path, out: Path) -> None:
+    """Every quantized layer reads back (modelopt's formula, lpc's `dequantize_layer`) to lpc's weights;
+    excluded layers hold lpc's dequantized weights; activation input scales present."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from lpc.formats import get_format
+    from lpc.pipeline.artifact.lpc_model import read_qtensors
+    from lpc.pipeline.export.modelopt import dequantize_layer
+
+    qconfig = read_qconfig(quant)
+    qtensors, _ = read_qtensors(quant, qconfig)
+    tensors = load_file(str(out / "model.safetensors"))
+    excluded = json.loads((out / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    for name, q in qtensors.items():
+        want = get_format(q.format).dequantize(q)
+        if f"{name}.weight_scale" in tensors:
+            fields = {k: tensors[f"{name}.{k}"] for k in ("weight", "weight_scale", "weight_scale_2")
+                      if f"{name}.{k}" in tensors}
+            assert torch.equal(dequantize_layer(fields), want), name
+        else:
+            assert name in excluded and torch.equal(tensors[f"{name}.weight"].float(), want), name
+    for name in (qconfig.get("activations") or {}).get("layers") or {}:
+        assert tensors[f"{name}.input_scale"] > 0
+
+
 def check_export(quant: Path, out: Path, fmt: str) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -130,6 +156,11 @@ def check_export(quant: Path, out: Path, fmt: str) -> None:
         _near(_logits(load(out, dtype=torch.float32)[0], tok), _logits(ref, tok), fmt, tol)
     elif fmt == "modelopt":
         _check_modelopt(quant, out)
+        if read_qconfig(quant).get("kv_cache"):
+            from safetensors.torch import load_file
+
+            scales = {k: v for k, v in load_file(str(out / "model.safetensors")).items() if k.endswith(("k_scale", "v_scale"))}
+            assert len(scales) == 4 and all(v > 0 for v in scales.values())  # 2 layers x (k, v)
     elif fmt == "peft":
         from peft import PeftModel
 
@@ -157,6 +188,8 @@ BROKEN = {
     ("gpt2", "kv_fp8"): "KV-cache quantization reads num_key_value_groups, which GPT2Attention lacks",
     ("gpt2", "kv_nvfp4"): "KV-cache quantization reads num_key_value_groups, which GPT2Attention lacks",
     ("gpt2", "nvfp4_eora"): "compensate compares the Conv1D checkpoint weight (in, out) with the (out, in) QTensor",
+    ("gpt_neox", "kv_fp8"): "KV-cache quantization reads num_key_value_groups, which GPTNeoXAttention lacks",
+    ("gpt_neox", "kv_nvfp4"): "KV-cache quantization reads num_key_value_groups, which GPTNeoXAttention lacks",
 }
 # One family per layout runs in `make test` (separate q/k/v in bf16, fused qkv/gate_up, Conv1D, MoE experts);
 # the other families' cells are marked slow (the whole matrix: `pytest -m slow tests/families/test_recipe_matrix.py`).
