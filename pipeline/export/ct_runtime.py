@@ -20,6 +20,8 @@ attaches lpc's own FP8 KV quantization with exactly those scales (what vLLM runs
 """
 from __future__ import annotations
 
+import re
+
 import json
 import logging
 from pathlib import Path
@@ -99,7 +101,8 @@ def attach_ct_kv(model: nn.Module, directory: Path) -> None:
         for i in range(model.config.num_hidden_layers):
             pair = []
             for part in ("k", "v"):
-                key = next((k for k in keys if k.endswith(f".{i}.self_attn.{part}_scale")), None)
+                # <layers>.<i>.<attention module>.k_scale: self_attn, or GPT-NeoX's attention, GPT-2's attn
+                key = next((k for k in keys if re.search(rf"\.{i}\.[^.]+\.{part}_scale$", k)), None)
                 if key is None:
                     raise ArtifactError(f"{directory}: kv_cache_scheme is set but layer {i} has no {part}_scale",
                                         "re-export the artifact with lpc export")

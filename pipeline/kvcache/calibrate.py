@@ -40,6 +40,8 @@ def _record_samples(model: nn.Module) -> tuple[dict[int, dict[str, torch.Tensor]
     AttentionInterface.register(RECORD, _recording_attention)
     samples: dict[int, dict[str, torch.Tensor]] = {}
     mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
+    if not mods:  # fused or Conv1D attention (GPT-2, GPT-NeoX): its own kernel stays, no samples recorded
+        return samples, lambda: None
     for m in mods:
         m._lpc_kv_sample, m._lpc_kv_impl = samples.setdefault(int(m.layer_idx), {}), original
     before = model.config._attn_implementation

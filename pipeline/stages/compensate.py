@@ -119,7 +119,7 @@ def _build(quant_dir: Path, calib_dir: Path, src: str, recipe: Recipe, qman: dic
     stats = read_stats(calib_dir)
     names = sorted(qtensors)
     _check_stats(names, stats, cfg, calib_dir)
-    fetch = _layer_reader(src, qtensors, stats, device)
+    fetch = _layer_reader(src, qtensors, stats, device, set(qconfig.get("transposed") or ()))
     ranks = choose_ranks(cfg, names, qtensors, lambda n: low_rank_path(cfg, fetch(n)), progress)
     from lpc.pipeline.artifact.shards import ModelTensors
 
@@ -137,13 +137,17 @@ def _build(quant_dir: Path, calib_dir: Path, src: str, recipe: Recipe, qman: dic
             "bits_per_weight": summary["bits_per_weight"]}
 
 
-def _layer_reader(src: str, qtensors: dict[str, QTensor], stats: dict, device: str) -> Callable[[str], LayerInputs]:
-    """name -> LayerInputs, reading the original weight one layer at a time."""
+def _layer_reader(src: str, qtensors: dict[str, QTensor], stats: dict, device: str,
+                  transposed: set[str]) -> Callable[[str], LayerInputs]:
+    """name -> LayerInputs, reading the original weight one layer at a time; `transposed`: the layers whose
+    checkpoint weight is (in, out) (GPT-2 style Conv1D), turned to (out, in)."""
     original = _original_weights(src)
 
     def fetch(name: str) -> LayerInputs:
         q = qtensors[name]
         W = original(name)
+        if name in transposed:
+            W = W.T
         if tuple(W.shape) != tuple(q.shape):
             raise ArtifactError(f"layer {name}: the original weight is {tuple(W.shape)} but the quantized one "
                                 f"is {tuple(q.shape)}", "the quant artifact was made from another model")

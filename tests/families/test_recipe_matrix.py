@@ -183,24 +183,13 @@ def check_export(quant: Path, out: Path, fmt: str) -> None:
         _near(_logits(hf, tok), _logits(ref, tok), fmt)
 
 
-# Known failures (strict: the cell turns red once fixed, so the README table is updated)
-BROKEN = {
-    ("gpt2", "kv_fp8"): "KV-cache quantization reads num_key_value_groups, which GPT2Attention lacks",
-    ("gpt2", "kv_nvfp4"): "KV-cache quantization reads num_key_value_groups, which GPT2Attention lacks",
-    ("gpt2", "nvfp4_eora"): "compensate compares the Conv1D checkpoint weight (in, out) with the (out, in) QTensor",
-    ("gpt_neox", "kv_fp8"): "KV-cache quantization reads num_key_value_groups, which GPTNeoXAttention lacks",
-    ("gpt_neox", "kv_nvfp4"): "KV-cache quantization reads num_key_value_groups, which GPTNeoXAttention lacks",
-}
 # One family per layout runs in `make test` (separate q/k/v in bf16, fused qkv/gate_up, Conv1D, MoE experts);
 # the other families' cells are marked slow (the whole matrix: `pytest -m slow tests/families/test_recipe_matrix.py`).
 FAST = ("llama", "phi3", "gpt2", "qwen3_moe")
 
 
 def _marks(family: str, recipe: str) -> list:
-    marks = [] if family in FAST else [pytest.mark.slow]
-    if (family, recipe) in BROKEN:
-        marks.append(pytest.mark.xfail(strict=True, reason=BROKEN[(family, recipe)]))
-    return marks
+    return [] if family in FAST else [pytest.mark.slow]
 
 
 CELLS = [pytest.param(f, r, marks=_marks(f, r), id=f"{f}-{r}") for f in FAMILIES for r in RECIPES]
