@@ -192,18 +192,49 @@ def derive_fuse_groups(model: nn.Module, targets: dict[str, nn.Linear]) -> list[
         return hook
 
     handles = [mod.register_forward_pre_hook(hook_for(n)) for n, mod in targets.items()]
-    vocab = int(getattr(model.config, "vocab_size", 4) or 4)
-    ids = torch.arange(1, 5).remainder(vocab).unsqueeze(0)
     try:
         with torch.no_grad():
-            model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
+            model(input_ids=probe_ids(model.config).to(next(model.parameters()).device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
+    return groups_by_input(seen)
+
+
+def probe_ids(config: Any) -> torch.Tensor:
+    """The four-token input the fuse-group probe runs (ids 1..4 within the vocabulary)."""
+    vocab = int(getattr(config, "vocab_size", 4) or 4)
+    return torch.arange(1, 5).remainder(vocab).unsqueeze(0)
+
+
+def derive_layer_groups(layer: nn.Module, targets: dict[str, nn.Module], args: tuple, kwargs: dict
+                        ) -> tuple[list[list[str]], tuple]:
+    """`derive_fuse_groups` for one materialised decoder layer run on the probe's hidden states (the
+    layer-streaming path, where the whole model never runs): (groups, the args of the next layer)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(_mod, a):
+            seen.setdefault(name, a[0])
+        return hook
+
+    handles = [mod.register_forward_pre_hook(hook_for(n)) for n, mod in targets.items()]
+    try:
+        with torch.no_grad():
+            out = layer(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    hidden = out[0] if isinstance(out, (tuple, list)) else out
+    return groups_by_input(seen), (hidden,) + tuple(args[1:])
+
+
+def groups_by_input(seen: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Last names of the targets that read one input tensor, in the order the forward first met them."""
     by_input: dict[tuple[str, int], list[str]] = {}
     for name, x in seen.items():
         by_input.setdefault((name.rpartition(".")[0], id(x)), []).append(name.rpartition(".")[2])
-    groups = []
+    groups: list[list[str]] = []
     for leaves in by_input.values():
         if len(leaves) > 1 and sorted(leaves) not in groups:
             groups.append(sorted(leaves))

@@ -29,6 +29,7 @@ from lpc.formats import get_format, stored_bits
 from lpc.pipeline.artifact.lpc_model import QUANT_METHOD, weight_marker
 from lpc.pipeline.artifact.shards import Entry, ShardWriter, entries_of
 from lpc.pipeline.artifact.store import write_json
+from lpc.pipeline.io.families import derive_layer_groups, merge_groups, probe_ids
 from lpc.pipeline.io.models import find_targets
 from lpc.pipeline.io.streaming import (WeightStore, materialize, materialize_outside, open_stack, release, tie,
                                         tied_names)
@@ -60,9 +61,10 @@ def quantize_streamed(tmp: Path, opened, recipe: Any, plan: dict[str, Any], stat
                       extra_tensors: dict[str, torch.Tensor], progress: Progress | None = None,
                       device: str = "cpu", tuner: Any = None, batches: list[torch.Tensor] | None = None
                       ) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
-    """Quantize layer by layer into `tmp`; returns (per-layer records, quantized layers' meta, bit counts).
+    """Quantize layer by layer into `tmp`; returns (per-layer records, quantized layers' meta, counts).
 
-    bit counts: {"bits": stored bits of every target weight, "numel": their elements}.
+    counts: {"bits": stored bits of every target weight, "numel": their elements, "files": shards written,
+    "fuse_groups": the recipe's groups plus those derived from the layers' shared inputs}.
     tuner: a layer-wise tuning method's tuner (QuantizeMethod.layer_tuner), fed decoder layer 0's
     inputs on `batches` (calibration token ids (1, T)), then each layer before it is quantized."""
     model, store, (path, layers) = opened
@@ -73,6 +75,8 @@ def quantize_streamed(tmp: Path, opened, recipe: Any, plan: dict[str, Any], stat
     _add_outside(writer, model, store, path, set(tied))
     if tuner is not None:
         tuner.begin(_first_inputs(model, store, path, layers, batches or [], device))
+    probe = _first_inputs(model, store, path, layers, [probe_ids(model.config)], "cpu")[0]
+    derived: list[list[str]] = []  # the family's own q/k/v, gate/up, found layer by layer (families.py)
     records: dict[str, Any] = {}
     metas: dict[str, Any] = {}
     count = {"bits": 0, "numel": 0}
@@ -81,14 +85,19 @@ def quantize_streamed(tmp: Path, opened, recipe: Any, plan: dict[str, Any], stat
         mine = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
         materialize(layer, prefix, store)
         try:
-            tensors = _quantize_layer(layer, prefix, mine, plan, stats, q, records, metas, count, device, tuner)
+            groups, args = derive_layer_groups(layer, mine, *probe)
+            probe = (args, probe[1])
+            derived += [g for g in groups if g not in derived]
+            fuse = merge_groups(q.fuse_groups, derived)
+            tensors = _quantize_layer(layer, prefix, mine, plan, stats, q, fuse, records, metas, count, device,
+                                      tuner)
         finally:
             release(layer)
         writer.add(tensors)
         del tensors
     writer.add(extra_tensors)
     files = writer.close(metadata={"format": "pt"})
-    return records, metas, {**count, "files": len(files)}
+    return records, metas, {**count, "files": len(files), "fuse_groups": merge_groups(q.fuse_groups, derived)}
 
 
 def _add_outside(writer: ShardWriter, model: nn.Module, store: WeightStore, path: str, tied: set[str]) -> None:
@@ -128,11 +137,11 @@ def _first_inputs(model: nn.Module, store: WeightStore, path: str, layers: nn.Mo
 
 
 def _quantize_layer(layer: nn.Module, prefix: str, mine: dict[str, nn.Linear], plan: dict[str, Any], stats,
-                    q: Any, records: dict, metas: dict, count: dict, device: str, tuner: Any = None
+                    q: Any, fuse: list[list[str]], records: dict, metas: dict, count: dict, device: str, tuner: Any = None
                     ) -> dict[str, torch.Tensor]:
     """One materialised decoder layer -> its output tensors (packed targets, everything else as is)."""
     sub_stats = {n: stats[n] for n in mine if stats is not None and n in stats}
-    setups = layer_setups(mine, plan, sub_stats, q.fuse_groups, q.importance != "none", q.codebook_scope)
+    setups = layer_setups(mine, plan, sub_stats, fuse, q.importance != "none", q.codebook_scope)
     tuned = tuner.layer(layer, mine, setups)[0] if tuner is not None else None
     qtensors, recs = quantize_layers(mine, plan, sub_stats, method=q.method, setups=setups, device=device,
                                      weights=tuned)

@@ -125,6 +125,7 @@ def _streamed_body(tmp: Path, opened, src: str, recipe: Recipe, layer_plan, cali
         batches = _calibration_tokens(calib, src)
     records, metas, count = quantize_streamed(tmp, opened, recipe, lp, stats, shard_bytes, aux, progress, device,
                                               tuner, batches)
+    extra["fuse_groups"] = count["fuse_groups"]  # the family's own q/k/v, gate/up, derived layer by layer
     write_config(tmp, model, metas, sorted(tied_names(model)), extra or None)
     copy_tokenizer_files(src, tmp)
     summary = {"bits_per_weight": count["bits"] / max(count["numel"], 1), "quantized_layers": len(metas),

@@ -59,6 +59,10 @@ def test_bad_shard_size_is_an_input_error(tmp_path, bad):
         ShardWriter(tmp_path, parse_size(bad))
 
 
+def _decoder(module) -> bool:
+    return type(module).__name__.endswith("DecoderLayer")
+
+
 def _whole(monkeypatch):
     monkeypatch.setattr(importlib.import_module("lpc.pipeline.stages.quantize"), "open_streamed", lambda *a: None)
 
@@ -74,7 +78,8 @@ def test_streamed_quantize_equals_whole_model(tmp_path, tiny_model_dir, text_fil
         stages.calibrate(str(tiny_model_dir), str(text_files["jsonl"]), calib, r)
     seen = []
     release = layerwise.release
-    monkeypatch.setattr(layerwise, "release", lambda layer: (seen.append(resident_params(layer)), release(layer)))
+    monkeypatch.setattr(layerwise, "release", lambda m: (seen.append(resident_params(m)) if _decoder(m) else None,
+                                                         release(m)))
     streamed = stages.quantize(str(tiny_model_dir), r, tmp_path / "s", calib=calib)
     assert len(seen) == 2 and all(n > 0 for n in seen)  # the streamed path ran, layer by layer
     _whole(monkeypatch)
@@ -181,3 +186,23 @@ def test_sharded_quant_artifact_compensates_and_exports(tmp_path, tiny_model_dir
         (tmp_path / "comp-one" / "model.safetensors").read_bytes()
     ids = torch.tensor([[1, 5, 9, 3, 7]])
     assert torch.equal(load(tmp_path / "comp-one")[0](ids).logits, load(tmp_path / "comp-many")[0](ids).logits)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_streamed_quantize_derives_the_familys_fuse_groups(tmp_path, family_dir, monkeypatch, family):
+    """With no groups in the recipe, the streamed path finds q/k/v and gate/up from the layers' shared
+    inputs, as the whole-model path does, and shares their global scales (same bytes)."""
+    r = load_recipe("nvfp4", ["quantize.fuse_groups=[]", "calibrate.samples=2", "calibrate.seq_len=8"])
+    src = family_dir(family)
+    seen = []
+    release = layerwise.release
+    monkeypatch.setattr(layerwise, "release", lambda layer: (seen.append(1), release(layer)))
+    stages.quantize(str(src), r, tmp_path / "s")
+    assert seen  # streamed
+    want = [["k_proj", "q_proj", "v_proj"], ["gate_proj", "up_proj"]] if family == "llama" else [
+        ["k_proj", "q_proj", "v_proj"]]
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["quantization_config"]["fuse_groups"] == want
+    _whole(monkeypatch)
+    stages.quantize(str(src), r, tmp_path / "w")
+    for f in ("model.safetensors", "config.json"):
+        assert (tmp_path / "s" / f).read_bytes() == (tmp_path / "w" / f).read_bytes(), f
