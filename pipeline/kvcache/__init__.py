@@ -30,6 +30,15 @@ KV_STATS_FILE = "kv_stats.safetensors"
 KV_PREFIX = "lpc.kv."
 
 
+def check_kv_model(src: str, recipe: Any) -> None:
+    """A kv_cache section on a model that keeps no KV cache (an encoder) is refused before any work."""
+    from lpc.pipeline.evaluation.fidelity import is_encoder_dir
+
+    if recipe is not None and recipe.kv_cache is not None and is_encoder_dir(src):
+        raise RecipeError(f"{src} is an encoder: it keeps no KV cache for the recipe's kv_cache section to quantize",
+                          "drop the kv_cache section (or use the same recipe without kv_, e.g. nvfp4 or fp8)")
+
+
 def kv_stat_tensors(stats: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """{layer: {k_amax, v_amax}} -> flat tensors `<layer>.k_amax` for safetensors."""
     return {f"{i}.{key}": t.float().contiguous() for i, s in sorted(stats.items()) for key, t in s.items()}

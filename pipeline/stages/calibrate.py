@@ -18,6 +18,7 @@ from lpc.pipeline.io.data import calibration_batches
 from lpc.pipeline.io.device import check_device
 from lpc.pipeline.io.models import find_targets, load_hf_model, load_tokenizer, model_files, resolve_model
 from lpc.pipeline.io.streaming import open_for_calibration
+from lpc.pipeline.kvcache import check_kv_model
 from lpc.pipeline.progress import Progress
 from lpc.pipeline.quantization.experts import stand_in_statistics
 from lpc.pipeline.stages.base import StageResult, run_stage
@@ -30,6 +31,7 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
     device = check_device(device)
     c = recipe.calibrate
     src = resolve_model(model)
+    check_kv_model(src, recipe)
     config = {"model": src, "data": data, "samples": c.samples, "seq_len": c.seq_len, "fisher": c.fisher,
               "seed": c.seed, "targets": recipe.targets, "ignore": recipe.ignore,
               "kv_cache": recipe.kv_cache is not None,

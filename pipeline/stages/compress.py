@@ -42,6 +42,7 @@ from lpc.pipeline.stages.export import export
 from lpc.pipeline.stages.quantize import quantize
 from lpc.pipeline.errors import ArtifactError, GateFailed
 from lpc.pipeline.io.models import resolve_model
+from lpc.pipeline.kvcache import check_kv_model
 from lpc.pipeline.progress import Progress
 from lpc.recipes.schema import Recipe
 
@@ -181,6 +182,7 @@ def compress(model: str, recipe: Recipe, data: str, out: Path, overwrite: bool =
     device = check_device(device)
     check_recipe_names(recipe)
     src = resolve_model(model)
+    check_kv_model(src, recipe)
     ppl = ppl if ppl is not None else recipe.eval.ppl
     tasks = tasks if tasks is not None else (recipe.eval.tasks or None)
     gate = fail_under_recovery if fail_under_recovery is not None else recipe.eval.fail_under_recovery

@@ -11,7 +11,7 @@ from lpc.pipeline.artifact.lpc_model import shared_bits, write_lpc_model
 from lpc.pipeline.calibration.stats import STATS_FILE, calibration_batches_of, read_stats
 from lpc.pipeline.errors import RecipeError
 from lpc.pipeline.io.device import check_device
-from lpc.pipeline.kvcache import KV_STATS_FILE, kv_artifact
+from lpc.pipeline.kvcache import KV_STATS_FILE, check_kv_model, kv_artifact
 from lpc.pipeline.kvcache.smooth import SmoothedStore, apply_transforms
 from lpc.pipeline.io.families import derive_fuse_groups, layout_config, merge_groups
 from lpc.pipeline.io.models import copy_tokenizer_files, find_targets, load_hf_model, model_files, resolve_model
@@ -47,6 +47,7 @@ def quantize(model: str, recipe: Recipe | None, out: Path, calib: Path | None = 
         calib = calib or plan_calib
     if recipe is None:
         raise RecipeError("quantize needs a recipe or an allocation plan", "pass --recipe R or --plan alloc/")
+    check_kv_model(src, recipe)
     q = recipe.quantize
     method = QUANTIZE_METHODS.get(q.method)
     if (method.needs_calibration or recipe.kv_cache is not None) and calib is None:

@@ -5,6 +5,7 @@ refusals where an encoder cannot go."""
 from __future__ import annotations
 
 import json
+import re
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -109,3 +110,33 @@ def test_fisher_of_an_encoder_without_head_is_refused(family_dir, text_files, tm
     with pytest.raises(InputError, match="has no masked-LM head"):
         stages.calibrate(str(family_dir("bert_encoder")), str(text_files["jsonl"]), tmp_path / "calib", recipe)
     assert not (tmp_path / "calib").exists()
+
+
+# every built-in recipe on BERT (the README's family table): works with a fidelity > 0.9, or a one-line refusal
+ENCODER_RECIPES = {
+    "nvfp4": None, "nvfp4_w4a4": None, "nvfp4_eora": None, "fp8": None, "int4": None, "mxfp4": None,
+    "mxfp8": None, "bcq": None, "fgmp_nvfp4": None, "fgmp_nvfp4a16": None, "vapr": None,
+    "kv_fp8": "is an encoder: it keeps no KV cache", "kv_nvfp4": "is an encoder: it keeps no KV cache",
+}
+RECIPE_SETS = {"fgmp_nvfp4": ["quantize.method=rtn"], "fgmp_nvfp4a16": ["quantize.method=rtn"],
+               "nvfp4_eora": ["compensate.rank=4"], "vapr": ["allocate.refine=false", "allocate.pareto_budgets=[]"]}
+
+
+@pytest.mark.parametrize("recipe", sorted(ENCODER_RECIPES))
+def test_every_recipe_on_bert(recipe, family_dir, text_files, tmp_path):
+    from lpc.pipeline.errors import LpcError
+
+    r = load_recipe(recipe, SMALL + RECIPE_SETS.get(recipe, []))
+    refusal = ENCODER_RECIPES[recipe]
+    try:
+        stages.compress(str(family_dir("bert")), r, str(text_files["jsonl"]), tmp_path / "out",
+                        ppl=[str(text_files["jsonl"])])
+    except LpcError as e:
+        assert refusal is not None and re.search(refusal, str(e)) and "\n" not in str(e), str(e)
+        assert not (tmp_path / "out" / "model").exists()
+        return
+    assert refusal is None, f"expected a refusal matching {refusal!r}"
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert 0.9 < summary["eval"]["fidelity"][str(text_files["jsonl"])] <= 1.0 + 1e-6
+    layers = read_qconfig(tmp_path / "out" / "stages" / "quant")["layers"]
+    assert layers and "cls.predictions.decoder" not in layers
