@@ -69,7 +69,11 @@ def write_peft(src: Path, tmp: Path) -> dict[str, Any]:
         adapter[f"base_model.model.{name}.lora_B.weight"] = factors[f"{name}.lora_B"].to(dtype)
     (tmp / ADAPTER_DIR).mkdir()
     art.save_tensors(adapter, tmp / ADAPTER_DIR / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    art.write_json(tmp / ADAPTER_DIR / ADAPTER_CONFIG, {**adapter_config(ranks), "base_model_name_or_path": final_path(tmp)})
+    from lpc.pipeline.io.encoders import is_encoder
+
+    task = None if is_encoder(model) else "CAUSAL_LM"  # PEFT has no masked-LM task: the plain PeftModel
+    art.write_json(tmp / ADAPTER_DIR / ADAPTER_CONFIG,
+                   {**adapter_config(ranks, task), "base_model_name_or_path": final_path(tmp)})
     dropped = []
     if qconfig.get("activations"):
         dropped.append("activation quantization (PEFT models run dense activations; evaluate the lpc artifact for W+A)")
@@ -93,7 +97,7 @@ def _adapter_dtype(layers: dict[str, dict[str, Any]]) -> torch.dtype:
     return torch.bfloat16 if plain_bf16 else torch.float32
 
 
-def adapter_config(ranks: dict[str, int]) -> dict[str, Any]:
+def adapter_config(ranks: dict[str, int], task_type: str | None = "CAUSAL_LM") -> dict[str, Any]:
     """PEFT LoraConfig as a JSON dict: lora_alpha = r for every module, so B A is added unscaled.
 
     ranks: full module name -> rank. r is the most common rank (ties: the smallest); the others go
@@ -104,7 +108,7 @@ def adapter_config(ranks: dict[str, int]) -> dict[str, Any]:
     r = min(counts, key=lambda k: (-counts[k], k))
     other = {n: k for n, k in sorted(ranks.items()) if k != r}
     cfg = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(ranks), rank_pattern=other, alpha_pattern=dict(other),
-                     lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", inference_mode=True)
+                     lora_dropout=0.0, bias="none", task_type=task_type, inference_mode=True)
     # A set would be written in hash order; sorted lists keep the file byte-identical across runs.
     return {k: sorted(v) if isinstance(v, set) else (v.value if isinstance(v, enum.Enum) else v)
             for k, v in cfg.to_dict().items()}

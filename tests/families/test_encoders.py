@@ -140,3 +140,51 @@ def test_every_recipe_on_bert(recipe, family_dir, text_files, tmp_path):
     assert 0.9 < summary["eval"]["fidelity"][str(text_files["jsonl"])] <= 1.0 + 1e-6
     layers = read_qconfig(tmp_path / "out" / "stages" / "quant")["layers"]
     assert layers and "cls.predictions.decoder" not in layers
+    final = tmp_path / "out" / "stages" / ("comp" if r.compensate is not None else "quant")
+    for fmt in ("lpc", "dense", "compressed-tensors", "modelopt", "peft"):
+        _check_encoder_export(recipe, final, tmp_path / fmt, fmt)
+
+
+def _mlm_logits(model) -> torch.Tensor:
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def _check_encoder_export(recipe: str, quant: Path, out: Path, fmt: str) -> None:
+    """One export of a BERT artifact: loads with lpc's masked-LM logits (modelopt: reads back to lpc's
+    weights), or a one-line refusal the decoder families give too (test_recipe_matrix.NO_ENGINE)."""
+    from transformers import AutoModelForMaskedLM
+
+    from families.test_recipe_matrix import NO_ENGINE, VAPR_REFUSAL, _check_modelopt, _near
+    from lpc.pipeline.errors import LpcError
+
+    if fmt == "peft" and recipe != "nvfp4_eora":
+        return
+    try:
+        stages.export(quant, out, fmt)
+    except LpcError as e:
+        allowed = NO_ENGINE.get(recipe, {}).get(fmt) or (VAPR_REFUSAL if recipe == "vapr" else None)
+        assert allowed and re.search(allowed, str(e)) and "\n" not in str(e), (fmt, str(e))
+        return
+    if fmt == "modelopt":
+        _check_modelopt(quant, out)
+        return
+    rounded = fmt == "compressed-tensors"  # NVFP4/MX decompressed in bf16
+    ref = load(quant, dtype=torch.float32, activations=fmt != "dense", merge_lowrank=fmt == "dense")[0]
+    if rounded:
+        for name, meta in read_qconfig(quant)["layers"].items():
+            if meta["format"] in ("nvfp4", "mxfp4", "mxfp8"):
+                w = ref.get_submodule(name).weight
+                w.data.copy_(w.data.to(torch.bfloat16).float())
+    if fmt == "peft":
+        from peft import PeftModel
+
+        got = PeftModel.from_pretrained(AutoModelForMaskedLM.from_pretrained(str(out), dtype=torch.float32),
+                                        out / "adapter").eval()
+    elif fmt == "compressed-tensors":
+        got = load(out, dtype=torch.float32)[0]
+    else:
+        got = AutoModelForMaskedLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    tol = 0.02 if read_qconfig(quant).get("activations") else 0.01
+    _near(_mlm_logits(got), _mlm_logits(ref), f"{recipe} {fmt}", tol)
