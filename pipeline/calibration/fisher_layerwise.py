@@ -12,8 +12,9 @@
    dL/dx of each target Linear is read through its output's gradient, and dL/dh of the layer's
    input is passed on. The layer is released.
 
-Memory: one layer, its accumulators, and the hidden states of the calibration set at every layer
-boundary (samples x tokens x hidden per layer).
+Memory: one layer, the accumulators, and the hidden states at every layer boundary of one chunk of
+samples (STATE_BYTES at most, or one sample): the calibration set goes through in chunks, each loading
+every layer twice, with the same result as one pass (the sums run in sample order either way).
 """
 from __future__ import annotations
 
@@ -53,17 +54,59 @@ def layerwise_fisher(model: nn.Module, batches: list[torch.Tensor], targets: dic
     batches: (1, T) token ids, T >= 2, one sample each. found: decoder_layers(model).
     load(i) / free(i): materialise / release decoder layer i (a meta skeleton), or None when the
     model is resident. Everything outside the decoder stack must be resident."""
-    from lpc.pipeline.calibration.stats import capture_layer_inputs
-
     path, layers = found
     head = final_head(model)
     if head is None:
         raise ValueError("no final norm / output head found")
     rows = [b.reshape(1, -1).long() for b in batches if b.numel() >= 2]
+    accs: dict[str, FisherAccumulator] = {}
+    chunks = _chunks(rows, len(layers), _hidden_bytes(model))
+    for k, chunk in enumerate(chunks):
+        tag = f" {k + 1}/{len(chunks)}" if len(chunks) > 1 else ""
+        _fisher_chunk(model, chunk, targets, found, head, accs, load, free, progress, device, tag)
+    tokens = sum(r.shape[1] - 1 for r in rows)
+    return {n: {"weight_fisher": accs[n].weight_sum.div_(len(rows)).cpu(), "act_fisher": accs[n].act_sum.div_(tokens).cpu(),
+                "count": len(rows), "tokens": tokens} for n in targets if n in accs}
+
+
+# The hidden states kept for the backward pass (every layer's input, every sample of a chunk) stay
+# under this many bytes: the samples go through in chunks (each chunk loads every layer twice). The
+# Fisher is a sum over samples, accumulated in sample order, so chunks give the same bits.
+STATE_BYTES = 512 * 2**20
+
+
+def _hidden_bytes(model: nn.Module) -> int:
+    """Bytes of one token's hidden state in the model's dtype."""
+    cfg = model.config
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return int(getattr(cfg, "hidden_size", 0) or 0) * torch.finfo(dtype).bits // 8
+
+
+def _chunks(rows: list[torch.Tensor], n_layers: int, token_bytes: int) -> list[list[torch.Tensor]]:
+    """Consecutive runs of samples whose stored layer inputs fit STATE_BYTES (at least one sample each)."""
+    out: list[list[torch.Tensor]] = [[]]
+    used = 0
+    for r in rows:
+        need = n_layers * r.shape[1] * token_bytes
+        if out[-1] and used + need > STATE_BYTES:
+            out.append([])
+            used = 0
+        out[-1].append(r)
+        used += need
+    return out
+
+
+def _fisher_chunk(model: nn.Module, rows: list[torch.Tensor], targets: dict[str, nn.Linear],
+                  found: tuple[str, nn.ModuleList], head, accs: dict[str, FisherAccumulator],
+                  load, free, progress: Progress | None, device: str, tag: str) -> None:
+    """Forward, head and backward passes of one chunk of samples, adding into `accs`."""
+    from lpc.pipeline.calibration.stats import capture_layer_inputs
+
+    path, layers = found
     states = capture_layer_inputs(model, layers, rows, device)
     inputs: list[list[torch.Tensor]] = []
     with torch.no_grad(), eval_mode(model):
-        for i, layer in track(list(enumerate(layers)), "fisher forward (layer by layer)", progress):
+        for i, layer in track(list(enumerate(layers)), f"fisher forward{tag} (layer by layer)", progress):
             _on(load, i)
             layer.to(device)
             inputs.append([args[0].detach().cpu() for args, _ in states])
@@ -73,18 +116,17 @@ def layerwise_fisher(model: nn.Module, batches: list[torch.Tensor], targets: dic
             layer.to("cpu")
             _on(free, i)
     grads = [_head_grad(head, args[0], ids.to(device)) for (args, _), ids in zip(states, rows)]
-    result: dict[str, dict[str, Any]] = {}
-    for i in track(list(reversed(range(len(layers)))), "fisher backward (layer by layer)", progress):
+    for i in track(list(reversed(range(len(layers)))), f"fisher backward{tag} (layer by layer)", progress):
         _on(load, i)
         layers[i].to(device)
         mine = {n: m for n, m in targets.items() if n.startswith(f"{path}.{i}.")}
-        grads = _layer_backward(layers[i], mine, inputs[i], states, grads, result, device)
+        for n, m in mine.items():
+            if n not in accs:
+                accs[n] = FisherAccumulator(m)
+        grads = _layer_backward(layers[i], mine, inputs[i], states, grads, {n: accs[n] for n in mine}, device)
         inputs[i] = []
         layers[i].to("cpu")
         _on(free, i)
-    tokens = sum(r.shape[1] - 1 for r in rows)
-    return {n: {"weight_fisher": result[n]["w"].div_(len(rows)).cpu(), "act_fisher": result[n]["a"].div_(tokens).cpu(),
-                "count": len(rows), "tokens": tokens} for n in targets if n in result}
 
 
 def _on(fn: Callable[[int], None] | None, i: int) -> None:
@@ -104,9 +146,9 @@ def _head_grad(head: tuple[nn.Module, nn.Module], h: torch.Tensor, ids: torch.Te
 
 
 def _layer_backward(layer: nn.Module, mine: dict[str, nn.Linear], inputs: list[torch.Tensor], states, grads,
-                    result: dict[str, dict[str, torch.Tensor]], device: str) -> list[torch.Tensor]:
-    """Back-propagate each sample's dL/d(output) through `layer`; returns dL/d(input) per sample."""
-    accs = {n: FisherAccumulator(m) for n, m in mine.items()}
+                    accs: dict[str, FisherAccumulator], device: str) -> list[torch.Tensor]:
+    """Back-propagate each sample's dL/d(output) through `layer` (squared gradients into `accs`);
+    returns dL/d(input) per sample."""
     weights = {id(m.weight): m.weight for m in mine.values()}
     flags = [(p, p.requires_grad) for p in layer.parameters()]
     out_grads = []
@@ -124,6 +166,4 @@ def _layer_backward(layer: nn.Module, mine: dict[str, nn.Linear], inputs: list[t
         for p, flag in flags:
             p.grad = None
             p.requires_grad_(flag)
-    for n, acc in accs.items():
-        result[n] = {"w": acc.weight_sum, "a": acc.act_sum}
     return out_grads

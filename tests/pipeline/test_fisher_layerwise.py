@@ -29,6 +29,28 @@ def test_layerwise_fisher_equals_whole_model(make_llama):
         assert layered[n]["count"] == whole[n]["count"] and layered[n]["tokens"] == whole[n]["tokens"]
 
 
+def test_samples_in_chunks_give_the_same_bits(make_llama, monkeypatch):
+    """With room for the stored states of one sample only, every sample is its own chunk (each layer
+    loaded twice per chunk) and the Fisher is bit-identical to one pass over all samples."""
+    import lpc.pipeline.calibration.fisher_layerwise as fl
+
+    model = make_llama(layers=3).float().eval()
+    targets = find_targets(model, ["*proj"], [])
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randint(3, 60, (1, 10), generator=g) for _ in range(4)]
+    loads = []
+    one_pass = layerwise_fisher(model, batches, targets, decoder_layers(model), load=loads.append)
+    assert len(loads) == 2 * 3
+    monkeypatch.setattr(fl, "STATE_BYTES", 3 * 10 * fl._hidden_bytes(model))  # one sample's 3 layer inputs
+    loads.clear()
+    chunked = layerwise_fisher(model, batches, targets, decoder_layers(model), load=loads.append)
+    assert len(loads) == 4 * 2 * 3
+    for n in one_pass:
+        for key in ("weight_fisher", "act_fisher"):
+            assert torch.equal(chunked[n][key], one_pass[n][key]), (n, key)
+        assert chunked[n]["count"] == 4
+
+
 def test_calibrate_fisher_streams_from_the_checkpoint(tmp_path, tiny_model_dir, text_files, monkeypatch):
     calib = importlib.import_module("lpc.pipeline.stages.calibrate")
     loaded = []
