@@ -58,6 +58,38 @@ def block_scores(x: torch.Tensor, importance: torch.Tensor | None = None,
     return out
 
 
+def fake_by_threshold(x: torch.Tensor, importance: torch.Tensor | None, global_amax: Any,
+                      threshold: float) -> torch.Tensor:
+    """FGMP activations at run time in one pass: each block of 16 whose `block_scores` exceeds
+    `threshold` is FP8, the others NVFP4 with amax block scales; returns the dequantized x in its own
+    dtype. Equals dequantize(quantize(x, mask=scores > threshold)) (the spec's defaults: no clipping,
+    no scale search) without packing: Q_lo and Q_hi are computed once, for the scores and the result."""
+    rows = as_rows(x)
+    n_rows, k = rows.shape
+    kp = padded(k, BLOCK)
+    s2 = _global_scale(rows, global_amax)
+    order = kernels.sum_order()
+    if order is not None and (importance is None or importance.ndim == 1) and fast.enabled():
+        w = torch.ones(k, device=x.device) if importance is None else importance.to(torch.float32)
+        wb = pad_last(w.reshape(1, k), BLOCK).view(kp // BLOCK, BLOCK)
+        thr = torch.tensor(float(threshold), dtype=torch.float32, device=x.device)
+        got = fast.run_compiled(kernels.fgmp_act, blocks_of(rows, BLOCK), s2.to(x.device), wb, thr, order)
+        if got is not None:
+            return got[0].view(n_rows, kp)[:, :k].reshape(x.shape).to(x.dtype)
+    weight = None if importance is None else importance_rows(importance, tuple(x.shape))
+    out = torch.empty(n_rows, kp, dtype=torch.float32, device=x.device)
+    for sl in row_chunks(n_rows, kp):
+        xb = pad_last(rows[sl], BLOCK).view(-1, kp // BLOCK, BLOCK)
+        lo = nvfp4.fake_blocks(xb, nvfp4.block_scales(xb, s2), s2)
+        hi = fake_high(xb, s2)
+        gain = (xb - lo).square() - (xb - hi).square()
+        if weight is not None:
+            gain = gain * pad_last(weight[sl], BLOCK).view_as(xb)
+        high = (gain.sum(-1) > threshold).unsqueeze(-1)
+        out[sl] = torch.where(high, hi, lo).view(-1, kp)
+    return out[:, :k].reshape(x.shape).to(x.dtype)
+
+
 def fake_high(xb: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
     """Any float32 tensor -> its FP8 E4M3 value under the scale 6 * s2 (saturating)."""
     step = E2M1_MAX * s2

@@ -69,6 +69,23 @@ def fgmp(xb: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return packed, sb, hi
 
 
+def fgmp_act(xb: torch.Tensor, s2: torch.Tensor, weight: torch.Tensor, threshold: torch.Tensor,
+             order: str) -> tuple[torch.Tensor]:
+    """FGMP activations at run time: (r, nb, 16) -> dequantized blocks (r, nb, 16) f32, each block FP8
+    when its weighted score sum(w ((x - Q_lo)^2 - (x - Q_hi)^2)) exceeds `threshold` (0-d f32), else
+    NVFP4 with its amax scale. weight: (nb, 16) f32 (importance per channel); order: `sum_order()`.
+    Equals fgmp.fake_by_threshold's eager loop (the same operations, the sum in ATen's order)."""
+    xf = xb.to(torch.float32)
+    step = (nonzero_or_one(round_e4m3(xf.abs().amax(-1) / (E2M1_MAX * s2))) * s2).unsqueeze(-1)
+    y = xf / step
+    lo = torch.copysign(e2m1_magnitude(y.abs()), y) * step
+    hi_step = E2M1_MAX * s2
+    hi = round_e4m3(xf / hi_step) * hi_step
+    gain = ((xf - lo).square() - (xf - hi).square()) * weight
+    high = (sum16(gain, order) > threshold).unsqueeze(-1)
+    return (torch.where(high, hi, lo),)
+
+
 def scaled_rows(xb: torch.Tensor, max_value: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """xb: (r, nb, 16) rows in blocks -> per-row FP8 `dtype` (r, nb, 16) and scales (r, 1) f32."""
     xf = xb.to(torch.float32)

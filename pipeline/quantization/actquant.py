@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch.utils.hooks import RemovableHandle
 
 from lpc.formats import get_format
-from lpc.formats.fgmp import block_scores
+from lpc.formats.fgmp import block_scores, fake_by_threshold
 from lpc.pipeline.errors import ArtifactError, InputError
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,15 @@ def _fgmp_hook(entry: ActQuantEntry) -> Callable:
     fmt, ctx = get_format("fgmp"), _context(entry)
     importance = entry.channel_importance.detach().to(torch.float32)
     threshold = float(entry.threshold)
+
+    spec = fmt.spec(**entry.spec)
+    if spec.clip == "none" and not spec.scale_search:  # amax block scales: one pass, nothing packed
+        def fused(module: torch.nn.Module, args: tuple) -> tuple:
+            with torch.no_grad():
+                return (fake_by_threshold(args[0], importance.to(args[0].device), entry.global_amax, threshold),
+                        *args[1:])
+
+        return fused
 
     def hook(module: torch.nn.Module, args: tuple) -> tuple:
         x = args[0]

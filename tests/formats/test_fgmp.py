@@ -1,6 +1,7 @@
 """FGMP: block scores, the mask is respected, bits come from the actual mix."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lpc.formats import get_format
@@ -71,3 +72,29 @@ def test_high_blocks_improve_error(heavy, sqnr):
     best = sqnr(x, fmt.fake_quantize(x, mask=top_fraction_mask(scores, 0.2)))
     worst = sqnr(x, fmt.fake_quantize(x, mask=top_fraction_mask(-scores, 0.2)))
     assert best > worst + 1.0
+
+
+@pytest.mark.parametrize("shape,dtype,amax", [((3, 7, 576), torch.bfloat16, None), ((3, 7, 576), torch.bfloat16, 50.0),
+                                              ((5, 200), torch.float32, None), ((2, 64), torch.float32, 50.0)])
+@pytest.mark.parametrize("compiled", ["1", "0"])
+def test_run_time_activation_path_equals_quantize_then_dequantize(shape, dtype, amax, compiled, monkeypatch):
+    """The one-pass FGMP activation simulation (compiled kernel, or the eager loop with LPC_COMPILE=0)
+    gives the very bits of packing with mask = scores > threshold and unpacking (outliers, all-zero
+    blocks, a padded last block, a fixed global amax)."""
+    from lpc.formats.fgmp import block_scores, fake_by_threshold
+
+    monkeypatch.setenv("LPC_COMPILE", compiled)
+    fmt = get_format("fgmp")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g) * torch.rand(shape[-1], generator=g) * 5
+    x[..., 3] = 80.0
+    x[..., 20:36] = 0
+    x = x.to(dtype)
+    imp = torch.rand(shape[-1], generator=g)
+    scores = block_scores(x, imp, amax)
+    threshold = float(scores.flatten().quantile(0.7))
+    ctx = {"global_amax": amax} if amax is not None else {}
+    want = fmt.dequantize(fmt.quantize(x, mask=scores > threshold, importance=imp, **ctx), dtype=x.dtype)
+    got = fake_by_threshold(x, imp, amax, threshold)
+    assert got.dtype == x.dtype and torch.equal(got, want)
+    assert 0 < int((scores > threshold).sum()) < scores.numel()
