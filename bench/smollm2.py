@@ -51,6 +51,7 @@ ROWS = {
     "fgmp_nvfp4a16": ("fgmp_nvfp4a16", []),
     "fgmp_nvfp4a16_rtn": ("fgmp_nvfp4a16", ["quantize.method=rtn"]),
     "fgmp_nvfp4": ("fgmp_nvfp4", []),
+    "fgmp_nvfp4_rtn": ("fgmp_nvfp4", ["quantize.method=rtn"]),
     "nvfp4_eora": ("nvfp4_eora", []),
     "vapr": ("vapr", []),
 }

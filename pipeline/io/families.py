@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -184,20 +185,9 @@ def derive_fuse_groups(model: nn.Module, targets: dict[str, nn.Linear]) -> list[
     with two or more members; [] when the model cannot run (weights on meta)."""
     if any(p.device.type == "meta" for p in model.parameters()):
         return []
-    seen: dict[str, torch.Tensor] = {}  # the inputs themselves: kept alive, so no id is reused
-
-    def hook_for(name: str):
-        def hook(_mod, args):
-            seen.setdefault(name, args[0])
-        return hook
-
-    handles = [mod.register_forward_pre_hook(hook_for(n)) for n, mod in targets.items()]
-    try:
-        with torch.no_grad():
-            model(input_ids=probe_ids(model.config).to(next(model.parameters()).device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    ids = probe_ids(model.config).to(next(model.parameters()).device)
+    with _first_inputs(targets) as seen, torch.no_grad():
+        model(input_ids=ids, use_cache=False)
     return groups_by_input(seen)
 
 
@@ -211,22 +201,29 @@ def derive_layer_groups(layer: nn.Module, targets: dict[str, nn.Module], args: t
                         ) -> tuple[list[list[str]], tuple]:
     """`derive_fuse_groups` for one materialised decoder layer run on the probe's hidden states (the
     layer-streaming path, where the whole model never runs): (groups, the args of the next layer)."""
+    with _first_inputs(targets) as seen, torch.no_grad():
+        out = layer(*args, **kwargs)
+    hidden = out[0] if isinstance(out, (tuple, list)) else out
+    return groups_by_input(seen), (hidden,) + tuple(args[1:])
+
+
+@contextmanager
+def _first_inputs(targets: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """name -> the first input tensor each target sees while the block runs (kept alive, so that no
+    id is reused)."""
     seen: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str):
-        def hook(_mod, a):
-            seen.setdefault(name, a[0])
+        def hook(_mod, args):
+            seen.setdefault(name, args[0])
         return hook
 
     handles = [mod.register_forward_pre_hook(hook_for(n)) for n, mod in targets.items()]
     try:
-        with torch.no_grad():
-            out = layer(*args, **kwargs)
+        yield seen
     finally:
         for h in handles:
             h.remove()
-    hidden = out[0] if isinstance(out, (tuple, list)) else out
-    return groups_by_input(seen), (hidden,) + tuple(args[1:])
 
 
 def groups_by_input(seen: dict[str, torch.Tensor]) -> list[list[str]]:
