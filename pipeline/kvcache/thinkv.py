@@ -10,17 +10,23 @@ R > E > T (the paper's order) decides where precision goes and what goes first:
 - Precision from the budget: a ladder (default bf16 > fp8 > int4 > int2). At setup, the base level is
   the most precise lossy level at which every token of the budgeted sequence fits (scales and metadata
   counted, as uniform quantization would choose); the budget left over lifts R, then E, one level up
-  (type shares taken as the calibrated tertiles, a third each). A closed segment stays bf16 until the
-  budget requires compressing it, then goes straight to its type's level.
-- Demotion before eviction: over budget, one segment at a time moves one level down the ladder: the
-  most precise first, among equals the least important type, then the oldest; the open segment (the
-  current thought, the most important) may go from bf16 to fp8 (per-token scales), last.
+  (type shares taken as the calibrated tertiles, a third each). The hybrid: when R would sit below
+  `floor` (default int4) and evicting the transition thoughts pays for lifting it there, R (and the
+  prompt) get `floor` and T thoughts are evicted for it: 2-bit keys and values cost a small model more
+  than dropping its least important thoughts (bench/kvcache_policies.py at 20%: uniform int2 keeps 55%
+  greedy agreement, int4 with eviction 92%). A closed segment stays bf16 until the budget requires
+  compressing it, then goes straight to its type's level.
+- Demotion before eviction: over budget, segments move down to their type's level: the most precise
+  first, among equals the least important type, then the oldest. Still over budget: the transition
+  thoughts are evicted when R's floor was paid for with them; then segments go below their type's level,
+  one rung at a time, and the open segment (the current thought, the most important) may go from bf16
+  to fp8 (per-token scales), last.
 - Eviction only when everything sits at the lowest level: whole thoughts in order T, E, R, among a type
   the least attended (mean attention each token received per query since it was written) first, and in
   a thought its least attended tokens first; the newest `recent` closed segments, the open segment and
-  the first `sinks` tokens go last, in that order. So the cache never evicts a token it could hold at
-  a lower precision, holds at least what uniform quantization at its base level holds, and spends the
-  rest on the important thoughts.
+  the first `sinks` tokens go last, in that order. So, but for the transitions that pay for R's floor,
+  the cache never evicts a token it could hold at a lower precision, and spends the rest of the budget
+  on the important thoughts.
 
 Simulation choices where the paper leaves room: thoughts are fixed segments of `group` tokens (the unit
 the cache compresses in), a segment's type is decided once it closes, attention is summed over heads
@@ -94,10 +100,12 @@ class ThinKVPolicy(KVPolicy):
     needs_attention = True
 
     def __init__(self, budget: float = 1.0, group: int = KIVI_GROUP, thresholds: tuple[float, float] = (0.80, 0.90),
-                 ladder: tuple[str, ...] | list[str] = LADDER, sinks: int = 4, recent: int = 1, **options: Any):
+                 ladder: tuple[str, ...] | list[str] = LADDER, sinks: int = 4, recent: int = 1,
+                 floor: str | None = "int4", **options: Any):
         """group: segment length; thresholds: sparsity (R|E, E|T); ladder: precisions from bf16 down
         (e.g. [bf16, fp8, int4, int2]); sinks: leading tokens evicted last; recent: newest closed
-        segments evicted after every other closed one"""
+        segments evicted after every other closed one; floor: the level R thoughts are lifted to when
+        evicting transition thoughts pays for it (a ladder level, or null for never)"""
         super().__init__(budget, **options)
         lo, hi = (float(t) for t in thresholds)
         if not 0 <= lo <= hi <= 1:
@@ -110,6 +118,11 @@ class ThinKVPolicy(KVPolicy):
                              "e.g. ladder: [bf16, fp8, int4, int2]")
         self.group, self.thresholds, self.sinks, self.recent = int(group), (lo, hi), int(sinks), int(recent)
         self.ladder = ladder
+        if floor is not None and check_level(floor) not in ladder[1:]:
+            raise InputError(f"thinkv floor must be a lossy level of the ladder {list(ladder)}, got {floor!r}",
+                             "e.g. floor: int4 (or null)")
+        self.floor = floor
+        self.evict_transitions = False  # R's floor is paid for by evicting T (set at setup)
         self.targets = {t: ladder[-1] for t in TYPES}  # set from the budget at setup
         self.types: dict[int, str] = {}  # segment -> type, shared by all layers
         self.stats: dict[int, list[float]] = {}  # open segment -> [sparsity sum, steps]
@@ -130,6 +143,12 @@ class ThinKVPolicy(KVPolicy):
             if up == "bf16" or extra > spare:
                 break
             self.targets[t], spare = up, spare - extra
+        self.evict_transitions = False
+        rung = self.ladder.index
+        if self.floor is not None and rung(self.targets["R"]) > rung(self.floor):
+            need = (cost[self.floor] - cost[self.targets["R"]]) / len(TYPES)
+            if need <= spare + cost[self.targets["T"]] / len(TYPES):  # T's bytes pay for R's floor
+                self.targets["R"], self.evict_transitions = self.floor, True
 
     def steady_cost(self, level: str) -> float:
         """Bytes per token of a full segment held at `level`: payload, metadata, scales, table entry."""
@@ -167,7 +186,14 @@ class ThinKVPolicy(KVPolicy):
     def enforce(self, layer: PolicyLayer, index: int) -> None:
         if self.fits(layer):
             return
-        self._demote(layer)
+        self._demote(layer, below_target=False)
+        if self.fits(layer):
+            return
+        if self.evict_transitions:
+            evict_in_order(self, layer, self.eviction_order(layer, only_transitions=True))
+            if self.fits(layer):
+                return
+        self._demote(layer, below_target=True)
         if not self.fits(layer):
             evict_in_order(self, layer, self.eviction_order(layer))
 
@@ -195,30 +221,32 @@ class ThinKVPolicy(KVPolicy):
         i = LEVELS.index(level)
         return next((r for r, x in enumerate(self.ladder) if LEVELS.index(x) >= i), len(self.ladder) - 1)
 
-    def _next_rung(self, u: Unit) -> int | None:
-        """Where demoting `u` takes it: a closed bf16 segment straight to its type's level, else one rung
-        down; the open segment only from bf16 to the first lossy rung with per-token scales (fp8/nvfp4)."""
+    def _next_rung(self, u: Unit, below_target: bool) -> int | None:
+        """Where demoting `u` takes it: a closed segment above its type's level straight there, else (with
+        below_target) one rung down; the open segment only with below_target, from bf16 to the first
+        lossy rung with per-token scales (fp8/nvfp4)."""
         if u.rank < 0:
             first = self.ladder[1]
-            return 1 if u.rung == 0 and first in ("fp8", "nvfp4") else None
-        if u.rung >= len(self.ladder) - 1:
-            return None
+            return 1 if below_target and u.rung == 0 and first in ("fp8", "nvfp4") else None
         target = self.ladder.index(self.targets[TYPES[u.rank]])
-        return target if u.rung < target else u.rung + 1
+        if u.rung < target:
+            return target
+        return u.rung + 1 if below_target and u.rung < len(self.ladder) - 1 else None
 
-    def _demote(self, layer: PolicyLayer) -> None:
+    def _demote(self, layer: PolicyLayer, below_target: bool) -> None:
         """Plan by exact bytes which segments go down and how far (most precise first, least important,
-        oldest), then requantize each changed segment once."""
+        oldest; below their type's level only with below_target), then requantize each changed segment
+        once."""
         h, d = layer.keys.shape[1], layer.keys.shape[-1]
         units = self.units(layer)
         over = self.held_bytes(layer) - self.budget_bytes
         plan: dict[int, int] = {}
         while over > 0:
-            movable = [u for u in units if self._next_rung(u) is not None]
+            movable = [u for u in units if self._next_rung(u, below_target) is not None]
             if not movable:
                 break
             u = min(movable, key=lambda x: (x.rung, -x.rank, x.seg))
-            rung = self._next_rung(u)
+            rung = self._next_rung(u, below_target)
             level = self.ladder[rung]
             if u.rank < 0:  # the open segment: its bf16 tokens become per-token fp8 chunks
                 bf = int((layer.level[u.index] == 0).sum())
@@ -235,10 +263,11 @@ class ThinKVPolicy(KVPolicy):
             if idx.numel():
                 layer.compress(idx, level)
 
-    def eviction_order(self, layer: PolicyLayer) -> torch.Tensor:
+    def eviction_order(self, layer: PolicyLayer, only_transitions: bool = False) -> torch.Tensor:
         """Held-token indices, first evicted first: closed segments but the newest `recent` (type T, E, R;
         least mean attention first; their least attended tokens first), then those recent ones (oldest
-        first), the open segment (oldest first), and the sinks last."""
+        first), the open segment (oldest first), and the sinks last. only_transitions: the first part's
+        T segments only."""
         mean = layer.score / (layer.written - layer.pos).clamp(min=1).float()
         units = self.units(layer)
         closed = [u for u in units if u.rank >= 0]
@@ -251,6 +280,9 @@ class ThinKVPolicy(KVPolicy):
 
         old = sorted((u for u in closed if u.seg not in recent),
                      key=lambda u: (-u.rank, float(mean[u.index].mean()), u.seg))
+        if only_transitions:
+            parts = [tokens(u) for u in old if TYPES[u.rank] == "T"]
+            return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
         order = [tokens(u) for u in old] + [tokens(u) for u in closed if u.seg in recent]
         order += [u.index[~sink[u.index]] for u in units if u.rank < 0]
         order.append(torch.nonzero(sink).flatten())

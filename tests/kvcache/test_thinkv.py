@@ -71,7 +71,8 @@ def test_thinkv_classifies_segments_by_attention_sparsity():
 
 @pytest.mark.parametrize("budget, targets", [
     (0.05, {"R": "int2", "E": "int2", "T": "int2"}),  # nothing affords more than the lowest rung
-    (0.2, {"R": "int2", "E": "int2", "T": "int2"}),  # int2 for all (152.25 B/token of 153.6)
+    (0.2, {"R": "int4", "E": "int2", "T": "int2"}),  # int2 fits (152.25 B/token of 153.6); R's floor paid by T
+    (0.3, {"R": "int4", "E": "int4", "T": "int2"}),  # int2 for all, what is left lifts R, then E
     (0.4, {"R": "fp8", "E": "int4", "T": "int4"}),  # int4 for all, what is left lifts R to fp8
     (0.6, {"R": "fp8", "E": "fp8", "T": "fp8"}),  # fp8 for all; bf16 is never a target
 ])
@@ -79,6 +80,11 @@ def test_precision_per_thought_type_comes_from_the_budget(budget, targets):
     pol = ThinKVPolicy(budget)
     pol.setup(3, 64, 1000)  # SmolLM2's layer: 768 bf16 bytes per token
     assert pol.targets == targets
+    assert pol.evict_transitions == (budget == 0.2)  # only where the floor needed the transitions' bytes
+    plain = ThinKVPolicy(budget, floor=None)
+    plain.setup(3, 64, 1000)
+    if budget == 0.2:
+        assert plain.targets == {"R": "int2", "E": "int2", "T": "int2"} and not plain.evict_transitions
     assert pol.steady_cost("int2") == 96 + 8 + (1536 + 8) / 32  # payload, metadata, KIVI scales, table
 
 
@@ -102,6 +108,24 @@ def test_no_eviction_while_a_lower_precision_fits():
     assert held_per_segment(layer) == [8, 8, 8, 8]  # everything held ...
     assert levels_of(layer) == {g: {"int2"} for g in range(4)}  # ... at the lowest rung
     assert pol.held_bytes(layer) == at_int2  # the budget, to the byte
+
+
+def test_transitions_are_evicted_before_reasoning_goes_below_its_floor():
+    pol, layer = typed_layer({"R": "int4", "E": "int2", "T": "int2"}, recent=0)
+    pol.evict_transitions = True
+    at_targets = 2 * (8 * (32 + 8) + 192) + 2 * (8 * (16 + 8) + 192) + 4 * 8  # payload, metadata, scales, table
+    pol.budget_bytes = pol.held_bytes(layer) - 1
+    pol.enforce(layer, 0)  # a little over: the least important segment to its level, no more
+    assert levels_of(layer)[3] == {"int2"} and levels_of(layer)[0] == {"bf16"}
+    pol.budget_bytes = at_targets - 5 * (16 + 8)  # everything at its level is five int2 tokens too many
+    pol.enforce(layer, 0)
+    assert levels_of(layer) == {0: {"int4"}, 1: {"int4"}, 2: {"int2"}, 3: {"int2"}}  # R keeps its floor ...
+    assert held_per_segment(layer) == [8, 8, 8, 3]  # ... the transition paid
+    assert pol.held_bytes(layer) <= pol.budget_bytes
+    pol.budget_bytes = pol.held_bytes(layer) - 3 * (16 + 8) - 192 - 8 - 1  # the whole transition and a byte
+    pol.enforce(layer, 0)
+    assert levels_of(layer) == {0: {"int2"}, 1: {"int4"}, 2: {"int2"}}  # then R goes down, oldest first
+    assert held_per_segment(layer)[:3] == [8, 8, 8] and pol.held_bytes(layer) <= pol.budget_bytes
 
 
 def test_eviction_starts_with_the_least_attended_tokens_of_transitions():
