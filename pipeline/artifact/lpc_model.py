@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -143,22 +143,36 @@ def read_qtensors(directory: Path, qconfig: dict[str, Any],
     tensors = dict(tensors)
     qtensors = {}
     for name, meta in qconfig.get("layers", {}).items():
-        prefix = name + "."
-        fields = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)
-                                                              and "." not in k[len(prefix):]]
-                  if k[len(prefix):] not in PATH_FIELDS}
-        for field, key in meta.get("shared", {}).items():
-            if key not in tensors:
-                raise ArtifactError(f"layer {name} refers to a missing shared tensor {key}",
-                                    "the artifact is incomplete; re-run the stage that wrote it")
-            fields[field] = tensors[key]
-        fmt = get_format(meta["format"])
-        q = fmt.unpack(fields, meta)
-        _check_fields(name, q)
-        qtensors[name] = q
+        keys = layer_field_keys(name, meta, tensors)
+        qtensors[name] = unpack_layer(name, meta, {f: tensors[k] for f, k in keys.items()})
+        for f, k in keys.items():
+            if f not in meta.get("shared", {}):
+                tensors.pop(k)
     for key in [k for k, t in tensors.items() if k.startswith(SHARED_PREFIX) or is_weight_marker(k, t)]:
         tensors.pop(key)
     return qtensors, tensors
+
+
+def layer_field_keys(name: str, meta: dict[str, Any], keys: Iterable[str]) -> dict[str, str]:
+    """field -> tensor name of layer `name`'s packed fields among `keys` (its own `<name>.<field>`, not
+    bias/weight/low-rank paths, and the shared fields its meta names)."""
+    prefix = name + "."
+    out = {k[len(prefix):]: k for k in keys
+           if k.startswith(prefix) and "." not in k[len(prefix):] and k[len(prefix):] not in PATH_FIELDS}
+    present = keys if isinstance(keys, (dict, set)) else set(keys)
+    for field, key in meta.get("shared", {}).items():
+        if key not in present:
+            raise ArtifactError(f"layer {name} refers to a missing shared tensor {key}",
+                                "the artifact is incomplete; re-run the stage that wrote it")
+        out[field] = key
+    return out
+
+
+def unpack_layer(name: str, meta: dict[str, Any], fields: dict[str, torch.Tensor]) -> QTensor:
+    """One layer's packed fields -> its QTensor, checked (finite fields, no zero block scale)."""
+    q = get_format(meta["format"]).unpack(fields, meta)
+    _check_fields(name, q)
+    return q
 
 
 def _check_fields(name: str, q: QTensor) -> None:

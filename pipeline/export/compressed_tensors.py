@@ -45,7 +45,9 @@ from lpc.pipeline.export.ct_layouts import (  # noqa: F401 (the layouts are part
 from lpc.pipeline.export.ct_experts import check_expert_schemes, expert_names_for, layer_names, per_expert
 from lpc.pipeline.export.kv_scales import CT_KV_SCHEME, attention_modules, check_kv, ct_kv_tensors, kv_scales
 from lpc.pipeline.export.registry import EXPORTERS
-from lpc.pipeline.artifact.lpc_model import AUX_PREFIX, WEIGHTS, read_qconfig, read_qtensors
+from lpc.pipeline.artifact.lpc_model import (AUX_PREFIX, SHARED_PREFIX, WEIGHTS, layer_field_keys, read_qconfig,
+                                             read_qtensors, unpack_layer)
+from lpc.pipeline.artifact.shards import ModelTensors, ShardWriter
 from lpc.pipeline.io.families import engine_layout_refusal, routers
 from lpc.pipeline.io.models import copy_tokenizer_files, model_from_config
 
@@ -76,36 +78,111 @@ class Converted:
 def write_compressed_tensors(src: Path, tmp: Path) -> dict[str, Any]:
     """Write the compressed-tensors form of the lpc artifact `src` into `tmp`; returns summary fields.
 
-    Reads src/config.json and src/model.safetensors; writes tmp/config.json, tmp/model.safetensors and
-    the tokenizer files. Raises ArtifactError for what compressed-tensors cannot hold.
-    """
+    Reads src/config.json and src's weights; writes tmp/config.json, tmp/model.safetensors and the
+    tokenizer files. Raises ArtifactError for what compressed-tensors cannot hold. One layer is read
+    and converted at a time (its tensors spill to the staging directory), unchanged tensors are copied
+    from src when the file is assembled: memory stays one layer whatever the model's size. MoE experts
+    (renamed per expert across layers) are converted in memory."""
     qconfig = read_qconfig(src)
     if qconfig is None:
         raise ArtifactError(f"{src} holds no lpc quantization_config: nothing to export as compressed-tensors",
                             "export the output of lpc quantize or lpc compensate")
     config = json.loads((Path(src) / "config.json").read_text())
     check_exportable(qconfig)
-    qtensors, plain = read_qtensors(Path(src), qconfig)
+    linears = linear_names(Path(src))
+    kv = bool(qconfig.get("kv_cache"))
+    if qconfig.get("experts"):
+        conv, qtensors, plain = _convert_whole(Path(src), qconfig, config)
+        if kv:
+            conv.tensors.update(ct_kv_tensors(kv_scales(plain, attention_modules(linears))))
+        ignore = moe_layout(Path(src), config, qconfig["experts"], conv,
+                            [n for n in linears if n not in conv.schemes])
+        art.save_tensors(conv.tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+        schemes, dense, dropped, bits = conv.schemes, conv.dense, conv.dropped, stored_bits(conv.tensors, qtensors)
+    else:
+        writer = ShardWriter(tmp, None)
+        schemes, dense, dropped, bits, aux = _convert_streamed(Path(src), qconfig, config, writer)
+        if kv:
+            writer.add(ct_kv_tensors(kv_scales(aux, attention_modules(linears))))
+        writer.close(metadata={"format": "pt"})
+        ignore = [n for n in linears if n not in schemes]
+    config["quantization_config"] = ct_config(schemes, ignore, kv)
+    art.write_json(tmp / "config.json", config)
+    copy_tokenizer_files(src, tmp)
+    counts = {k: sum(v == k for v in schemes.values()) for k in sorted(set(schemes.values()))}
+    return {"ct_format": config["quantization_config"]["format"], "schemes": counts, "dense_layers": dense,
+            "dtype": str(model_dtype(config)).removeprefix("torch."), "bits_per_weight": bits,
+            "dropped": dropped}
+
+
+def _convert_whole(src: Path, qconfig: dict[str, Any], config: dict[str, Any]
+                   ) -> tuple[Converted, dict[str, QTensor], dict[str, torch.Tensor]]:
+    """Every layer converted in memory; (converted, the QTensors, the artifact's plain tensors)."""
+    qtensors, plain = read_qtensors(src, qconfig)
     conv = convert_layers(qtensors, activation_entries(qconfig))
     dtype = runtime_dtype(config, conv.schemes)
     for name in conv.dense:
         conv.tensors[f"{name}.weight"] = conv.tensors[f"{name}.weight"].to(getattr(torch, dtype))
     conv.tensors.update({k: v for k, v in plain.items() if not k.startswith(AUX_PREFIX)})
-    bits = stored_bits(conv.tensors, qtensors)
-    linears = linear_names(Path(src))
-    kv = bool(qconfig.get("kv_cache"))
-    if kv:
-        conv.tensors.update(ct_kv_tensors(kv_scales(plain, attention_modules(linears))))
-    ignore = [n for n in linears if n not in conv.schemes]
-    if qconfig.get("experts"):  # MoE: per-expert checkpoint names, routers listed in ignore
-        ignore = moe_layout(Path(src), config, qconfig["experts"], conv, ignore)
-    config["quantization_config"] = ct_config(conv.schemes, ignore, kv)
-    art.write_json(tmp / "config.json", config)
-    art.save_tensors(conv.tensors, tmp / WEIGHTS, metadata={"format": "pt"})
-    copy_tokenizer_files(src, tmp)
-    counts = {k: sum(v == k for v in conv.schemes.values()) for k in sorted(set(conv.schemes.values()))}
-    return {"ct_format": config["quantization_config"]["format"], "schemes": counts, "dense_layers": conv.dense,
-            "dtype": dtype, "bits_per_weight": bits, "dropped": conv.dropped}
+    return conv, qtensors, plain
+
+
+def _convert_streamed(src: Path, qconfig: dict[str, Any], config: dict[str, Any], writer: ShardWriter
+                      ) -> tuple[dict[str, str], list[str], list[str], float, dict[str, torch.Tensor]]:
+    """Layer by layer into `writer`; (schemes, dense layers, dropped features, bits per weight, the
+    artifact's auxiliary `lpc.*` tensors). Bytes equal `_convert_whole`'s."""
+    store = ModelTensors(src)
+    entries = store.entries()
+    layers = qconfig.get("layers", {})
+    acts = activation_entries(qconfig)
+    schemes: dict[str, str] = {}
+    later: dict[str, QTensor] = {}  # layers written dense: their dtype is known once every scheme is
+    consumed: set[str] = set()
+    stored, numel = 0, 0
+    for name in sorted(layers):
+        keys = layer_field_keys(name, layers[name], entries)
+        consumed.update(keys.values())
+        q = unpack_layer(name, layers[name], {f: store.get(k) for f, k in keys.items()})
+        numel += q.numel
+        if q.shape[-1] % block_of(q) or q.format == "bf16":
+            later[name] = q
+            continue
+        fields, schemes[name] = layer_tensors(q, acts.get(name))
+        stored += sum(t.numel() * t.element_size() for k, t in fields.items()
+                      if k not in ("input_global_scale", "weight_shape"))
+        writer.add({f"{name}.{k}": v for k, v in fields.items()})
+    dtype = getattr(torch, runtime_dtype(config, schemes))
+    for name, q in later.items():
+        w = get_format(q.format).dequantize(q).to(torch.float32).to(dtype)
+        stored += w.numel() * w.element_size()
+        writer.add({f"{name}.weight": w})
+    dense = sorted(later)
+    dropped = _report_dense(dense, {n: q.format for n, q in later.items()}, acts)
+    aux: dict[str, torch.Tensor] = {}
+    for k, e in entries.items():
+        if k in consumed or k.startswith(SHARED_PREFIX) or (k.endswith(".weight") and k[:-7] in layers
+                                                              and e.dtype == torch.uint8 and e.nbytes == 0):
+            continue
+        if k.startswith(AUX_PREFIX):
+            aux[k] = store.get(k)
+        else:
+            writer.add_entries({k: e})
+    return schemes, dense, dropped, stored * 8 / max(numel, 1), aux
+
+
+def _report_dense(dense: list[str], formats: dict[str, str], acts: dict[str, dict[str, Any]]) -> list[str]:
+    """Warn about block-format layers written dense and activation quantization dropped with them."""
+    dropped = []
+    padded = [n for n in dense if formats[n] != "bf16"]
+    if padded:
+        log.warning("compressed-tensors export: %d block-format layer(s) whose input width is not a multiple of "
+                    "their block written dequantized (%s): compressed-tensors cannot hold padded blocks",
+                    len(padded), ", ".join(padded))
+    lost = [n for n in dense if n in acts]
+    if lost:
+        dropped.append(f"activation quantization of the layers written dense: {', '.join(lost)}")
+        log.warning("compressed-tensors export: %s", dropped[-1])
+    return dropped
 
 
 def moe_layout(src: Path, config: dict[str, Any], blocks: list[str], conv: Converted, ignore: list[str]) -> list[str]:
@@ -209,15 +286,7 @@ def convert_layers(qtensors: dict[str, QTensor], acts: dict[str, dict[str, Any]]
         fields, scheme = layer_tensors(q, acts.get(name))
         out.tensors.update({f"{name}.{k}": v for k, v in fields.items()})
         out.schemes[name] = scheme
-    padded = [n for n in out.dense if qtensors[n].format != "bf16"]
-    if padded:
-        log.warning("compressed-tensors export: %d block-format layer(s) whose input width is not a multiple of "
-                    "their block written dequantized (%s): compressed-tensors cannot hold padded blocks",
-                    len(padded), ", ".join(padded))
-    lost = [n for n in out.dense if n in acts]
-    if lost:
-        out.dropped.append(f"activation quantization of the layers written dense: {', '.join(lost)}")
-        log.warning("compressed-tensors export: %s", out.dropped[-1])
+    out.dropped = _report_dense(out.dense, {n: qtensors[n].format for n in out.dense}, acts)
     return out
 
 

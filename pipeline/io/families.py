@@ -239,6 +239,9 @@ def groups_by_input(seen: dict[str, torch.Tensor]) -> list[list[str]]:
 
 
 def merge_groups(given: list[list[str]], derived: list[list[str]]) -> list[list[str]]:
-    """The recipe's fuse groups plus the derived ones that share no name with them."""
+    """The recipe's fuse groups plus the derived ones that share no name with them; an empty list in the
+    recipe (`quantize.fuse_groups: []`) turns sharing off: every layer keeps its own global scale."""
+    if not given:
+        return []
     named = {leaf for g in given for leaf in g}
     return [list(g) for g in given] + [g for g in derived if not named & set(g)]

@@ -345,3 +345,38 @@ def test_padded_layer_with_activation_quant_is_reported_dropped():
     assert conv.dense == ["a.padded"] and conv.schemes == {"b.aligned": "nvfp4"}
     assert conv.dropped == ["activation quantization of the layers written dense: a.padded"]
     assert "b.aligned.input_global_scale" in conv.tensors and "a.padded.input_global_scale" not in conv.tensors
+
+
+@pytest.mark.parametrize("recipe,sets", [("nvfp4", []), ("fp8", []), ("int4", ["quantize.weights.spec.vector=16"]),
+                                         ("nvfp4_w4a4", ["calibrate.samples=2", "calibrate.seq_len=8"])])
+def test_export_reads_one_layer_at_a_time_and_equals_the_in_memory_conversion(
+        recipe, sets, tiny_model_dir, text_files, tmp_path, monkeypatch):
+    """The streamed export holds one layer's tensors at a time (spilled as it goes, the rest copied from
+    the artifact's file) and writes the very bytes of converting every layer in memory; padded layers
+    (tiny model's down_proj) are written dense after the dtype is known."""
+    import lpc.pipeline.export.compressed_tensors as ct
+    from lpc.pipeline.artifact import store as art
+    from lpc.pipeline.artifact.shards import ModelTensors
+
+    r = load_recipe(recipe, sets)
+    calib = None
+    if r.quantize.activations is not None or recipe == "nvfp4_w4a4":
+        calib = tmp_path / "c"
+        stages.calibrate(str(tiny_model_dir), str(text_files["jsonl"]), calib, r)
+    q = tmp_path / "q"
+    stages.quantize(str(tiny_model_dir), r, q, calib=calib)
+    reads = []
+    get = ModelTensors.get
+    monkeypatch.setattr(ModelTensors, "get", lambda self, name: (reads.append(name), get(self, name))[1])
+    monkeypatch.setattr(ModelTensors, "load_all", lambda *a, **k: pytest.fail("the whole artifact was loaded"))
+    (tmp_path / "s").mkdir()
+    streamed = write_compressed_tensors(q, tmp_path / "s")
+    assert reads and len(reads) == len(set(reads))  # each tensor read once, one at a time
+    monkeypatch.undo()
+    qconfig = read_qconfig(q)
+    config = json.loads((q / "config.json").read_text())
+    conv, _, plain = ct._convert_whole(q, qconfig, config)
+    (tmp_path / "w").mkdir()
+    art.save_tensors(conv.tensors, tmp_path / "w" / "model.safetensors", metadata={"format": "pt"})
+    assert (tmp_path / "s" / "model.safetensors").read_bytes() == (tmp_path / "w" / "model.safetensors").read_bytes()
+    assert streamed["dense_layers"] == conv.dense and streamed["dropped"] == conv.dropped

@@ -190,17 +190,18 @@ def test_sharded_quant_artifact_compensates_and_exports(tmp_path, tiny_model_dir
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_streamed_quantize_derives_the_familys_fuse_groups(tmp_path, family_dir, monkeypatch, family):
-    """With no groups in the recipe, the streamed path finds q/k/v and gate/up from the layers' shared
-    inputs, as the whole-model path does, and shares their global scales (same bytes)."""
-    r = load_recipe("nvfp4", ["quantize.fuse_groups=[]", "calibrate.samples=2", "calibrate.seq_len=8"])
+    """With none of the family's names in the recipe's groups, the streamed path finds q/k/v and gate/up
+    from the layers' shared inputs, as the whole-model path does, and shares their global scales (same
+    bytes)."""
+    r = load_recipe("nvfp4", ["quantize.fuse_groups=[[wq, wk]]", "calibrate.samples=2", "calibrate.seq_len=8"])
     src = family_dir(family)
     seen = []
     release = layerwise.release
     monkeypatch.setattr(layerwise, "release", lambda layer: (seen.append(1), release(layer)))
     stages.quantize(str(src), r, tmp_path / "s")
     assert seen  # streamed
-    want = [["k_proj", "q_proj", "v_proj"], ["gate_proj", "up_proj"]] if family == "llama" else [
-        ["k_proj", "q_proj", "v_proj"]]
+    want = [["wq", "wk"], ["k_proj", "q_proj", "v_proj"], ["gate_proj", "up_proj"]] if family == "llama" else [
+        ["wq", "wk"], ["k_proj", "q_proj", "v_proj"]]
     assert json.loads((tmp_path / "s" / "config.json").read_text())["quantization_config"]["fuse_groups"] == want
     _whole(monkeypatch)
     stages.quantize(str(src), r, tmp_path / "w")
