@@ -45,9 +45,9 @@ from lpc.pipeline.export.ct_layouts import (  # noqa: F401 (the layouts are part
 from lpc.pipeline.export.ct_experts import check_expert_schemes, expert_names_for, layer_names, per_expert
 from lpc.pipeline.export.kv_scales import CT_KV_SCHEME, attention_modules, check_kv, ct_kv_tensors, kv_scales
 from lpc.pipeline.export.registry import EXPORTERS
-from lpc.pipeline.artifact.lpc_model import (AUX_PREFIX, SHARED_PREFIX, WEIGHTS, layer_field_keys, read_qconfig,
-                                             read_qtensors, unpack_layer)
-from lpc.pipeline.artifact.shards import ModelTensors, ShardWriter
+from lpc.pipeline.artifact.lpc_model import AUX_PREFIX, WEIGHTS, read_qconfig, read_qtensors
+from lpc.pipeline.artifact.shards import ShardWriter
+from lpc.pipeline.export.stream import ArtifactLayers
 from lpc.pipeline.io.families import engine_layout_refusal, routers
 from lpc.pipeline.io.models import copy_tokenizer_files, model_from_config
 
@@ -131,18 +131,12 @@ def _convert_streamed(src: Path, qconfig: dict[str, Any], config: dict[str, Any]
                       ) -> tuple[dict[str, str], list[str], list[str], float, dict[str, torch.Tensor]]:
     """Layer by layer into `writer`; (schemes, dense layers, dropped features, bits per weight, the
     artifact's auxiliary `lpc.*` tensors). Bytes equal `_convert_whole`'s."""
-    store = ModelTensors(src)
-    entries = store.entries()
-    layers = qconfig.get("layers", {})
+    walk = ArtifactLayers(src, qconfig)
     acts = activation_entries(qconfig)
     schemes: dict[str, str] = {}
     later: dict[str, QTensor] = {}  # layers written dense: their dtype is known once every scheme is
-    consumed: set[str] = set()
     stored, numel = 0, 0
-    for name in sorted(layers):
-        keys = layer_field_keys(name, layers[name], entries)
-        consumed.update(keys.values())
-        q = unpack_layer(name, layers[name], {f: store.get(k) for f, k in keys.items()})
+    for name, q in walk:
         numel += q.numel
         if q.shape[-1] % block_of(q) or q.format == "bf16":
             later[name] = q
@@ -158,15 +152,8 @@ def _convert_streamed(src: Path, qconfig: dict[str, Any], config: dict[str, Any]
         writer.add({f"{name}.weight": w})
     dense = sorted(later)
     dropped = _report_dense(dense, {n: q.format for n, q in later.items()}, acts)
-    aux: dict[str, torch.Tensor] = {}
-    for k, e in entries.items():
-        if k in consumed or k.startswith(SHARED_PREFIX) or (k.endswith(".weight") and k[:-7] in layers
-                                                              and e.dtype == torch.uint8 and e.nbytes == 0):
-            continue
-        if k.startswith(AUX_PREFIX):
-            aux[k] = store.get(k)
-        else:
-            writer.add_entries({k: e})
+    copy, aux = walk.rest()
+    writer.add_entries(copy)
     return schemes, dense, dropped, stored * 8 / max(numel, 1), aux
 
 

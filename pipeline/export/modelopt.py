@@ -35,7 +35,9 @@ import torch
 from lpc.formats import QTensor, get_format
 from lpc.formats.nvfp4 import global_scale_for
 from lpc.pipeline.artifact import store as art
-from lpc.pipeline.artifact.lpc_model import AUX_PREFIX, WEIGHTS, read_qconfig, read_qtensors
+from lpc.pipeline.artifact.lpc_model import read_qconfig
+from lpc.pipeline.artifact.shards import ShardWriter
+from lpc.pipeline.export.stream import ArtifactLayers
 from lpc.pipeline.errors import ArtifactError
 from lpc.pipeline.export.compressed_tensors import activation_entries, linear_names, model_dtype
 from lpc.pipeline.export.kv_scales import MODELOPT_KV_ALGO, attention_modules, check_kv, kv_scales, modelopt_kv_tensors
@@ -114,29 +116,31 @@ def write_modelopt(src: Path, tmp: Path) -> dict[str, Any]:
                             "export the output of lpc quantize")
     check_modelopt(qconfig)
     config = json.loads((Path(src) / "config.json").read_text())
-    qtensors, plain = read_qtensors(Path(src), qconfig)
     acts = activation_entries(qconfig)
-    tensors, algos, dense = {}, {}, []
-    for name in sorted(qtensors):
-        q = qtensors[name]
+    writer = ShardWriter(tmp, None)
+    walk = ArtifactLayers(Path(src), qconfig)  # one layer read, converted and spilled at a time
+    algos, dense, padded = {}, [], []
+    for name, q in walk:
         if q.format == "bf16" or (q.format == "nvfp4" and q.shape[-1] % GROUP):
-            tensors[f"{name}.weight"] = get_format(q.format).dequantize(q).to(model_dtype(config))
+            writer.add({f"{name}.weight": get_format(q.format).dequantize(q).to(model_dtype(config))})
             dense.append(name)
+            padded += [name] if q.format != "bf16" else []
             continue
         fields, algos[name] = layer_tensors(q, acts.get(name))
-        tensors.update({f"{name}.{k}": v for k, v in fields.items()})
-    if any(qtensors[n].format != "bf16" for n in dense):
+        writer.add({f"{name}.{k}": v for k, v in fields.items()})
+    if padded:
         log.warning("modelopt export: padded NVFP4 layers written dense and excluded: %s", ", ".join(dense))
-    tensors.update({k: v for k, v in plain.items() if not k.startswith(AUX_PREFIX)})
+    copy, aux = walk.rest()
+    writer.add_entries(copy)
     linears, kv = linear_names(Path(src)), bool(qconfig.get("kv_cache"))
     if kv:
-        tensors.update(modelopt_kv_tensors(kv_scales(plain, attention_modules(linears))))
+        writer.add(modelopt_kv_tensors(kv_scales(aux, attention_modules(linears))))
     section = quant_section(algos, [n for n in linears if n not in algos], kv)
     config["quantization_config"] = {"quant_method": QUANT_METHOD, **section}
     art.write_json(tmp / "config.json", config)
     art.write_json(tmp / HF_QUANT_CONFIG, {"producer": {"name": "lpc", "version": art.lpc_version()},
                                            "quantization": section})
-    art.save_tensors(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+    writer.close(metadata={"format": "pt"})
     copy_tokenizer_files(src, tmp)
     return {"quant_algo": section["quant_algo"], "kv_cache_quant_algo": section["kv_cache_quant_algo"],
             "dense_layers": dense,

@@ -380,3 +380,29 @@ def test_export_reads_one_layer_at_a_time_and_equals_the_in_memory_conversion(
     art.save_tensors(conv.tensors, tmp_path / "w" / "model.safetensors", metadata={"format": "pt"})
     assert (tmp_path / "s" / "model.safetensors").read_bytes() == (tmp_path / "w" / "model.safetensors").read_bytes()
     assert streamed["dense_layers"] == conv.dense and streamed["dropped"] == conv.dropped
+
+
+def test_modelopt_export_reads_one_layer_at_a_time(tiny_model_dir, tmp_path, monkeypatch):
+    """modelopt's export streams as compressed-tensors' does: each tensor read once, never the whole
+    artifact, and every layer reads back (modelopt's formula) to lpc's weights."""
+    from lpc.pipeline.artifact.shards import ModelTensors
+    from lpc.pipeline.export.modelopt import dequantize_layer
+    from safetensors.torch import load_file
+
+    q = _quantize(tiny_model_dir, tmp_path / "q", "nvfp4")
+    reads = []
+    get = ModelTensors.get
+    monkeypatch.setattr(ModelTensors, "get", lambda self, name: (reads.append(name), get(self, name))[1])
+    monkeypatch.setattr(ModelTensors, "load_all", lambda *a, **k: pytest.fail("the whole artifact was loaded"))
+    stages.export(q, tmp_path / "mo", "modelopt")
+    assert reads and len(reads) == len(set(reads))
+    monkeypatch.undo()
+    qtensors, _ = read_qtensors(q, read_qconfig(q))
+    tensors = load_file(str(tmp_path / "mo" / "model.safetensors"))
+    checked = 0
+    for name, qt in qtensors.items():
+        if f"{name}.weight_scale" in tensors:
+            fields = {k: tensors[f"{name}.{k}"] for k in ("weight", "weight_scale", "weight_scale_2")}
+            assert torch.equal(dequantize_layer(fields), get_format(qt.format).dequantize(qt)), name
+            checked += 1
+    assert checked > 0
