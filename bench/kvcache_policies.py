@@ -39,7 +39,8 @@ POLICIES = [("thinkv", {}), ("streaming", {}), ("h2o", {}), ("uniform", {"level"
             ("uniform", {"level": "nvfp4"}), ("uniform", {"level": "int4"}), ("uniform", {"level": "int2"})]
 ARC_POLICIES = [("thinkv", {}), ("streaming", {}), ("h2o", {}), ("uniform", {"level": "int4"}),
                 ("uniform", {"level": "int2"})]
-TUNE = [("thinkv", {"recent": r}) for r in (0, 1, 2, 4)] + [("thinkv", {"ladder": ["bf16", "fp8", "nvfp4", "int2"]})]
+TUNE = [("thinkv", {"recent": r}) for r in (0, 1, 2, 4)] + [("thinkv", {"ladder": ["bf16", "fp8", "nvfp4", "int2"]})] + [
+    ("thinkv", {"floor": None}), ("thinkv", {"floor_for": "prompt"})]  # the floor: none, reasoning (default), prompt
 
 
 def label(name: str, opts: dict) -> str:
@@ -178,7 +179,7 @@ def main() -> None:
         out.flush()
 
     emit({"thinkv_thresholds": th, "source": "calib_tail.txt tertiles", "tokens": args.tokens, "chunk": args.chunk,
-          "agree": 0 if args.tune else args.agree, "model": "SmolLM2-135M-Instruct, fp32 compute, CPU",
+          "agree": args.agree, "model": "SmolLM2-135M-Instruct, fp32 compute, CPU",
           "threads": torch.get_num_threads()})
     for pid, prompt in prompts(tok, args.prompts, args.tune):
         cap = len(prompt) + args.tokens
@@ -200,7 +201,7 @@ def main() -> None:
                        "budget_bytes": int(pol.budget_bytes * cfg.num_hidden_layers), "bf16_bytes": cap * per_token_bf16,
                        "held_fraction": a.peak_bytes / (cap * per_token_bf16), "held_tokens_layer0": a.held_tokens[-1],
                        "teacher_forced_s_per_token": a.seconds / args.tokens}
-                if not args.tune:
+                if args.agree:
                     g = decode(model, prompt, make(), cap, args.agree)
                     row.update(agreement=sum(x == y for x, y in zip(g.tokens, ref[:args.agree])) / args.agree,
                                s_per_token=g.seconds / args.agree, policy_ms_per_token=1000 * g.policy_seconds / args.agree)

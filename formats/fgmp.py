@@ -46,6 +46,9 @@ def block_scores(x: torch.Tensor, importance: torch.Tensor | None = None,
     n_rows, k = rows.shape
     kp = padded(k, BLOCK)
     s2 = _global_scale(rows, global_amax)
+    compiled = _compiled_blocks(kernels.fgmp_scores, rows, importance, s2)
+    if compiled is not None:
+        return compiled[0]
     weight = None if importance is None else importance_rows(importance, tuple(x.shape))
     out = torch.empty(n_rows, kp // BLOCK, dtype=torch.float32, device=x.device)
     for sl in row_chunks(n_rows, kp):
@@ -68,14 +71,10 @@ def fake_by_threshold(x: torch.Tensor, importance: torch.Tensor | None, global_a
     n_rows, k = rows.shape
     kp = padded(k, BLOCK)
     s2 = _global_scale(rows, global_amax)
-    order = kernels.sum_order()
-    if order is not None and (importance is None or importance.ndim == 1) and fast.enabled():
-        w = torch.ones(k, device=x.device) if importance is None else importance.to(torch.float32)
-        wb = pad_last(w.reshape(1, k), BLOCK).view(kp // BLOCK, BLOCK)
-        thr = torch.tensor(float(threshold), dtype=torch.float32, device=x.device)
-        got = fast.run_compiled(kernels.fgmp_act, blocks_of(rows, BLOCK), s2.to(x.device), wb, thr, order)
-        if got is not None:
-            return got[0].view(n_rows, kp)[:, :k].reshape(x.shape).to(x.dtype)
+    thr = torch.tensor(float(threshold), dtype=torch.float32, device=x.device)
+    got = _compiled_blocks(kernels.fgmp_act, rows, importance, s2, thr)
+    if got is not None:
+        return got[0].view(n_rows, kp)[:, :k].reshape(x.shape).to(x.dtype)
     weight = None if importance is None else importance_rows(importance, tuple(x.shape))
     out = torch.empty(n_rows, kp, dtype=torch.float32, device=x.device)
     for sl in row_chunks(n_rows, kp):
@@ -88,6 +87,19 @@ def fake_by_threshold(x: torch.Tensor, importance: torch.Tensor | None, global_a
         high = (gain.sum(-1) > threshold).unsqueeze(-1)
         out[sl] = torch.where(high, hi, lo).view(-1, kp)
     return out[:, :k].reshape(x.shape).to(x.dtype)
+
+
+def _compiled_blocks(kernel, rows: torch.Tensor, importance: Any, s2: torch.Tensor, *extra: Any) -> tuple | None:
+    """kernel(blocks, s2, per-channel weight, *extra, sum order) compiled over the rows (R, K), or None
+    (eager then) when compiling is off or failed, the sum order is unknown, or importance is per element."""
+    order = kernels.sum_order()
+    if order is None or not fast.enabled() or (importance is not None and torch.as_tensor(importance).ndim != 1):
+        return None
+    k = rows.shape[1]
+    w = torch.ones(k, device=rows.device) if importance is None else \
+        torch.as_tensor(importance).to(device=rows.device, dtype=torch.float32)
+    wb = pad_last(w.reshape(1, k), BLOCK).view(-1, BLOCK)
+    return fast.run_compiled(kernel, blocks_of(rows, BLOCK), s2.to(rows.device), wb, *extra, order)
 
 
 def fake_high(xb: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:

@@ -196,19 +196,28 @@ class _Pool:
         self.cap, self.gen = cap, torch.Generator().manual_seed(seed)
         self.values: list[torch.Tensor] = []
         self.keys: list[torch.Tensor] = []
+        self._held = 0
 
     def add(self, scores: torch.Tensor) -> None:
         self.values.append(scores)
         if self.cap is None:
             return
         self.keys.append(torch.rand(scores.numel(), generator=self.gen))
+        self._held += scores.numel()
+        if self._held > 4 * self.cap:  # prune now and then: the kept set does not depend on when
+            self._prune()
+
+    def _prune(self) -> None:
+        """Keep the `cap` smallest (key, position) pairs, in the order they were added."""
         values, keys = torch.cat(self.values), torch.cat(self.keys)
         if values.numel() > self.cap:
-            keep = torch.sort(torch.topk(keys, self.cap, largest=False).indices).values
+            keep = torch.sort(torch.sort(keys, stable=True).indices[: self.cap]).values
             values, keys = values[keep], keys[keep]
-        self.values, self.keys = [values], [keys]
+        self.values, self.keys, self._held = [values], [keys], values.numel()
 
     def result(self) -> torch.Tensor:
+        if self.cap is not None:
+            self._prune()
         return torch.cat(self.values) if self.values else torch.zeros(0)
 
 

@@ -101,11 +101,12 @@ class ThinKVPolicy(KVPolicy):
 
     def __init__(self, budget: float = 1.0, group: int = KIVI_GROUP, thresholds: tuple[float, float] = (0.80, 0.90),
                  ladder: tuple[str, ...] | list[str] = LADDER, sinks: int = 4, recent: int = 1,
-                 floor: str | None = "int4", **options: Any):
+                 floor: str | None = "int4", floor_for: str = "reasoning", **options: Any):
         """group: segment length; thresholds: sparsity (R|E, E|T); ladder: precisions from bf16 down
         (e.g. [bf16, fp8, int4, int2]); sinks: leading tokens evicted last; recent: newest closed
         segments evicted after every other closed one; floor: the level R thoughts are lifted to when
-        evicting transition thoughts pays for it (a ladder level, or null for never)"""
+        evicting transition thoughts pays for it (a ladder level, or null for never); floor_for:
+        reasoning (every R thought) or prompt (the prompt's segments only)"""
         super().__init__(budget, **options)
         lo, hi = (float(t) for t in thresholds)
         if not 0 <= lo <= hi <= 1:
@@ -121,7 +122,10 @@ class ThinKVPolicy(KVPolicy):
         if floor is not None and check_level(floor) not in ladder[1:]:
             raise InputError(f"thinkv floor must be a lossy level of the ladder {list(ladder)}, got {floor!r}",
                              "e.g. floor: int4 (or null)")
-        self.floor = floor
+        if floor_for not in ("reasoning", "prompt"):
+            raise InputError(f"thinkv floor_for must be reasoning or prompt, got {floor_for!r}", "e.g. floor_for: prompt")
+        self.floor, self.floor_for = floor, floor_for
+        self.prompt_level: str | None = None  # floor_for=prompt: the prompt's level once it is paid for
         self.evict_transitions = False  # R's floor is paid for by evicting T (set at setup)
         self.targets = {t: ladder[-1] for t in TYPES}  # set from the budget at setup
         self.types: dict[int, str] = {}  # segment -> type, shared by all layers
@@ -131,6 +135,7 @@ class ThinKVPolicy(KVPolicy):
     # -- precision from the budget ------------------------------------------------------------
     def setup(self, heads: int, head_dim: int, capacity: int) -> None:
         super().setup(heads, head_dim, capacity)
+        self.capacity = capacity
         per_token = self.budget_bytes / max(capacity, 1)
         cost = {lvl: self.steady_cost(lvl) for lvl in self.ladder}
         lossy = self.ladder[1:]
@@ -143,9 +148,10 @@ class ThinKVPolicy(KVPolicy):
             if up == "bf16" or extra > spare:
                 break
             self.targets[t], spare = up, spare - extra
-        self.evict_transitions = False
+        self.evict_transitions, self.prompt_level = False, None
+        self._spare, self._cost = spare, cost
         rung = self.ladder.index
-        if self.floor is not None and rung(self.targets["R"]) > rung(self.floor):
+        if self.floor_for == "reasoning" and self.floor is not None and rung(self.targets["R"]) > rung(self.floor):
             need = (cost[self.floor] - cost[self.targets["R"]]) / len(TYPES)
             if need <= spare + cost[self.targets["T"]] / len(TYPES):  # T's bytes pay for R's floor
                 self.targets["R"], self.evict_transitions = self.floor, True
@@ -163,6 +169,7 @@ class ThinKVPolicy(KVPolicy):
             self.prompt = written
             for g in range(0, (written - 1) // self.group + 1):
                 self.types[g] = "R"
+            self._price_prompt_floor(written)
             return
         if attentions is not None:
             rows = sum(sparsity(a) for a in attentions) / len(attentions)  # (q,) mean over layers
@@ -175,6 +182,17 @@ class ThinKVPolicy(KVPolicy):
         for seg in sorted(g for g in self.stats if (g + 1) * self.group <= written):  # closed segments
             total, steps = self.stats.pop(seg)
             self.types[seg] = classify(total / steps, self.thresholds)
+
+    def _price_prompt_floor(self, prompt: int) -> None:
+        """floor_for=prompt: the prompt's segments get `floor` when the budget's spare bytes and the
+        transition thoughts' bytes (evicted for it) pay for lifting the prompt there from R's level."""
+        rung = self.ladder.index
+        if self.floor_for != "prompt" or self.floor is None or rung(self.targets["R"]) <= rung(self.floor):
+            return
+        need = prompt * (self._cost[self.floor] - self._cost[self.targets["R"]])
+        pay = self.capacity * self._spare + (self.capacity - prompt) / len(TYPES) * self._cost[self.targets["T"]]
+        if need <= pay:
+            self.prompt_level, self.evict_transitions = self.floor, True
 
     def segment_type(self, seg: int) -> str:
         return self.types.get(seg, "R")
@@ -228,7 +246,10 @@ class ThinKVPolicy(KVPolicy):
         if u.rank < 0:
             first = self.ladder[1]
             return 1 if below_target and u.rung == 0 and first in ("fp8", "nvfp4") else None
-        target = self.ladder.index(self.targets[TYPES[u.rank]])
+        level = self.targets[TYPES[u.rank]]
+        if self.prompt_level is not None and u.seg * self.group < (self.prompt or 0):
+            level = self.prompt_level
+        target = self.ladder.index(level)
         if u.rung < target:
             return target
         return u.rung + 1 if below_target and u.rung < len(self.ladder) - 1 else None

@@ -98,3 +98,15 @@ def test_run_time_activation_path_equals_quantize_then_dequantize(shape, dtype, 
     got = fake_by_threshold(x, imp, amax, threshold)
     assert got.dtype == x.dtype and torch.equal(got, want)
     assert 0 < int((scores > threshold).sum()) < scores.numel()
+
+
+@pytest.mark.parametrize("shape,dtype,amax", [((3, 7, 576), torch.bfloat16, None), ((5, 200), torch.float32, 50.0)])
+@pytest.mark.parametrize("importance", ["channel", "none"])
+def test_block_scores_compiled_equal_the_eager_loop(shape, dtype, amax, importance, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(*shape, generator=g) * torch.rand(shape[-1], generator=g) * 5).to(dtype)
+    imp = torch.rand(shape[-1], generator=g) if importance == "channel" else None
+    monkeypatch.setenv("LPC_COMPILE", "0")
+    eager = block_scores(x, imp, amax)
+    monkeypatch.setenv("LPC_COMPILE", "1")
+    assert torch.equal(block_scores(x, imp, amax), eager)

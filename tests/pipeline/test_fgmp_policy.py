@@ -243,3 +243,19 @@ def test_plot_precision_map_masks_and_bits(tmp_path):
         plot_precision_map({"a": torch.ones(2, 2, dtype=torch.bool), "b": 4.5}, tmp_path / "x.png")
     with pytest.raises(InputError, match="no layers"):
         plot_precision_map({}, tmp_path / "x.png")
+
+
+def test_score_pool_keeps_the_cap_smallest_keys_whenever_it_prunes():
+    """A uniform subset: the `cap` scores with the smallest (random key, position), in the order added,
+    whatever the sizes of the batches (pruning only now and then)."""
+    from lpc.pipeline.allocation.fgmp import _Pool
+
+    scores = torch.arange(1000, dtype=torch.float32)
+    keys = torch.rand(1000, generator=torch.Generator().manual_seed(7))
+    want = scores[torch.sort(torch.sort(keys, stable=True).indices[:25]).values]
+    for sizes in ([1000], [10] * 100, [3, 997], [333, 333, 334]):
+        pool, start = _Pool(25, 7), 0
+        for n in sizes:
+            pool.add(scores[start:start + n])
+            start += n
+        assert torch.equal(pool.result(), want), sizes
