@@ -40,7 +40,7 @@ POLICIES = [("thinkv", {}), ("streaming", {}), ("h2o", {}), ("uniform", {"level"
 ARC_POLICIES = [("thinkv", {}), ("streaming", {}), ("h2o", {}), ("uniform", {"level": "int4"}),
                 ("uniform", {"level": "int2"})]
 TUNE = [("thinkv", {"recent": r}) for r in (0, 1, 2, 4)] + [("thinkv", {"ladder": ["bf16", "fp8", "nvfp4", "int2"]})] + [
-    ("thinkv", {"floor": None}), ("thinkv", {"floor_for": "prompt"})]  # the floor: none, reasoning (default), prompt
+    ("thinkv", {"demote": "direct"}), ("thinkv", {"floor": "int4"}), ("thinkv", {"floor": "int4", "demote": "direct"})]
 
 
 def label(name: str, opts: dict) -> str:

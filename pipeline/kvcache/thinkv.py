@@ -101,12 +101,14 @@ class ThinKVPolicy(KVPolicy):
 
     def __init__(self, budget: float = 1.0, group: int = KIVI_GROUP, thresholds: tuple[float, float] = (0.80, 0.90),
                  ladder: tuple[str, ...] | list[str] = LADDER, sinks: int = 4, recent: int = 1,
-                 floor: str | None = "int4", floor_for: str = "reasoning", **options: Any):
+                 floor: str | None = None, floor_for: str = "reasoning", demote: str = "progressive",
+                 **options: Any):
         """group: segment length; thresholds: sparsity (R|E, E|T); ladder: precisions from bf16 down
         (e.g. [bf16, fp8, int4, int2]); sinks: leading tokens evicted last; recent: newest closed
         segments evicted after every other closed one; floor: the level R thoughts are lifted to when
         evicting transition thoughts pays for it (a ladder level, or null for never); floor_for:
-        reasoning (every R thought) or prompt (the prompt's segments only)"""
+        reasoning (every R thought) or prompt (the prompt's segments only); demote: progressive (one
+        rung at a time, as the budget requires) or direct (a closed segment straight to its type's level)"""
         super().__init__(budget, **options)
         lo, hi = (float(t) for t in thresholds)
         if not 0 <= lo <= hi <= 1:
@@ -124,7 +126,9 @@ class ThinKVPolicy(KVPolicy):
                              "e.g. floor: int4 (or null)")
         if floor_for not in ("reasoning", "prompt"):
             raise InputError(f"thinkv floor_for must be reasoning or prompt, got {floor_for!r}", "e.g. floor_for: prompt")
-        self.floor, self.floor_for = floor, floor_for
+        if demote not in ("progressive", "direct"):
+            raise InputError(f"thinkv demote must be progressive or direct, got {demote!r}", "e.g. demote: progressive")
+        self.floor, self.floor_for, self.demote = floor, floor_for, demote
         self.prompt_level: str | None = None  # floor_for=prompt: the prompt's level once it is paid for
         self.evict_transitions = False  # R's floor is paid for by evicting T (set at setup)
         self.targets = {t: ladder[-1] for t in TYPES}  # set from the budget at setup
@@ -251,7 +255,7 @@ class ThinKVPolicy(KVPolicy):
             level = self.prompt_level
         target = self.ladder.index(level)
         if u.rung < target:
-            return target
+            return u.rung + 1 if self.demote == "progressive" else target
         return u.rung + 1 if below_target and u.rung < len(self.ladder) - 1 else None
 
     def _demote(self, layer: PolicyLayer, below_target: bool) -> None:

@@ -71,7 +71,7 @@ def test_thinkv_classifies_segments_by_attention_sparsity():
 
 @pytest.mark.parametrize("budget, targets", [
     (0.05, {"R": "int2", "E": "int2", "T": "int2"}),  # nothing affords more than the lowest rung
-    (0.2, {"R": "int4", "E": "int2", "T": "int2"}),  # int2 fits (152.25 B/token of 153.6); R's floor paid by T
+    (0.2, {"R": "int2", "E": "int2", "T": "int2"}),  # int2 for all (152.25 B/token of 153.6)
     (0.3, {"R": "int4", "E": "int4", "T": "int2"}),  # int2 for all, what is left lifts R, then E
     (0.4, {"R": "fp8", "E": "int4", "T": "int4"}),  # int4 for all, what is left lifts R to fp8
     (0.6, {"R": "fp8", "E": "fp8", "T": "fp8"}),  # fp8 for all; bf16 is never a target
@@ -79,17 +79,16 @@ def test_thinkv_classifies_segments_by_attention_sparsity():
 def test_precision_per_thought_type_comes_from_the_budget(budget, targets):
     pol = ThinKVPolicy(budget)
     pol.setup(3, 64, 1000)  # SmolLM2's layer: 768 bf16 bytes per token
-    assert pol.targets == targets
-    assert pol.evict_transitions == (budget == 0.2)  # only where the floor needed the transitions' bytes
-    plain = ThinKVPolicy(budget, floor=None)
-    plain.setup(3, 64, 1000)
-    if budget == 0.2:
-        assert plain.targets == {"R": "int2", "E": "int2", "T": "int2"} and not plain.evict_transitions
+    assert pol.targets == targets and not pol.evict_transitions
+    floored = ThinKVPolicy(budget, floor="int4")  # R lifted to int4 where evicting transitions pays for it
+    floored.setup(3, 64, 1000)
+    assert floored.evict_transitions == (budget == 0.2)
+    assert floored.targets == ({**targets, "R": "int4"} if budget == 0.2 else targets)
     assert pol.steady_cost("int2") == 96 + 8 + (1536 + 8) / 32  # payload, metadata, KIVI scales, table
 
 
 def test_demotion_takes_the_least_important_thought_first():
-    pol, layer = typed_layer({"R": "fp8", "E": "int4", "T": "int2"})
+    pol, layer = typed_layer({"R": "fp8", "E": "int4", "T": "int2"}, demote="direct")
     full = pol.held_bytes(layer)
     pol.budget_bytes = full - 500  # one segment must go down: the transition, to its level
     pol.enforce(layer, 0)
@@ -110,8 +109,19 @@ def test_no_eviction_while_a_lower_precision_fits():
     assert pol.held_bytes(layer) == at_int2  # the budget, to the byte
 
 
+def test_progressive_demotion_goes_one_rung_at_a_time():
+    pol, layer = typed_layer({"R": "fp8", "E": "int4", "T": "int2"})
+    pol.budget_bytes = pol.held_bytes(layer) - 1  # a little over: the transition to fp8 only, not int2
+    pol.enforce(layer, 0)
+    assert levels_of(layer) == {0: {"bf16"}, 1: {"bf16"}, 2: {"bf16"}, 3: {"fp8"}}
+    pol.budget_bytes = pol.held_bytes(layer) - 1  # then the execution thought, to fp8 too
+    pol.enforce(layer, 0)
+    assert levels_of(layer) == {0: {"bf16"}, 1: {"bf16"}, 2: {"fp8"}, 3: {"fp8"}}
+    assert held_per_segment(layer) == [8, 8, 8, 8] and pol.held_bytes(layer) <= pol.budget_bytes
+
+
 def test_transitions_are_evicted_before_reasoning_goes_below_its_floor():
-    pol, layer = typed_layer({"R": "int4", "E": "int2", "T": "int2"}, recent=0)
+    pol, layer = typed_layer({"R": "int4", "E": "int2", "T": "int2"}, recent=0, demote="direct")
     pol.evict_transitions = True
     at_targets = 2 * (8 * (32 + 8) + 192) + 2 * (8 * (16 + 8) + 192) + 4 * 8  # payload, metadata, scales, table
     pol.budget_bytes = pol.held_bytes(layer) - 1
@@ -178,6 +188,10 @@ def test_bad_thinkv_options_are_refused():
         ThinKVPolicy(0.1, ladder=["bf16", "int2", "int4"])
     with pytest.raises(InputError, match="unknown option"):
         ThinKVPolicy(0.1, keep=0.5)
+    with pytest.raises(InputError, match="demote must be"):
+        ThinKVPolicy(0.1, demote="fast")
+    with pytest.raises(InputError, match="floor must be a lossy level"):
+        ThinKVPolicy(0.1, floor="bf16")
 
 
 def test_thinkv_thresholds_are_tertiles_of_calibration_sparsity(model):
