@@ -52,13 +52,21 @@ def block_scores(x: torch.Tensor, importance: torch.Tensor | None = None,
     weight = None if importance is None else importance_rows(importance, tuple(x.shape))
     out = torch.empty(n_rows, kp // BLOCK, dtype=torch.float32, device=x.device)
     for sl in row_chunks(n_rows, kp):
-        xb = pad_last(rows[sl], BLOCK).view(-1, kp // BLOCK, BLOCK)
-        lo = nvfp4.fake_blocks(xb, nvfp4.block_scales(xb, s2), s2)
-        gain = (xb - lo).square() - (xb - fake_high(xb, s2)).square()
-        if weight is not None:
-            gain = gain * pad_last(weight[sl], BLOCK).view_as(xb)
-        out[sl] = gain.sum(-1)
+        out[sl] = _lo_hi_scores(rows[sl], weight, sl, s2)[2]
     return out
+
+
+def _lo_hi_scores(rows: torch.Tensor, weight: torch.Tensor | None, sl: slice, s2: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A chunk of rows (r, K) -> its blocks' Q_lo (NVFP4, amax scales), Q_hi (FP8), both (r, Kp/16, 16),
+    and block scores (r, Kp/16); weight: the importance rows of the whole tensor (sliced by `sl`)."""
+    xb = pad_last(rows, BLOCK).view(-1, padded(rows.shape[1], BLOCK) // BLOCK, BLOCK)
+    lo = nvfp4.fake_blocks(xb, nvfp4.block_scales(xb, s2), s2)
+    hi = fake_high(xb, s2)
+    gain = (xb - lo).square() - (xb - hi).square()
+    if weight is not None:
+        gain = gain * pad_last(weight[sl], BLOCK).view_as(xb)
+    return lo, hi, gain.sum(-1)
 
 
 def fake_by_threshold(x: torch.Tensor, importance: torch.Tensor | None, global_amax: Any,
@@ -78,14 +86,8 @@ def fake_by_threshold(x: torch.Tensor, importance: torch.Tensor | None, global_a
     weight = None if importance is None else importance_rows(importance, tuple(x.shape))
     out = torch.empty(n_rows, kp, dtype=torch.float32, device=x.device)
     for sl in row_chunks(n_rows, kp):
-        xb = pad_last(rows[sl], BLOCK).view(-1, kp // BLOCK, BLOCK)
-        lo = nvfp4.fake_blocks(xb, nvfp4.block_scales(xb, s2), s2)
-        hi = fake_high(xb, s2)
-        gain = (xb - lo).square() - (xb - hi).square()
-        if weight is not None:
-            gain = gain * pad_last(weight[sl], BLOCK).view_as(xb)
-        high = (gain.sum(-1) > threshold).unsqueeze(-1)
-        out[sl] = torch.where(high, hi, lo).view(-1, kp)
+        lo, hi, scores = _lo_hi_scores(rows[sl], weight, sl, s2)
+        out[sl] = torch.where((scores > threshold).unsqueeze(-1), hi, lo).view(-1, kp)
     return out[:, :k].reshape(x.shape).to(x.dtype)
 
 

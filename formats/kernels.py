@@ -69,34 +69,32 @@ def fgmp(xb: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return packed, sb, hi
 
 
-def _fgmp_lo_hi(xf: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 blocks (r, nb, 16) -> (NVFP4 with amax block scales, FP8 under 6 * s2), dequantized."""
+def _fgmp_lo_hi_scores(xb: torch.Tensor, s2: torch.Tensor, weight: torch.Tensor, order: str
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Blocks (r, nb, 16) -> NVFP4 with amax block scales and FP8 under 6 * s2, dequantized (r, nb, 16)
+    f32, and the block scores sum(w ((x - Q_lo)^2 - (x - Q_hi)^2)) (r, nb), summed in `order`."""
+    xf = xb.to(torch.float32)
     step = (nonzero_or_one(round_e4m3(xf.abs().amax(-1) / (E2M1_MAX * s2))) * s2).unsqueeze(-1)
     y = xf / step
     lo = torch.copysign(e2m1_magnitude(y.abs()), y) * step
     hi_step = E2M1_MAX * s2
-    return lo, round_e4m3(xf / hi_step) * hi_step
+    hi = round_e4m3(xf / hi_step) * hi_step
+    return lo, hi, sum16(((xf - lo).square() - (xf - hi).square()) * weight, order)
 
 
 def fgmp_scores(xb: torch.Tensor, s2: torch.Tensor, weight: torch.Tensor, order: str) -> tuple[torch.Tensor]:
-    """FGMP block scores sum(w ((x - Q_lo)^2 - (x - Q_hi)^2)) of blocks (r, nb, 16) -> (r, nb) f32;
-    weight: (nb, 16) f32; order: `sum_order()`. Equals fgmp.block_scores' eager loop."""
-    xf = xb.to(torch.float32)
-    lo, hi = _fgmp_lo_hi(xf, s2)
-    return (sum16(((xf - lo).square() - (xf - hi).square()) * weight, order),)
+    """FGMP block scores of blocks (r, nb, 16) -> (r, nb) f32; weight: (nb, 16) f32 (importance per
+    channel); order: `sum_order()`. Equals fgmp.block_scores' eager loop."""
+    return (_fgmp_lo_hi_scores(xb, s2, weight, order)[2],)
 
 
 def fgmp_act(xb: torch.Tensor, s2: torch.Tensor, weight: torch.Tensor, threshold: torch.Tensor,
              order: str) -> tuple[torch.Tensor]:
     """FGMP activations at run time: (r, nb, 16) -> dequantized blocks (r, nb, 16) f32, each block FP8
-    when its weighted score sum(w ((x - Q_lo)^2 - (x - Q_hi)^2)) exceeds `threshold` (0-d f32), else
-    NVFP4 with its amax scale. weight: (nb, 16) f32 (importance per channel); order: `sum_order()`.
-    Equals fgmp.fake_by_threshold's eager loop (the same operations, the sum in ATen's order)."""
-    xf = xb.to(torch.float32)
-    lo, hi = _fgmp_lo_hi(xf, s2)
-    gain = ((xf - lo).square() - (xf - hi).square()) * weight
-    high = (sum16(gain, order) > threshold).unsqueeze(-1)
-    return (torch.where(high, hi, lo),)
+    when its score exceeds `threshold` (0-d f32), else NVFP4 with its amax scale. Equals
+    fgmp.fake_by_threshold's eager loop (the same operations, the sum in ATen's order)."""
+    lo, hi, scores = _fgmp_lo_hi_scores(xb, s2, weight, order)
+    return (torch.where((scores > threshold).unsqueeze(-1), hi, lo),)
 
 
 def scaled_rows(xb: torch.Tensor, max_value: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

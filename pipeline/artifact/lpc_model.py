@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Collection
 
 import torch
 from torch import nn
@@ -153,15 +153,14 @@ def read_qtensors(directory: Path, qconfig: dict[str, Any],
     return qtensors, tensors
 
 
-def layer_field_keys(name: str, meta: dict[str, Any], keys: Iterable[str]) -> dict[str, str]:
+def layer_field_keys(name: str, meta: dict[str, Any], keys: Collection[str]) -> dict[str, str]:
     """field -> tensor name of layer `name`'s packed fields among `keys` (its own `<name>.<field>`, not
     bias/weight/low-rank paths, and the shared fields its meta names)."""
     prefix = name + "."
     out = {k[len(prefix):]: k for k in keys
            if k.startswith(prefix) and "." not in k[len(prefix):] and k[len(prefix):] not in PATH_FIELDS}
-    present = keys if isinstance(keys, (dict, set)) else set(keys)
     for field, key in meta.get("shared", {}).items():
-        if key not in present:
+        if key not in keys:
             raise ArtifactError(f"layer {name} refers to a missing shared tensor {key}",
                                 "the artifact is incomplete; re-run the stage that wrote it")
         out[field] = key

@@ -60,6 +60,15 @@ SUPPORTED = ("nvfp4", "mxfp4", "mxfp8", "fp8_e4m3", "int", "bf16")
 _HINT = "export with --format lpc (every format) or --format dense (loadable anywhere)"
 
 
+# Fields of a converted layer that describe it rather than store its weight (not counted in bits/weight).
+NOT_WEIGHT_FIELDS = ("input_global_scale", "weight_shape")
+
+
+def written_dense(q: QTensor) -> bool:
+    """Whether the layer is written as a plain dequantized weight: bf16 (kept), or padded blocks."""
+    return bool(q.shape[-1] % block_of(q)) or q.format == "bf16"
+
+
 def block_of(q: QTensor) -> int:
     """Width a layer's inputs must be a multiple of to be held as is (1 for per-channel formats)."""
     return get_format(q.format).block_width(**q.spec) or 1
@@ -138,12 +147,11 @@ def _convert_streamed(src: Path, qconfig: dict[str, Any], config: dict[str, Any]
     stored, numel = 0, 0
     for name, q in walk:
         numel += q.numel
-        if q.shape[-1] % block_of(q) or q.format == "bf16":
+        if written_dense(q):
             later[name] = q
             continue
         fields, schemes[name] = layer_tensors(q, acts.get(name))
-        stored += sum(t.numel() * t.element_size() for k, t in fields.items()
-                      if k not in ("input_global_scale", "weight_shape"))
+        stored += sum(t.numel() * t.element_size() for k, t in fields.items() if k not in NOT_WEIGHT_FIELDS)
         writer.add({f"{name}.{k}": v for k, v in fields.items()})
     dtype = getattr(torch, runtime_dtype(config, schemes))
     for name, q in later.items():
@@ -186,7 +194,7 @@ def moe_layout(src: Path, config: dict[str, Any], blocks: list[str], conv: Conve
 def stored_bits(tensors: dict[str, torch.Tensor], qtensors: dict[str, QTensor]) -> float:
     """Bits per weight of the quantized layers as exported (dense fallbacks at their stored width)."""
     bits = sum(t.numel() * t.element_size() * 8 for k, t in tensors.items()
-               if k.rpartition(".")[0] in qtensors and not k.endswith((".input_global_scale", ".weight_shape")))
+               if k.rpartition(".")[0] in qtensors and k.rpartition(".")[2] not in NOT_WEIGHT_FIELDS)
     return bits / max(sum(q.numel for q in qtensors.values()), 1)
 
 
@@ -266,7 +274,7 @@ def convert_layers(qtensors: dict[str, QTensor], acts: dict[str, dict[str, Any]]
     out = Converted()
     for name in sorted(qtensors):
         q = qtensors[name]
-        if q.shape[-1] % block_of(q) or q.format == "bf16":
+        if written_dense(q):
             out.tensors[f"{name}.weight"] = get_format(q.format).dequantize(q).to(torch.float32)
             out.dense.append(name)
             continue

@@ -20,10 +20,9 @@ attaches lpc's own FP8 KV quantization with exactly those scales (what vLLM runs
 """
 from __future__ import annotations
 
-import re
-
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch

@@ -11,8 +11,7 @@ R > E > T (the paper's order) decides where precision goes and what goes first:
   is the most precise lossy level at which every token of the budgeted sequence fits (scales and
   metadata counted, as uniform quantization would choose); the budget left over lifts R, then E, one
   level up (type shares taken as the calibrated tertiles, a third each). With `floor` (off by
-  default), R thoughts (or, with floor_for: prompt, the prompt's segments) are lifted to that level
-  when evicting the transition thoughts pays for it.
+  default), R thoughts are lifted to that level when evicting the transition thoughts pays for it.
 - Demotion before eviction, progressive: tokens stay bf16 until the budget requires compressing them;
   then, one segment at a time, a segment moves one rung down (bf16 -> fp8 -> int4 ...) but not below
   its type's level: the most precise first, among equals the least important type, then the oldest
@@ -107,13 +106,12 @@ class ThinKVPolicy(KVPolicy):
 
     def __init__(self, budget: float = 1.0, group: int = KIVI_GROUP, thresholds: tuple[float, float] = (0.80, 0.90),
                  ladder: tuple[str, ...] | list[str] = LADDER, sinks: int = 4, recent: int = 1,
-                 floor: str | None = None, floor_for: str = "reasoning", demote: str = "progressive",
+                 floor: str | None = None, demote: str = "progressive",
                  **options: Any):
         """group: segment length; thresholds: sparsity (R|E, E|T); ladder: precisions from bf16 down
         (e.g. [bf16, fp8, int4, int2]); sinks: leading tokens evicted last; recent: newest closed
         segments evicted after every other closed one; floor: the level R thoughts are lifted to when
-        evicting transition thoughts pays for it (a ladder level, or null for never); floor_for:
-        reasoning (every R thought) or prompt (the prompt's segments only); demote: progressive (one
+        evicting transition thoughts pays for it (a ladder level, or null for never); demote: progressive (one
         rung at a time, as the budget requires) or direct (a closed segment straight to its type's level)"""
         super().__init__(budget, **options)
         lo, hi = (float(t) for t in thresholds)
@@ -130,12 +128,9 @@ class ThinKVPolicy(KVPolicy):
         if floor is not None and check_level(floor) not in ladder[1:]:
             raise InputError(f"thinkv floor must be a lossy level of the ladder {list(ladder)}, got {floor!r}",
                              "e.g. floor: int4 (or null)")
-        if floor_for not in ("reasoning", "prompt"):
-            raise InputError(f"thinkv floor_for must be reasoning or prompt, got {floor_for!r}", "e.g. floor_for: prompt")
         if demote not in ("progressive", "direct"):
             raise InputError(f"thinkv demote must be progressive or direct, got {demote!r}", "e.g. demote: progressive")
-        self.floor, self.floor_for, self.demote = floor, floor_for, demote
-        self.prompt_level: str | None = None  # floor_for=prompt: the prompt's level once it is paid for
+        self.floor, self.demote = floor, demote
         self.evict_transitions = False  # R's floor is paid for by evicting T (set at setup)
         self.targets = {t: ladder[-1] for t in TYPES}  # set from the budget at setup
         self.types: dict[int, str] = {}  # segment -> type, shared by all layers
@@ -145,7 +140,6 @@ class ThinKVPolicy(KVPolicy):
     # -- precision from the budget ------------------------------------------------------------
     def setup(self, heads: int, head_dim: int, capacity: int) -> None:
         super().setup(heads, head_dim, capacity)
-        self.capacity = capacity
         per_token = self.budget_bytes / max(capacity, 1)
         cost = {lvl: self.steady_cost(lvl) for lvl in self.ladder}
         lossy = self.ladder[1:]
@@ -158,10 +152,9 @@ class ThinKVPolicy(KVPolicy):
             if up == "bf16" or extra > spare:
                 break
             self.targets[t], spare = up, spare - extra
-        self.evict_transitions, self.prompt_level = False, None
-        self._spare, self._cost = spare, cost
+        self.evict_transitions = False
         rung = self.ladder.index
-        if self.floor_for == "reasoning" and self.floor is not None and rung(self.targets["R"]) > rung(self.floor):
+        if self.floor is not None and rung(self.targets["R"]) > rung(self.floor):
             need = (cost[self.floor] - cost[self.targets["R"]]) / len(TYPES)
             if need <= spare + cost[self.targets["T"]] / len(TYPES):  # T's bytes pay for R's floor
                 self.targets["R"], self.evict_transitions = self.floor, True
@@ -179,7 +172,6 @@ class ThinKVPolicy(KVPolicy):
             self.prompt = written
             for g in range(0, (written - 1) // self.group + 1):
                 self.types[g] = "R"
-            self._price_prompt_floor(written)
             return
         if attentions is not None:
             rows = sum(sparsity(a) for a in attentions) / len(attentions)  # (q,) mean over layers
@@ -192,17 +184,6 @@ class ThinKVPolicy(KVPolicy):
         for seg in sorted(g for g in self.stats if (g + 1) * self.group <= written):  # closed segments
             total, steps = self.stats.pop(seg)
             self.types[seg] = classify(total / steps, self.thresholds)
-
-    def _price_prompt_floor(self, prompt: int) -> None:
-        """floor_for=prompt: the prompt's segments get `floor` when the budget's spare bytes and the
-        transition thoughts' bytes (evicted for it) pay for lifting the prompt there from R's level."""
-        rung = self.ladder.index
-        if self.floor_for != "prompt" or self.floor is None or rung(self.targets["R"]) <= rung(self.floor):
-            return
-        need = prompt * (self._cost[self.floor] - self._cost[self.targets["R"]])
-        pay = self.capacity * self._spare + (self.capacity - prompt) / len(TYPES) * self._cost[self.targets["T"]]
-        if need <= pay:
-            self.prompt_level, self.evict_transitions = self.floor, True
 
     def segment_type(self, seg: int) -> str:
         return self.types.get(seg, "R")
@@ -256,10 +237,7 @@ class ThinKVPolicy(KVPolicy):
         if u.rank < 0:
             first = self.ladder[1]
             return 1 if below_target and u.rung == 0 and first in ("fp8", "nvfp4") else None
-        level = self.targets[TYPES[u.rank]]
-        if self.prompt_level is not None and u.seg * self.group < (self.prompt or 0):
-            level = self.prompt_level
-        target = self.ladder.index(level)
+        target = self.ladder.index(self.targets[TYPES[u.rank]])
         if u.rung < target:
             return u.rung + 1 if self.demote == "progressive" else target
         return u.rung + 1 if below_target and u.rung < len(self.ladder) - 1 else None
