@@ -61,6 +61,15 @@ def nvfp4(xb: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return pack_pairs(codes), sb
 
 
+def nvfp4_fake(xb: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor]:
+    """xb: (r, nb, 16), s2: () float32 -> the NVFP4 value of every element (amax block scales), f32
+    (r, nb, 16): dequantize(nvfp4(xb)) without packing the codes."""
+    xf = xb.to(torch.float32)
+    step = (nonzero_or_one(round_e4m3(xf.abs().amax(-1) / (E2M1_MAX * s2))) * s2).unsqueeze(-1)
+    y = xf / step
+    return (torch.copysign(e2m1_magnitude(y.abs()), y) * step,)
+
+
 def fgmp(xb: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """xb: (r, nb, 16) -> NVFP4 packed (r, nb, 8) and scales (r, nb) plus FP8 (r, nb, 16) of
     every block; the caller keeps the kind its mask chooses."""

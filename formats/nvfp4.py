@@ -76,6 +76,17 @@ class NVFP4(Format):
         x = (vals * (scale.to(torch.float32) * s2).unsqueeze(-1)).view(qdata.shape[0], -1)
         return x[:, : q.shape[-1]].reshape(q.shape)
 
+    def _fake(self, x: torch.Tensor, spec: NVFP4Spec, global_amax: Any = None,
+              importance: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Amax block scales (no clipping, no scale search): one fused pass, compiled whatever the
+        size (simulated W4A4 activations and the NVFP4 KV cache run it on every forward)."""
+        if spec.clip != "none" or spec.scale_search or importance is not None:
+            return None
+        s2 = global_scale_for(amax_of(x) if global_amax is None else torch.as_tensor(global_amax))
+        xb = blocks_of(x, BLOCK)
+        (out,) = fast.run(kernels.nvfp4_fake, xb, s2.to(x.device), compiled=fast.enabled())
+        return out.view(xb.shape[0], -1)[:, : x.shape[-1]].reshape(x.shape)
+
     def fields(self, meta: dict[str, Any]) -> tuple[str, ...]:
         return ("qdata", "scale", "global_scale")
 

@@ -201,8 +201,21 @@ class Format(ABC):
         return ("qdata",)
 
     def fake_quantize(self, x: torch.Tensor, **spec: Any) -> torch.Tensor:
-        """Quantize then dequantize, returning x's dtype."""
+        """Quantize then dequantize, returning x's dtype; through the format's fused `_fake` when it
+        has one for this spec (the same values, nothing packed)."""
+        context = {k: spec[k] for k in self.context_keys if k in spec}
+        s = self.spec(**{k: v for k, v in spec.items() if k not in self.context_keys})
+        if not getattr(s, "rotate", False):
+            _check_tensor(self.name, x)
+            out = self._fake(x, s, **context)
+            if out is not None:
+                return out.to(x.dtype)
         return self.dequantize(self.quantize(x, **spec), dtype=x.dtype)
+
+    def _fake(self, x: torch.Tensor, spec: FormatSpec, **context: Any) -> torch.Tensor | None:
+        """dequantize(quantize(x)) as float32 in one pass, bit for bit, or None (the default) where
+        this format or spec has no fused path. x is finite and not rotated."""
+        return None
 
 
 def _check_tensor(name: str, x: torch.Tensor) -> None:

@@ -26,6 +26,7 @@ def _codebook():
 
 CASES = [
     ("nvfp4", lambda x: (blocks_of(x, 16), torch.tensor(0.37)), kernels.nvfp4, torch.bfloat16),
+    ("nvfp4_fake", lambda x: (blocks_of(x, 16), torch.tensor(0.37)), kernels.nvfp4_fake, torch.float16),
     ("fgmp", lambda x: (blocks_of(x, 16), torch.tensor(2.5e-3)), kernels.fgmp, torch.float32),
     ("scaled_rows", lambda x: (blocks_of(x, 16), 448.0, torch.float8_e4m3fn), kernels.scaled_rows, torch.float16),
     ("scaled_given", lambda x: (blocks_of(x, 16), torch.tensor(0.01), 57344.0, torch.float8_e5m2),
@@ -65,6 +66,32 @@ def test_quantize_takes_the_fast_path_for_large_tensors(monkeypatch, heavy, same
         assert fast._compiled.get(kernels.nvfp4) is not None
     for k in eager.data:
         assert same_bits(eager.data[k], fast_q.data[k])
+
+
+@pytest.mark.parametrize("compiled", ["1", "0"])
+def test_nvfp4_fake_quantize_is_quantize_then_dequantize(compiled, monkeypatch, heavy, same_bits):
+    """The fused NVFP4 fake quantization (amax scales) equals the packing path bit for bit: padded
+    rows, a calibrated global amax that clips, bf16 and fp32 inputs, zero and tiny rows; specs it
+    does not cover (scale search, clipping, rotation) still take the packing path."""
+    monkeypatch.setenv("LPC_COMPILE", compiled)
+    fmt = get_format("nvfp4")
+    calls = []
+    real = kernels.nvfp4_fake
+    monkeypatch.setattr(kernels, "nvfp4_fake", lambda *a: calls.append(1) or real(*a))
+    for shape, dtype, ctx in [((37, 200), torch.bfloat16, {}), ((4, 3, 48), torch.float32, {"global_amax": 0.05}),
+                              ((7, 16), torch.float16, {"global_amax": torch.tensor(3.0)})]:
+        x = _input((shape[0] * (shape[1] if len(shape) == 3 else 1), shape[-1]), dtype, heavy).reshape(shape)
+        want = fmt.dequantize(fmt.quantize(x, **ctx), dtype=x.dtype)
+        got = fmt.fake_quantize(x, **ctx)
+        assert got.dtype == x.dtype and got.shape == x.shape
+        assert same_bits(got, want), (shape, dtype)
+    assert len(calls) == 3
+    x = heavy((8, 64), 5)
+    for spec in ({"scale_search": 1}, {"clip": "mse"}, {"rotate": True}):
+        assert same_bits(fmt.fake_quantize(x, **spec), fmt.dequantize(fmt.quantize(x, **spec)))
+    assert len(calls) == 3
+    with pytest.raises(Exception, match="NaN or inf"):
+        fmt.fake_quantize(torch.tensor([[float("nan")] * 16]))
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
