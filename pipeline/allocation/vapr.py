@@ -24,6 +24,7 @@ from lpc.pipeline.allocation.registry import ALLOCATION_POLICIES
 from lpc.pipeline.allocation.knapsack import Layer, Option, Solution, lagrangian_hull, pareto_front, solve
 from lpc.pipeline.allocation.measure import mean_loss, swapped_weights
 from lpc.pipeline.progress import track
+from lpc.pipeline.quantization.layers import second_moment
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,11 @@ def search(ctx, tmp: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dic
     for name, mod in track(list(ctx.targets.items()), "format search", ctx.progress):
         w = mod.weight.detach().float()
         fisher = ctx.fisher(name) if a.predictor == "fisher" else None
-        cov = ctx.stats.get(name, {}).get("act_cov")
+        second = second_moment(ctx.stats[name]) if name in ctx.stats else None  # E[x^2] per input channel
         options = []
         for label, c in zip(labels, cands):
             fmt = get_format(c["format"])
-            extra = {"importance": torch.diagonal(cov).clamp_min(0)} if cov is not None and "importance" in fmt.context_keys else {}
+            extra = {"importance": second.clamp_min(0)} if second is not None and "importance" in fmt.context_keys else {}
             book = books.get(_nc(c)) if c["format"] == "bcq" else None
             if book is not None:
                 extra["codebook"] = book

@@ -84,9 +84,10 @@ def input_moments(x: torch.Tensor, full: bool = True) -> tuple[torch.Tensor, tor
 
 
 def needs_covariance(recipe: Any) -> bool:
-    """Whether a recipe needs the full X^T X of each input (GPTQ, compensation, allocation), or only
-    its diagonal and absmax (round-to-nearest of any format, tuning)."""
-    return recipe.quantize.method == "gptq" or recipe.compensate is not None or recipe.allocate is not None
+    """Whether a recipe needs the full X^T X of each input (GPTQ's Hessian, the compensation's
+    low-rank fit), or only its diagonal and absmax (round-to-nearest of any format, tuning, and the
+    allocations: FGMP and VaPr weigh errors by Fisher information and the diagonal)."""
+    return recipe.quantize.method == "gptq" or recipe.compensate is not None
 
 
 # Formats that read calibration statistics only as the importance of a scale search or of

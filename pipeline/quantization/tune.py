@@ -50,7 +50,8 @@ State = tuple[tuple, dict]  # (args, kwargs) of one sample's call of a decoder l
 
 def tune_layer(layer: nn.Module, targets: dict[str, nn.Linear], quantizers: dict[str, Quantizer],
                inputs: list[State], wanted: list[torch.Tensor], cfg: Any, activations=None, device: str = "cpu",
-               final: dict[str, Quantizer] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+               final: dict[str, Quantizer] | None = None, rounded: dict[str, torch.Tensor] | None = None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tune the target weights of one decoder layer so that it reproduces `wanted`.
 
     targets: the layer's Linears to tune (its modules), by name; quantizers: name -> fake quantizer.
@@ -61,6 +62,8 @@ def tune_layer(layer: nn.Module, targets: dict[str, nn.Linear], quantizers: dict
     final: name -> the rounding that will be stored, when `quantizers` only approximate it (a frozen
     grid, frozen.py): the selected weights are measured through it on the same samples, and the
     original weights are returned when that is not better than plain rounding.
+    rounded: when given, receives name -> final(tuned weight) (on `device`, the layer's dtype) where
+    the tuned weights are kept and were measured through `final`, so the caller need not round again.
     Returns (name -> tuned fp32 weight on the CPU, report). The layer is left as it was.
     """
     t0 = time.perf_counter()
@@ -104,8 +107,11 @@ def tune_layer(layer: nn.Module, targets: dict[str, nn.Linear], quantizers: dict
             # handed over on the frozen grid: the format's scale search then finds that grid again for
             # (almost) every block, where the latent itself could move a block's scale
             tuned = {n: quantizers[n](w).float() for n, w in tuned.items()}
-            with _weights(targets, {n: final[n](tuned[n]) for n in targets}), eval_mode(layer), sim(False):
+            fake = {n: final[n](tuned[n]) for n in targets}
+            with _weights(targets, fake), eval_mode(layer), sim(False):
                 stored = _error(layer, inputs, wanted, pick, device)
+            if rounded is not None and stored < start:
+                rounded.update(fake)
         if not stored < start:
             tuned, stored = {n: m.weight.detach().float() for n, m in targets.items()}, start
     finally:
@@ -203,15 +209,18 @@ class LayerwiseTuner:
         with eval_mode(layer):
             wanted = [run_layer(layer, s, self.device).detach().cpu() for s in self.orig]
         inputs = self.quant if self.quant is not None else self.orig
+        rounded: dict[str, torch.Tensor] = {}  # the tuned weights as stored, when tune_layer rounded them
         if names and self.cfg.steps > 0:
             grid = {n: grid_quantizer(*setups[n], mine[n].weight.detach(), mine[n].weight.dtype) for n in names}
             tuned, report = tune_layer(layer, mine, grid, inputs, wanted, self.cfg,
-                                       lambda st: self._activations(names, st), self.device, final=quantizers)
+                                       lambda st: self._activations(names, st), self.device, final=quantizers,
+                                       rounded=rounded)
         else:
             tuned = {n: m.weight.detach().float().cpu() for n, m in mine.items()}
             report = {"steps": 0, "best_step": 0}
         if self.quant is not None:
-            with _weights(mine, {n: quantizers[n](tuned[n].to(self.device)) for n in names}), eval_mode(layer), \
+            fake = {n: rounded[n] if n in rounded else quantizers[n](tuned[n].to(self.device)) for n in names}
+            with _weights(mine, fake), eval_mode(layer), \
                     self._activations(names, False):
                 outs = [run_layer(layer, s, self.device).detach().cpu() for s in self.quant]
             self.quant = [((o,) + tuple(a[1:]), kw) for o, (a, kw) in zip(outs, self.quant)]

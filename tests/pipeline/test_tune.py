@@ -225,3 +225,19 @@ def test_a_stored_rounding_that_is_worse_than_plain_keeps_plain(one_layer):
     assert report["error_final"] == report["error_start"] and report["kept"] == "plain rounding"
     for n, m in targets.items():
         assert torch.equal(tuned[n], m.weight.detach().float())
+
+
+def test_the_stored_rounding_is_handed_back_only_when_kept(one_layer):
+    """`rounded` receives final(tuned) when the tuned weights are kept (the caller reuses it instead of
+    rounding again) and nothing when plain rounding wins."""
+    _, layer, targets, quantizers, inputs, wanted = one_layer
+    rounded: dict = {}
+    tuned, report = tune_layer(layer, targets, quantizers, inputs, wanted, Settings(), final=quantizers,
+                               rounded=rounded)
+    assert report["kept"] == "tuned" and sorted(rounded) == sorted(targets)
+    for n in targets:
+        assert torch.equal(rounded[n], quantizers[n](tuned[n]))
+    coarse = {n: (lambda w: (w * 4).round() / 4) for n in targets}
+    rounded = {}
+    tune_layer(layer, targets, quantizers, inputs, wanted, Settings(), final=coarse, rounded=rounded)
+    assert rounded == {}
