@@ -1,6 +1,6 @@
 """Built-in lpc recipes on SmolLM2-135M-Instruct under the issue-12 protocol; prints JSON per row.
 
-    python bench/smollm2.py                                # the default recipes
+    python bench/smollm2.py                                # every built-in recipe (about 2 hours)
     python bench/smollm2.py --only nvfp4,nvfp4_gptq,fp8 -o bench/results/smollm2.json
     python bench/smollm2.py --only nvfp4 --set quantize.weights.spec.scale_search=0
     python bench/smollm2.py --only fp8 --tasks --limit 50  # + the five local multiple-choice tasks
@@ -54,8 +54,12 @@ ROWS = {
     "fgmp_nvfp4_rtn": ("fgmp_nvfp4", ["quantize.method=rtn"]),
     "nvfp4_eora": ("nvfp4_eora", []),
     "vapr": ("vapr", []),
+    "kv_fp8": ("kv_fp8", []),
+    "kv_nvfp4": ("kv_nvfp4", []),
 }
-DEFAULT = ["nvfp4", "fp8", "mxfp4", "mxfp8", "int4", "bcq", "nvfp4_w4a4", "fgmp_nvfp4a16"]
+# every built-in recipe as written (the variants above are rows of their own, asked for by name)
+DEFAULT = ["nvfp4", "fp8", "mxfp4", "mxfp8", "int4", "bcq", "nvfp4_w4a4", "fgmp_nvfp4a16", "fgmp_nvfp4",
+           "nvfp4_eora", "vapr", "kv_fp8", "kv_nvfp4"]
 # The accuracy reported per task (lm-eval's usual choice); the full metric dict is kept in "tasks".
 TASK_METRIC = {"arc_easy_local": "acc", "arc_challenge_local": "acc_norm", "piqa_local": "acc_norm",
                "winogrande_local": "acc", "openbookqa_local": "acc_norm"}
