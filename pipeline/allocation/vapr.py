@@ -59,7 +59,9 @@ def search(ctx, tmp: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dic
     need_loss = a.predictor == "measured" or a.refine or bool(a.pareto_budgets)
     batches = ctx.batches() if need_loss else []
     base = mean_loss(ctx.model, batches) if need_loss else None
-    layers, deq = [], {}
+    # packed candidates (not their fp32 values: 4.5 bits instead of 32 per NVFP4 weight), kept only when
+    # plans are measured; dequantized into the model one plan at a time
+    layers, packed = [], {}
     for name, mod in track(list(ctx.targets.items()), "format search", ctx.progress):
         w = mod.weight.detach().float()
         fisher = ctx.fisher(name) if a.predictor == "fisher" else None
@@ -75,7 +77,8 @@ def search(ctx, tmp: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dic
             wq = fmt.dequantize(q)
             # Exact rational bits per weight (integer stored bits / numel): the knapsack stays exact.
             bits = Fraction(stored_bits(q) - (stored_bits(q.data["codebook"]) if book is not None else 0), q.numel)
-            deq[(name, label)] = wq
+            if need_loss:
+                packed[(name, label)] = q
             if fisher is not None:
                 loss = float(((w - wq).double().square() * fisher.double()).sum())
             else:
@@ -87,8 +90,8 @@ def search(ctx, tmp: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dic
         layers = engine_groups(layers, ctx.recipe.quantize.fuse_groups)
     best = solve(layers, budget)
     if a.refine:
-        best = _refine(ctx, layers, best, deq, batches, budget)
-    front = _pareto(ctx, layers, deq, batches, sorted(set(a.pareto_budgets) | {a.budget_bits}), base,
+        best = _refine(ctx, layers, best, packed, batches, budget)
+    front = _pareto(ctx, layers, packed, batches, sorted(set(a.pareto_budgets) | {a.budget_bits}), base,
                     reserve, by_label=dict(zip(labels, cands))) if a.pareto_budgets else []
     if front:
         art.write_json(tmp / "pareto.json", {"baseline_loss": base, "points": front})
@@ -132,29 +135,33 @@ def _reserved(choice: dict[str, str], by_label: dict[str, dict[str, Any]], reser
     return sum(reserve.get(nc, 0.0) for nc in used)
 
 
-def _plan_loss(ctx, sol: Solution, deq, batches) -> float:
-    with swapped_weights(ctx.model, {n: deq[(n, l)] for n, l in expand(sol.choice).items()}):
+def _plan_loss(ctx, sol: Solution, packed, batches) -> float:
+    weights = {}
+    for n, label in expand(sol.choice).items():
+        q = packed[(n, label)]
+        weights[n] = get_format(q.format).dequantize(q, dtype=ctx.model.get_submodule(n).weight.dtype)
+    with swapped_weights(ctx.model, weights):
         return mean_loss(ctx.model, batches)
 
 
-def _refine(ctx, layers, best: Solution, deq, batches, budget: float, neighbours: int = 4) -> Solution:
+def _refine(ctx, layers, best: Solution, packed, batches, budget: float, neighbours: int = 4) -> Solution:
     """Measure the optimum and its nearest Lagrangian-hull neighbours under the budget; keep the best."""
     hull = [s for s in lagrangian_hull(layers) if s.bits_per_weight <= budget + 1e-12]
     hull = sorted(hull, key=lambda s: -s.bits_per_weight)[:neighbours]
     scored = []
     for i, sol in enumerate(track([best] + hull, "vapr refinement (measured loss)", ctx.progress)):
-        scored.append((_plan_loss(ctx, sol, deq, batches), i, sol))
+        scored.append((_plan_loss(ctx, sol, packed, batches), i, sol))
     loss, _, chosen = min(scored, key=lambda t: (t[0], t[1]))
     log.info("refinement: measured loss %.5f (knapsack optimum %.5f)", loss, scored[0][0])
     return Solution(**{**chosen.to_dict(), "measured_loss": loss, "budget_bits_per_weight": budget})
 
 
-def _pareto(ctx, layers, deq, batches, budgets: list[float], base: float | None, reserve: dict[int, float],
+def _pareto(ctx, layers, packed, batches, budgets: list[float], base: float | None, reserve: dict[int, float],
             by_label: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     points = []
     solved = list(zip(budgets, pareto_front(layers, [b - sum(reserve.values()) for b in budgets])))
     for b, sol in track(solved, "vapr pareto front (measured loss)", ctx.progress):
-        measured = _plan_loss(ctx, sol, deq, batches)
+        measured = _plan_loss(ctx, sol, packed, batches)
         points.append({"budget_bits_per_weight": b,
                        "bits_per_weight": sol.bits_per_weight + _reserved(sol.choice, by_label, reserve),
                        "predicted_loss": sol.predicted_loss, "measured_loss": measured,
