@@ -132,7 +132,8 @@ def quantize_layers(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any
                     codebook_scope: str = "model",
                     weights: dict[str, torch.Tensor] | None = None,
                     setups: dict[str, tuple[Any, dict[str, Any], dict[str, Any]]] | None = None,
-                    device: str = "cpu") -> tuple[dict[str, QTensor], dict[str, dict[str, Any]]]:
+                    device: str = "cpu", rounded: dict[str, QTensor] | None = None
+                    ) -> tuple[dict[str, QTensor], dict[str, dict[str, Any]]]:
     """Quantize each planned Linear's weight; returns QTensors and per-layer records.
 
     stats: per layer {"act_cov": (in, in), ...} from calibration; the diagonal of act_cov (the
@@ -144,6 +145,8 @@ def quantize_layers(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any
     scales that depend on the whole tensor (global amax, codebooks) still come from the layers,
     and errors are measured against the layers' own weights.
     setups: `layer_setups` of the same arguments, when the caller already has them.
+    rounded: layer name -> the QTensor of `weights[name]` by its setup, already computed (layer-wise
+    tuning measures the rounding it keeps): stored as is, not rounded again.
     device: where rounding, scale search and GPTQ compute (the QTensors come back on the CPU).
     """
     setups = setups if setups is not None else layer_setups(targets, plan, stats, fuse, use_importance,
@@ -159,7 +162,7 @@ def quantize_layers(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any
         cov = stat.get("act_cov")
         if device != "cpu":
             src, cov, ctx = src.to(device), cov.to(device) if cov is not None else None, _to(ctx, device)
-        q = round_layer(fmt, src, spec, ctx, cov)
+        q = rounded[name] if rounded and name in rounded else round_layer(fmt, src, spec, ctx, cov)
         wq = fmt.dequantize(q)
         errors = layer_errors(w.to(wq.device), wq, cov if cov is not None else _on(stat.get("act_sqmean"), wq.device))
         q = q if device == "cpu" else _qtensor_to_cpu(q)

@@ -66,11 +66,16 @@ def quantized_weights(targets: dict[str, nn.Linear], quantizers: dict[str, Quant
             mod.weight = originals[name]
 
 
-def fake_quantizer(fmt: Any, spec: dict[str, Any], ctx: dict[str, Any], dtype: torch.dtype) -> Quantizer:
-    """w -> Q(w) of one layer's setup (format, spec, context), computed in the layer's dtype."""
+def fake_quantizer(fmt: Any, spec: dict[str, Any], ctx: dict[str, Any], dtype: torch.dtype,
+                   keep: dict[str, Any] | None = None) -> Quantizer:
+    """w -> Q(w) of one layer's setup (format, spec, context), computed in the layer's dtype.
+    keep: when given, keep["q"] is set to the QTensor of the last call (what the artifact would store)."""
     def fake(w: torch.Tensor) -> torch.Tensor:
         c = {k: (v.to(w.device) if hasattr(v, "to") else v) for k, v in ctx.items()}
-        return fmt.fake_quantize(w.to(dtype), **spec, **c)
+        if keep is None:
+            return fmt.fake_quantize(w.to(dtype), **spec, **c)
+        keep["q"] = q = fmt.quantize(w.to(dtype), **spec, **c)
+        return fmt.dequantize(q, dtype=dtype)
     return fake
 
 

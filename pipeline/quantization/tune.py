@@ -192,9 +192,10 @@ class LayerwiseTuner:
         self.quant = list(self.orig) if self.cfg.inputs == "quantized" else None
 
     def layer(self, layer: nn.Module, targets: dict[str, nn.Linear],
-              setups: dict[str, tuple]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+              setups: dict[str, tuple]) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
         """Tune the planned targets of one decoder layer, advance the streams past it; returns
-        (name -> tuned fp32 weight, the layer's report)."""
+        (name -> tuned fp32 weight, the layer's report, name -> the QTensor of that weight where the
+        tuning already rounded it, so that it is not rounded again for the artifact)."""
         names = [n for n in targets if n in setups]
         mine = {n: targets[n] for n in names}
         layer.to(self.device)
@@ -204,8 +205,9 @@ class LayerwiseTuner:
             layer.to("cpu")
 
     def _layer(self, layer: nn.Module, names: list[str], mine: dict[str, nn.Linear],
-               setups: dict[str, tuple]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        quantizers = {n: fake_quantizer(*setups[n], mine[n].weight.dtype) for n in names}
+               setups: dict[str, tuple]) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+        kept: dict[str, dict[str, Any]] = {n: {} for n in names}
+        quantizers = {n: fake_quantizer(*setups[n], mine[n].weight.dtype, keep=kept[n]) for n in names}
         with eval_mode(layer):
             wanted = [run_layer(layer, s, self.device).detach().cpu() for s in self.orig]
         inputs = self.quant if self.quant is not None else self.orig
@@ -230,7 +232,7 @@ class LayerwiseTuner:
         log.info("tune: %d targets, relative output error %.5g -> %.5g (step %s of %s)", len(names),
                  report.get("error_start", 0.0), report.get("error_final", 0.0), report["best_step"],
                  report["steps"])
-        return tuned, report
+        return tuned, report, {n: kept[n]["q"] for n in rounded}
 
     def report(self) -> dict[str, Any]:
         tuned = [r for r in self.reports if "error_start" in r]
@@ -297,7 +299,7 @@ def tune_resident(x: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tuned: dict[str, torch.Tensor] = {}
     for i, layer in track(list(enumerate(layers)), "tune (layer by layer)", x.progress):
         mine = {n: m for n, m in x.targets.items() if n.startswith(f"{path}.{i}.")}
-        got, _ = tuner.layer(layer, mine, {n: x.setups[n] for n in mine if n in x.setups})
+        got, _, _ = tuner.layer(layer, mine, {n: x.setups[n] for n in mine if n in x.setups})
         tuned.update(got)
     untuned = sorted(n for n in x.setups if n not in tuned)
     return tuned, {**tuner.report(), "untuned": untuned}

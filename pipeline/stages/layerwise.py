@@ -142,9 +142,11 @@ def _quantize_layer(layer: nn.Module, prefix: str, mine: dict[str, nn.Linear], p
     """One materialised decoder layer -> its output tensors (packed targets, everything else as is)."""
     sub_stats = {n: stats[n] for n in mine if stats is not None and n in stats}
     setups = layer_setups(mine, plan, sub_stats, fuse, q.importance != "none", q.codebook_scope)
-    tuned = tuner.layer(layer, mine, setups)[0] if tuner is not None else None
+    tuned, rounded = None, None
+    if tuner is not None:
+        tuned, _, rounded = tuner.layer(layer, mine, setups)
     qtensors, recs = quantize_layers(mine, plan, sub_stats, method=q.method, setups=setups, device=device,
-                                     weights=tuned)
+                                     weights=tuned, rounded=rounded)
     out = {f"{prefix}.{k}": t for k, t in layer.state_dict().items()}
     for name, qt in qtensors.items():
         out.pop(f"{name}.weight")

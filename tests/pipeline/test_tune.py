@@ -241,3 +241,20 @@ def test_the_stored_rounding_is_handed_back_only_when_kept(one_layer):
     rounded = {}
     tune_layer(layer, targets, quantizers, inputs, wanted, Settings(), final=coarse, rounded=rounded)
     assert rounded == {}
+
+
+@pytest.mark.parametrize("fmt_name", ["nvfp4", "fgmp"])
+def test_the_frozen_grid_rounds_the_same_compiled_and_eager(fmt_name, monkeypatch):
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(40, 72, generator=gen) * torch.rand(1, 72, generator=gen) * 3
+    ctx = {"mask": torch.rand(40, 5, generator=gen) < 0.4} if fmt_name == "fgmp" else {}
+    moved = [w + s * torch.randn(w.shape, generator=gen) for s in (0.0, 0.05, 2.0)]  # 2.0 saturates some
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LPC_COMPILE", flag)
+        grid = grid_quantizer(get_format(fmt_name), {}, ctx, w, torch.bfloat16)
+        outs[flag] = [grid(v) for v in moved]
+    for a, b in zip(outs["1"], outs["0"]):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    if fmt_name == "fgmp":  # both kinds of block were exercised
+        assert ctx["mask"].any() and not ctx["mask"].all()
