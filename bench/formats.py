@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/formats.py                 # speed + quality (a few minutes on 2 cores)
     .venv/bin/python bench/formats.py --skip-speed    # quality only
+    .venv/bin/python bench/formats.py --fake          # fake quantization of activations only
 
 Speed: (quantize + pack time) / (clone time) of the same bf16 4096 x 11008 tensor, both the best
 of several runs in the same process, after one warm-up call (which compiles the fused kernel).
@@ -10,6 +11,9 @@ bcq encodes with an already-fitted codebook and fgmp with a given 10 % mask, as 
 Quality: SQNR (dB) and stored bits per weight of every format on (a) all Linear weights of
 stories260K (skipped when the asset is absent) and (b) a seeded Student-t (4 dof) 1024 x 1024
 tensor. `goals` checks the targets of the formats issue.
+Fake (--fake): NVFP4 quantize-then-dequantize of bf16 activations of SmolLM2-like shapes (what simulated
+W4A4 and the NVFP4 KV cache run at every forward), the fused pass against pack + unpack, with a bf16
+Linear of the same input for scale.
 """
 from __future__ import annotations
 
@@ -129,6 +133,31 @@ def goals(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+FAKE_SHAPES = [(8, 100, 576), (8, 100, 1536), (1, 2048, 576)]
+
+
+def fake_speed(repeats: int = 50) -> list[dict[str, Any]]:
+    """Milliseconds per call: fused `fake_quantize`, quantize + dequantize, a bf16 Linear (576 out)."""
+    fmt, out = get_format("nvfp4"), []
+    for shape in FAKE_SHAPES:
+        x = (torch.randn(*shape, generator=torch.Generator().manual_seed(0))).to(torch.bfloat16)
+        lin = torch.nn.Linear(shape[-1], 576).to(torch.bfloat16)
+        cases = {"fused_ms": lambda: fmt.fake_quantize(x, global_amax=5.0),
+                 "pack_unpack_ms": lambda: fmt.dequantize(fmt.quantize(x, global_amax=5.0), dtype=x.dtype),
+                 "bf16_linear_ms": lambda: lin(x)}
+        row: dict[str, Any] = {"shape": list(shape)}
+        with torch.no_grad():
+            for name, fn in cases.items():
+                fn()  # warm-up (compiles the fused kernel once)
+                t = time.perf_counter()
+                for _ in range(repeats):
+                    fn()
+                row[name] = round((time.perf_counter() - t) / repeats * 1e3, 3)
+        row["speedup"] = round(row["pack_unpack_ms"] / row["fused_ms"], 1)
+        out.append(row)
+    return out
+
+
 def run(skip_speed: bool = False, skip_quality: bool = False, rows: int = 4096, cols: int = 11008,
         repeats: int = 3) -> dict[str, Any]:
     report: dict[str, Any] = {"torch": torch.__version__}
@@ -151,7 +180,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", type=int, default=4096)
     p.add_argument("--cols", type=int, default=11008)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--fake", action="store_true", help="only the fake-quantization speed of activations")
     a = p.parse_args(argv)
+    if a.fake:
+        print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "nvfp4_fake_quantize": fake_speed()}, indent=1))
+        return
     report = run(a.skip_speed, a.skip_quality, a.rows, a.cols, a.repeats)
     sys.stdout.write(json.dumps(report, indent=1) + "\n")
 
