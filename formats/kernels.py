@@ -70,6 +70,18 @@ def nvfp4_fake(xb: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor]:
     return (torch.copysign(e2m1_magnitude(y.abs()), y) * step,)
 
 
+def frozen_grid(xb: torch.Tensor, lo_step: torch.Tensor, high: torch.Tensor, hi_step: torch.Tensor
+                ) -> tuple[torch.Tensor]:
+    """Rounding on a frozen NVFP4/FGMP grid (pipeline/quantization/frozen.py): blocks (r, nb, 16) ->
+    (r, nb, 16) f32, E2M1 on each block's step lo_step (r, nb, 1), or E4M3 under hi_step (0-d) where
+    high (r, nb, 1) is set."""
+    xf = xb.to(torch.float32)
+    y = xf / lo_step
+    lo = torch.copysign(e2m1_magnitude(y.abs()), y) * lo_step
+    hi = (xf / hi_step).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32) * hi_step
+    return (torch.where(high, hi, lo),)
+
+
 def fgmp(xb: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """xb: (r, nb, 16) -> NVFP4 packed (r, nb, 8) and scales (r, nb) plus FP8 (r, nb, 16) of
     every block; the caller keeps the kind its mask chooses."""
