@@ -53,10 +53,26 @@ def nonzero_or_one(s: torch.Tensor) -> torch.Tensor:
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
+def amax_scales(xf: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """float32 blocks (r, nb, 16) -> NVFP4 amax block scales e4m3(amax / (6 * s2)) (r, nb), 0 -> 1."""
+    return nonzero_or_one(round_e4m3(xf.abs().amax(-1) / (E2M1_MAX * s2)))
+
+
+def e2m1_round(xf: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """float32 -> the nearest E2M1 value times `step` (broadcast), i.e. decode(encode(xf / step)) * step."""
+    y = xf / step
+    return torch.copysign(e2m1_magnitude(y.abs()), y) * step
+
+
+def e4m3_round(xf: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """float32 -> the nearest E4M3 value (saturating) times `step`."""
+    return round_e4m3(xf / step) * step
+
+
 def nvfp4(xb: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """xb: (r, nb, 16), s2: () float32 -> packed codes (r, nb, 8) uint8, block scales (r, nb) f32."""
     xf = xb.to(torch.float32)
-    sb = nonzero_or_one(round_e4m3(xf.abs().amax(-1) / (E2M1_MAX * s2)))
+    sb = amax_scales(xf, s2)
     codes = e2m1_codes(xf / (sb * s2).unsqueeze(-1))
     return pack_pairs(codes), sb
 
@@ -65,9 +81,7 @@ def nvfp4_fake(xb: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor]:
     """xb: (r, nb, 16), s2: () float32 -> the NVFP4 value of every element (amax block scales), f32
     (r, nb, 16): dequantize(nvfp4(xb)) without packing the codes."""
     xf = xb.to(torch.float32)
-    step = (nonzero_or_one(round_e4m3(xf.abs().amax(-1) / (E2M1_MAX * s2))) * s2).unsqueeze(-1)
-    y = xf / step
-    return (torch.copysign(e2m1_magnitude(y.abs()), y) * step,)
+    return (e2m1_round(xf, (amax_scales(xf, s2) * s2).unsqueeze(-1)),)
 
 
 def frozen_grid(xb: torch.Tensor, lo_step: torch.Tensor, high: torch.Tensor, hi_step: torch.Tensor
@@ -76,10 +90,7 @@ def frozen_grid(xb: torch.Tensor, lo_step: torch.Tensor, high: torch.Tensor, hi_
     (r, nb, 16) f32, E2M1 on each block's step lo_step (r, nb, 1), or E4M3 under hi_step (0-d) where
     high (r, nb, 1) is set."""
     xf = xb.to(torch.float32)
-    y = xf / lo_step
-    lo = torch.copysign(e2m1_magnitude(y.abs()), y) * lo_step
-    hi = (xf / hi_step).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32) * hi_step
-    return (torch.where(high, hi, lo),)
+    return (torch.where(high, e4m3_round(xf, hi_step), e2m1_round(xf, lo_step)),)
 
 
 def fgmp(xb: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,11 +106,8 @@ def _fgmp_lo_hi_scores(xb: torch.Tensor, s2: torch.Tensor, weight: torch.Tensor,
     """Blocks (r, nb, 16) -> NVFP4 with amax block scales and FP8 under 6 * s2, dequantized (r, nb, 16)
     f32, and the block scores sum(w ((x - Q_lo)^2 - (x - Q_hi)^2)) (r, nb), summed in `order`."""
     xf = xb.to(torch.float32)
-    step = (nonzero_or_one(round_e4m3(xf.abs().amax(-1) / (E2M1_MAX * s2))) * s2).unsqueeze(-1)
-    y = xf / step
-    lo = torch.copysign(e2m1_magnitude(y.abs()), y) * step
-    hi_step = E2M1_MAX * s2
-    hi = round_e4m3(xf / hi_step) * hi_step
+    lo = e2m1_round(xf, (amax_scales(xf, s2) * s2).unsqueeze(-1))
+    hi = e4m3_round(xf, E2M1_MAX * s2)
     return lo, hi, sum16(((xf - lo).square() - (xf - hi).square()) * weight, order)
 
 
@@ -258,9 +266,7 @@ def nvfp4_search(xb: torch.Tensor, s2: torch.Tensor, cands: torch.Tensor, weight
     best = best_err = None
     for c in range(cands.shape[-1]):
         cand = cands[..., c]
-        step = (cand * s2).unsqueeze(-1)
-        y = xf / step
-        deq = torch.copysign(e2m1_magnitude(y.abs()), y) * step
+        deq = e2m1_round(xf, (cand * s2).unsqueeze(-1))
         err = (xf - deq).square()
         err = sum16(err if weight is None else err * weight, order)
         if best is None:

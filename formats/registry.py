@@ -125,16 +125,25 @@ class Format(ABC):
         replaced by its block mean, the diagonal of the rotated weighting) and `global_amax`, if
         given, must be the amax of the rotated tensor.
         """
-        context = {k: spec.pop(k) for k in list(spec) if k in self.context_keys}
-        s = self.spec(**spec)
+        s, context = self._checked(x, spec)
+        return self._quantize_checked(x, s, context)
+
+    def _checked(self, x: torch.Tensor, spec: dict[str, Any]) -> tuple[FormatSpec, dict[str, Any]]:
+        """(validated spec, context tensors) of a quantize call; raises FormatError for a bad spec,
+        a non-finite or empty x, or sensitivity clipping without importance."""
+        context = {k: v for k, v in spec.items() if k in self.context_keys}
+        s = self.spec(**{k: v for k, v in spec.items() if k not in self.context_keys})
         _check_tensor(self.name, x)
         if getattr(s, "clip", "none") == "sensitivity" and context.get("importance") is None:
             raise FormatError(f"{self.name}: clip='sensitivity' needs importance=",
                               "pass importance (per input channel (K,) or x's shape) or use clip='mse'")
+        return s, context
+
+    def _quantize_checked(self, x: torch.Tensor, s: FormatSpec, context: dict[str, Any]) -> QTensor:
         if not getattr(s, "rotate", False):
             return self._quantize(x, s, **context)
         if context.get("importance") is not None:
-            context["importance"] = rotation.block_mean(context["importance"], x.shape)
+            context = {**context, "importance": rotation.block_mean(context["importance"], x.shape)}
         q = self._quantize(rotation.rotate(x, s.rotate_seed), s, **context)
         return dataclasses.replace(q, shape=tuple(x.shape))
 
@@ -203,14 +212,12 @@ class Format(ABC):
     def fake_quantize(self, x: torch.Tensor, **spec: Any) -> torch.Tensor:
         """Quantize then dequantize, returning x's dtype; through the format's fused `_fake` when it
         has one for this spec (the same values, nothing packed)."""
-        context = {k: spec[k] for k in self.context_keys if k in spec}
-        s = self.spec(**{k: v for k, v in spec.items() if k not in self.context_keys})
+        s, context = self._checked(x, spec)
         if not getattr(s, "rotate", False):
-            _check_tensor(self.name, x)
             out = self._fake(x, s, **context)
             if out is not None:
                 return out.to(x.dtype)
-        return self.dequantize(self.quantize(x, **spec), dtype=x.dtype)
+        return self.dequantize(self._quantize_checked(x, s, context), dtype=x.dtype)
 
     def _fake(self, x: torch.Tensor, spec: FormatSpec, **context: Any) -> torch.Tensor | None:
         """dequantize(quantize(x)) as float32 in one pass, bit for bit, or None (the default) where
