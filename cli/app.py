@@ -85,9 +85,9 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = kwargs.get("debug", False) or os.environ.get("LPC_DEBUG", "") not in ("", "0")
-        render.setup_logging(debug)
-        _quiet_libraries(debug)
         try:
+            render.setup_logging(debug)
+            _quiet_libraries(debug)
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise

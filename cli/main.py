@@ -7,6 +7,10 @@ import sys
 def main() -> None:
     """Entry point of `lpc` and `python -m lpc`: Ctrl-C at any moment, imports included, exits 130
     with one line instead of a traceback."""
+    from lpc.cli import interrupt
+
+    interrupt.install()
+    code: object = 0
     try:
         from lpc.cli import commands  # noqa: F401  (registers the subcommands on `app`)
         from lpc.cli.app import app
@@ -14,7 +18,13 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
-        sys.exit(130)
+        code = 130
+    except SystemExit as exc:  # typer always ends this way
+        code = exc.code
+    if interrupt.finish() and code != 130:  # an interrupt still pending: the command ran out of imports
+        sys.stderr.write("error: interrupted\n")
+        code = 130
+    sys.exit(code)
 
 
 def __getattr__(name: str):
