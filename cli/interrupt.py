@@ -55,9 +55,14 @@ def _on_alarm(signum: int, frame: FrameType | None) -> None:
         _deliver(frame)
 
 
+def _supported() -> bool:
+    """Main thread only (where Python runs signal handlers), on a platform with interval timers."""
+    return threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+
+
 def install() -> None:
-    """Route SIGINT through the import check (main thread only, where Python runs signal handlers)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+    """Route SIGINT through the import check."""
+    if not _supported():
         return
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.signal(signal.SIGINT, _on_sigint)
@@ -66,7 +71,7 @@ def install() -> None:
 def finish() -> bool:
     """Stop deferring (timer off, Python's own SIGINT handler back); True if an interrupt was pending."""
     global _pending
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+    if not _supported():
         return False
     signal.setitimer(signal.ITIMER_REAL, 0)
     signal.signal(signal.SIGINT, signal.default_int_handler)

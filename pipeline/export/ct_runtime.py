@@ -125,24 +125,20 @@ def _fp4_cast(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(xf), xf, torch.copysign(e2m1_magnitude(xf.abs()), xf)).to(x.dtype)
 
 
-_fp4_cast_state: dict[str, object] = {}
+def _fp4_cast_kernel(x: torch.Tensor) -> tuple[torch.Tensor]:
+    return (_fp4_cast(x),)
 
 
 def fp4_cast_cpu(x: torch.Tensor) -> torch.Tensor:
-    """`_fp4_cast` compiled once (dynamic shapes); eager where compiling is off or fails."""
+    """`_fp4_cast` compiled by lpc's kernel runner (leading dimensions dynamic), eager where compiling
+    is off or fails."""
     from lpc.formats import fast
 
-    fn = _fp4_cast_state.get("compiled")
-    if fn is None and fast.enabled() and "failed" not in _fp4_cast_state:
-        fn = _fp4_cast_state["compiled"] = torch.compile(_fp4_cast, dynamic=True, fullgraph=True)
-    if fn is not None:
-        try:
-            return fn(x)
-        except Exception as err:  # no C++ compiler and the like: eager from now on
-            log.warning("compiling the FP4 cast failed (%s); using the eager one", type(err).__name__)
-            _fp4_cast_state.pop("compiled")
-            _fp4_cast_state["failed"] = True
-    return _fp4_cast(x)
+    out = fast.run_compiled(_fp4_cast_kernel, x)
+    return out[0] if out is not None else _fp4_cast(x)
+
+
+_fp4_cast_state: dict[str, bool] = {}
 
 
 def register_fast_fp4_cast() -> bool:
