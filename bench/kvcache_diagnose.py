@@ -6,8 +6,13 @@ the 128 x 512 calibration tokens, in 2048-token windows. Variants: keys only / v
 the norm of the first token's key against the others (the attention sink), and key / value smoothing
 folded into the weights (`smooth k=alpha`, lpc.pipeline.kvcache.smooth) at several alphas, and the
 per-layer static scale search (`scale search`, lpc.pipeline.kvcache.search): the settings `kv_cache.smooth`
-and `kv_cache.scale_search` are chosen from. Each row gives perplexity and its increase over the bf16 cache in the
-same compute dtype.
+and `kv_cache.scale_search` are chosen from, and per-RoPE-pair key multipliers (`pair multipliers`: channel
+pair (c, c + 32) of every KV head scaled by its own m in [0.5, 1), as folding m into k_proj rows and 1/m into
+q_proj rows would, chosen per pair to minimise the query-weighted rounding error on the calibration sample,
+the layer scale unchanged). Each row gives perplexity and its increase over the bf16 cache in the same compute
+dtype. `key_energy` rows (per layer, on the first calibration sequence's keys): the share of key energy held by
+each token's largest elements (|k| >= half the token's absmax) and the FP8 relative squared error of those
+elements and of the rest under the per-layer scale, the per-token scale and a per-token power-of-two scale.
 
     python bench/kvcache_diagnose.py [--windows 3] [--calib-windows 128] [--only fp8,nvfp4] [--variants a,b]
 """
@@ -42,7 +47,7 @@ def variants(fmt: str, spec: dict) -> dict[str, dict]:
             **{f"{fmt} smooth k={a}": {"smooth_k": a} for a in ALPHAS},
             **{f"{fmt} smooth k={a} v={a}": {"smooth_k": a, "smooth_v": a} for a in ALPHAS},
             **{f"{fmt} smooth v={a}": {"smooth_v": a} for a in (0.5, 1.0)},
-            f"{fmt} scale search": {"search": True}, f"{fmt} smooth k=1.0 + scale search": {"smooth_k": 1.0, "search": True},
+            f"{fmt} scale search": {"search": True}, f"{fmt} pair multipliers": {"pairs": True}, f"{fmt} smooth k=1.0 + scale search": {"smooth_k": 1.0, "search": True},
             f"{fmt} smooth k=1.0 v=1.0 + scale search": {"smooth_k": 1.0, "smooth_v": 1.0, "search": True}}
 
 
@@ -74,8 +79,75 @@ class smoothed:
         self.saved = {}
 
 
+def pair_spec_class():
+    """KVSpec whose keys are multiplied per (KV head, channel) by `mult` before quantization and divided after:
+    what the cache holds when m is folded into k_proj rows and 1/m into q_proj rows (RoPE commutes with a
+    factor shared by a rotated pair)."""
+    import dataclasses
+
+    import torch
+
+    from lpc.pipeline.kvcache import KVSpec
+
+    @dataclasses.dataclass(frozen=True)
+    class PairSpec(KVSpec):
+        mult: torch.Tensor | None = None  # (kv_heads, head_dim)
+
+        def fake(self, x):
+            m = self.mult[None, :, None, :].float()
+            y = KVSpec.fake(dataclasses.replace(self, mult=None), (x.float() * m).to(x.dtype))
+            return (y.float() / m).to(x.dtype)
+
+    return PairSpec
+
+
+def pair_multipliers(fmt, spec, stats, layer, steps: int = 32):
+    """(kv_heads, head_dim) multipliers in [0.5, 1), per RoPE pair, each minimising the pair's rounding error
+    of the first calibration sequence's keys weighted by the query energy of its channels."""
+    import torch
+
+    from lpc.pipeline.kvcache.smooth import rope_partner
+
+    k = stats[f"{layer}.k_sample"].to(torch.bfloat16)
+    q = stats[f"{layer}.q_sample"].float()
+    h, d = k.shape[0], k.shape[-1]
+    q_energy = q.pow(2).reshape(h, q.shape[0] // h, -1, d).sum((1, 2))
+    partner, cls, amax = rope_partner(d), pair_spec_class(), stats[f"{layer}.k_amax"].amax()
+    cands = [0.5 + j / (2 * steps) for j in range(steps)]
+    errs = []
+    for m in cands:
+        f = cls(fmt, spec, amax, mult=torch.full((h, d), m)).fake(k[None])[0].float()
+        e = (f - k.float()).pow(2).sum(1) * q_energy
+        errs.append(e + e[:, partner])
+    return torch.tensor(cands)[torch.stack(errs).argmin(0)]
+
+
+def key_energy(stats, layer) -> dict:
+    """Where the FP8 key error sits: energy share and relative error of each token's largest elements."""
+    import torch
+
+    from lpc.formats import get_format
+
+    fmt = get_format("fp8_e4m3")
+    k = stats[f"{layer}.k_sample"].to(torch.bfloat16).float()
+    tok = k.abs().amax(-1, keepdim=True)
+    top = k.abs() >= tok / 2
+
+    def fake(a):
+        return fmt.fake_quantize(k / a, granularity="tensor", global_amax=torch.tensor(1.0)) * a
+
+    row = {"layer": layer, "top_elements": round(float(top.float().mean()), 4),
+           "top_energy": round(float(k[top].pow(2).sum() / k.pow(2).sum()), 3)}
+    for name, a in (("tensor", stats[f"{layer}.k_amax"].amax()), ("token", tok),
+                    ("token_pow2", torch.exp2(torch.ceil(torch.log2(tok))))):
+        e = (fake(a) - k).pow(2)
+        row[f"{name}_rel_err_top"] = float(f"{float(e[top].sum() / k[top].pow(2).sum()):.3e}")
+        row[f"{name}_rel_err_rest"] = float(f"{float(e[~top].sum() / k[~top].pow(2).sum()):.3e}")
+    return row
+
+
 def specs_for(fmt, spec, stats, n_layers, keys=True, values=True, sinks=0, per_token=False, head=False,
-              headroom=1.0, rotate=False, kivi=False, smooth_k=0.0, smooth_v=0.0, search=False):
+              headroom=1.0, rotate=False, kivi=False, smooth_k=0.0, smooth_v=0.0, search=False, pairs=False):
     from lpc.pipeline.kvcache import KVSpec
 
     out = []
@@ -83,8 +155,11 @@ def specs_for(fmt, spec, stats, n_layers, keys=True, values=True, sinks=0, per_t
         pair = []
         for part, on in (("k", keys), ("v", values)):
             a = stats[f"{i}.{part}_amax"].float() * headroom
-            pair.append(KVSpec(fmt, spec, a if head else a.amax(), per_token=per_token, sinks=sinks, rotate=rotate,
-                               per_channel=kivi and part == "k", group=16) if on else None)
+            kw = dict(per_token=per_token, sinks=sinks, rotate=rotate, per_channel=kivi and part == "k", group=16)
+            if on and pairs and part == "k":
+                pair.append(pair_spec_class()(fmt, spec, a.amax(), mult=pair_multipliers(fmt, spec, stats, i), **kw))
+            else:
+                pair.append(KVSpec(fmt, spec, a if head else a.amax(), **kw) if on else None)
         out.append(tuple(pair))
     return out
 
@@ -136,6 +211,8 @@ def main() -> None:
     seqs = heldout_windows(tok, args.windows)
     for r in sink_profile(model, seqs):
         print(json.dumps({"sink_profile": r}), flush=True)
+    for i in range(model.config.num_hidden_layers):
+        print(json.dumps({**tag, "key_energy": key_energy(stats, i)}), flush=True)
     n = model.config.num_hidden_layers
     formats = {"fp8": ("fp8_e4m3", {"granularity": "tensor"}), "nvfp4": ("nvfp4", {})}
     for dtype in (torch.bfloat16, torch.float32)[:1 + args.fp32]:

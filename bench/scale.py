@@ -10,7 +10,8 @@ By default `lpc compress` runs as one process (the whole job, as a user runs it:
 peak RSS and CPU seconds, plus one interpreter start-up per stage).
 Shapes: tinyllama-1.1b (hidden 2048, intermediate 5632, 22 layers) and tinyllama-4 (its first 4 layers
 only), llama2-7b-4 and llama2-7b-32
-(hidden 4096, intermediate 11008, 4 / 32 layers); vocabulary and tokenizer are SmolLM2's (49,152).
+(hidden 4096, intermediate 11008, 4 / 32 layers), mid-4 and mid-32 (hidden 1024, intermediate 2816,
+16 heads, 4 KV heads; 4 / 32 layers: the depth scaling of every recipe); vocabulary and tokenizer are SmolLM2's (49,152).
 Each checkpoint is written in bf16 one decoder layer per shard (HF index), never holding the model.
 With --per-stage, each lpc stage (calibrate, quantize, export) runs as its own child process, so
 its peak RSS (os.wait4's rusage) and CPU seconds are its own; `compress` is then the sum of the
@@ -38,6 +39,9 @@ SHAPES = {
     "tinyllama-4": dict(hidden=2048, intermediate=5632, layers=4, heads=32, kv_heads=4),
     "llama2-7b-4": dict(hidden=4096, intermediate=11008, layers=4, heads=32, kv_heads=32),
     "llama2-7b-32": dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32),
+    # a narrower width at 4 and 32 layers: every built-in recipe's depth scaling in minutes, not hours
+    "mid-4": dict(hidden=1024, intermediate=2816, layers=4, heads=16, kv_heads=4),
+    "mid-32": dict(hidden=1024, intermediate=2816, layers=32, heads=16, kv_heads=4),
 }
 VOCAB = 49152
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
@@ -91,19 +95,19 @@ def build_checkpoint(path: Path, hidden: int, intermediate: int, layers: int, he
     return total / 1e9
 
 
-def _wait4(cmd: list[str]) -> dict:
-    """Run `cmd`; its wall seconds, CPU seconds (user + system) and peak RSS (GB), from os.wait4's rusage
-    of that child alone."""
+def _wait4(cmd: list[str], errpath: Path) -> dict:
+    """Run `cmd` (stderr to `errpath`); its wall seconds, CPU seconds (user + system) and peak RSS (GB),
+    from os.wait4's rusage of that child alone."""
     t0 = time.perf_counter()
-    (ROOT / "runs" / "scale").mkdir(parents=True, exist_ok=True)
-    with open(os.devnull, "w") as devnull, open(ROOT / "runs" / "scale" / "last-stderr.txt", "w") as errf:
+    errpath.parent.mkdir(parents=True, exist_ok=True)
+    with open(os.devnull, "w") as devnull, open(errpath, "w") as errf:
         proc = subprocess.Popen(cmd, env={**os.environ, **OFFLINE}, stdout=devnull, stderr=errf)
         _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
     row = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
            "peak_rss_gb": round(usage.ru_maxrss / 2**20, 3)}
     if code:
-        tail = (ROOT / "runs" / "scale" / "last-stderr.txt").read_text().strip().splitlines()[-1:]
+        tail = errpath.read_text().strip().splitlines()[-1:]
         row["error"] = f"exit {code}: {tail[0] if tail else ''}"
     return row
 
@@ -120,7 +124,7 @@ def lpc_stages(model: Path, recipe: str, work: Path, sets: list[str]) -> dict:
     }
     rows = {}
     for name, cmd in steps.items():
-        rows[name] = _wait4(cmd + ["--overwrite"])
+        rows[name] = _wait4(cmd + ["--overwrite"], work.parent / "last-stderr.txt")
         if "error" in rows[name]:
             break
     ok = [r for r in rows.values() if "error" not in r]
@@ -134,7 +138,8 @@ def lpc_compress(model: Path, recipe: str, work: Path, sets: list[str]) -> dict:
     """`lpc compress` as one process (the whole job); the stages' wall seconds from its summary."""
     s = sum((["--set", x] for x in ["calibrate.samples=32", "calibrate.seq_len=128", *sets]), [])
     row = {"compress": _wait4([sys.executable, "-m", "lpc.cli", "compress", str(model), "--recipe", recipe,
-                               "--data", str(DATA), *s, "-o", str(work / "out"), "--overwrite"])}
+                               "--data", str(DATA), *s, "-o", str(work / "out"), "--overwrite"],
+                               work.parent / "last-stderr.txt")}
     summary = work / "out" / "summary.json"
     if summary.is_file():
         stages = json.loads(summary.read_text()).get("stages", [])
@@ -148,7 +153,8 @@ def peer(model: Path, work: Path) -> dict:
     python = ROOT / ".venv-peers" / "bin" / "python"
     if not python.is_file():
         return {"skipped": f"{python} is absent (make peers creates it)"}
-    return _wait4([str(python), str(Path(__file__).resolve()), "--worker-peer", str(model), str(work / "peer")])
+    return _wait4([str(python), str(Path(__file__).resolve()), "--worker-peer", str(model), str(work / "peer")],
+                  work / "last-stderr.txt")
 
 
 def worker_peer(model: str, out: str) -> None:
