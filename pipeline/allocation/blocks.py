@@ -14,22 +14,25 @@ import torch
 from lpc.pipeline.allocation import fgmp as fp
 from lpc.pipeline.allocation.registry import ALLOCATION_POLICIES, AllocationContext
 from lpc.pipeline.errors import InputError
-from lpc.pipeline.quantization.layers import group_amax
+from lpc.pipeline.io.models import fuse_groups
+from lpc.pipeline.progress import track
 from lpc.recipes.schema import Recipe
 
 
 def block_plan(ctx: AllocationContext, tmp: Path | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """Masks from one weight at a time (`ctx.weight`): the model is never loaded for weight scores."""
     a = ctx.recipe.allocate
-    weights = {n: m.weight.detach().float() for n, m in ctx.targets.items()}
-    amax = group_amax(ctx.targets, {n: {"format": "fgmp"} for n in ctx.targets}, ctx.recipe.quantize.fuse_groups)
     if a.policy == "fgmp":
-        scores = fp.weight_block_scores(weights, {n: ctx.fisher(n) for n in weights}, {n: float(v) for n, v in amax.items()})
+        amax = _group_amax(ctx)
+        scores = {n: fp.weight_block_scores({n: ctx.weight(n)}, {n: ctx.fisher(n)}, {n: amax[n]})[n]
+                  for n in track(ctx.names, "weight block scores", ctx.progress)}
         masks = fp.select_high_blocks(scores, a.fraction)
     elif a.policy == "random":
-        shapes = {n: (w.shape[0], -(-w.shape[1] // fp.BLOCK)) for n, w in weights.items()}
+        shapes = {n: (ctx.shape(n)[0], -(-ctx.shape(n)[1] // fp.BLOCK)) for n in ctx.names}
         masks = fp.random_high_blocks(shapes, a.fraction, seed=a.seed)
     else:
-        masks = fp.magnitude_high_blocks(weights, a.fraction)
+        scores = {n: fp.magnitude_scores(ctx.weight(n)) for n in track(ctx.names, "weight block magnitudes", ctx.progress)}
+        masks = fp.select_high_blocks(scores, a.fraction)
     spec = {"clip": a.clip, **_low_spec(ctx.recipe)}
     layers, tensors = {}, {}
     for name, mask in masks.items():
@@ -37,7 +40,7 @@ def block_plan(ctx: AllocationContext, tmp: Path | None = None) -> tuple[dict[st
         layers[name] = {"format": "fgmp", "spec": spec, "mask": f"{name}.mask",
                         "high_fraction": float(mask.float().mean()),
                         "importance": "weight_fisher" if a.clip == "sensitivity" else None}
-    in_features = {n: m.in_features for n, m in ctx.targets.items()}
+    in_features = {n: ctx.shape(n)[1] for n in ctx.names}
     bits = fp.plan_bits_per_weight(masks, in_features)
     plan: dict[str, Any] = {"policy": a.policy, "fraction": a.fraction, "layers": layers}
     extra = {"bits_per_weight": bits, "high_fraction": sum(int(m.sum()) for m in masks.values()) /
@@ -47,6 +50,13 @@ def block_plan(ctx: AllocationContext, tmp: Path | None = None) -> tuple[dict[st
         plan["activations"], act_tensors, extra["activation_threshold"] = _activation_plan(ctx, a.fraction)
         tensors.update(act_tensors)
     return plan, tensors, extra
+
+
+def _group_amax(ctx: AllocationContext) -> dict[str, float]:
+    """Each target's NVFP4 global amax: the max over its fused group (q/k/v, gate/up), one weight read at a time."""
+    own = {n: float(ctx.weight(n).abs().amax()) for n in track(ctx.names, "weight amax", ctx.progress)}
+    return {n: max(own[m] for m in group) for group in fuse_groups(ctx.names, ctx.recipe.quantize.fuse_groups)
+            for n in group}
 
 
 def _low_spec(recipe: Recipe) -> dict[str, Any]:

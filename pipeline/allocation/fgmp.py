@@ -98,13 +98,15 @@ def magnitude_high_blocks(weights: dict[str, torch.Tensor], fraction: float,
 
     weights: layer name -> (R, K) float; K is zero-padded to a multiple of 16 as the formats do.
     """
+    return select_high_blocks({name: magnitude_scores(w, norm) for name, w in weights.items()}, fraction)
+
+
+def magnitude_scores(w: torch.Tensor, norm: Literal["l2", "amax"] = "l2") -> torch.Tensor:
+    """(R, K) weight -> (R, ceil(K/16)) block magnitudes (L2 norm or amax of each block of 16)."""
     if norm not in ("l2", "amax"):
         raise RecipeError(f"unknown magnitude norm {norm!r}", "use norm='l2' or norm='amax'")
-    scores = {}
-    for name, w in weights.items():
-        blocks = _blocks(w.detach().to(torch.float32))
-        scores[name] = blocks.square().sum(-1).sqrt() if norm == "l2" else blocks.abs().amax(-1)
-    return select_high_blocks(scores, fraction)
+    blocks = _blocks(w.detach().to(torch.float32))
+    return blocks.square().sum(-1).sqrt() if norm == "l2" else blocks.abs().amax(-1)
 
 
 def _blocks(x: torch.Tensor) -> torch.Tensor:

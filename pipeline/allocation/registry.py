@@ -8,7 +8,7 @@ imported in `allocation/__init__.py`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,19 +20,51 @@ from lpc.pipeline.calibration.stats import calibration_batches_of
 from lpc.pipeline.errors import InputError, RecipeError
 from lpc.pipeline.progress import Progress
 
+log = logging.getLogger(__name__)
 
-@dataclass
+
 class AllocationContext:
-    """What a policy sees: the original model and its targets, calibration statistics and manifest."""
+    """What a policy sees: the recipe's targets, calibration statistics and manifest, and the model.
 
-    model: nn.Module
-    targets: dict[str, nn.Linear]
-    stats: dict[str, dict[str, torch.Tensor]]
-    recipe: Any
-    calib_manifest: dict[str, Any]
-    src: str
-    progress: Progress | None
-    calib_dir: Path
+    A checkpoint that streams starts as a meta-device skeleton: `names`, `shape` and `weight` (read from
+    the safetensors files one tensor at a time) never load the model, so a policy that only scores
+    weights holds one weight at a time. `model` and `targets` load the whole model on first use (policies
+    that run forward passes: activation scores, measured losses)."""
+
+    def __init__(self, model: nn.Module, targets: dict[str, nn.Linear], stats: dict[str, dict[str, torch.Tensor]],
+                 recipe: Any, calib_manifest: dict[str, Any], src: str, progress: Progress | None, calib_dir: Path,
+                 store: Any = None, load_whole: Callable[[], tuple[nn.Module, dict[str, nn.Linear]]] | None = None):
+        self._model, self._targets, self.stats, self.recipe = model, targets, stats, recipe
+        self.calib_manifest, self.src, self.progress, self.calib_dir = calib_manifest, src, progress, Path(calib_dir)
+        self.store, self._load_whole = store, load_whole  # store: a WeightStore while `model` is a skeleton
+        self.names = list(targets)
+
+    def _whole(self) -> None:
+        if self.store is not None:
+            log.info("allocation: loading the whole model for its forward passes")
+            self._model, self._targets = self._load_whole()
+            self.store = None
+
+    @property
+    def model(self) -> nn.Module:
+        self._whole()
+        return self._model
+
+    @property
+    def targets(self) -> dict[str, nn.Linear]:
+        self._whole()
+        return self._targets
+
+    def shape(self, name: str) -> tuple[int, int]:
+        """(out_features, in_features) of a target, without loading it."""
+        m = self._targets[name]
+        return m.out_features, m.in_features
+
+    def weight(self, name: str) -> torch.Tensor:
+        """A target's weight as float32 on CPU: read alone from the checkpoint while streaming."""
+        if self.store is not None:
+            return self.store.get(f"{name}.weight").float()
+        return self._targets[name].weight.detach().float()
 
     def fisher(self, name: str) -> torch.Tensor:
         s = self.stats.get(name, {})

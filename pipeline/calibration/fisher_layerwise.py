@@ -48,25 +48,97 @@ def final_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 def layerwise_fisher(model: nn.Module, batches: list[torch.Tensor], targets: dict[str, nn.Linear],
                      found: tuple[str, nn.ModuleList], load: Callable[[int], None] | None = None,
                      free: Callable[[int], None] | None = None, progress: Progress | None = None,
-                     device: str = "cpu") -> dict[str, dict[str, Any]]:
+                     device: str = "cpu", on_layer: Callable[[dict[str, dict[str, Any]]], None] | None = None
+                     ) -> dict[str, dict[str, Any]]:
     """Per target Linear {"weight_fisher": (out, in) fp32, "act_fisher": (in,) fp32, "count", "tokens"}.
 
     batches: (1, T) token ids, T >= 2, one sample each. found: decoder_layers(model).
     load(i) / free(i): materialise / release decoder layer i (a meta skeleton), or None when the
-    model is resident. Everything outside the decoder stack must be resident."""
+    model is resident. Everything outside the decoder stack must be resident.
+    on_layer: called with each decoder layer's finished statistics as soon as its last backward pass
+    ends (last layer first), which are then dropped: the accumulators of one layer are resident, and
+    between chunks of samples each layer's partial sums wait on disk. The return value then holds
+    only what was not delivered (nothing)."""
     path, layers = found
     head = final_head(model)
     if head is None:
         raise ValueError("no final norm / output head found")
     rows = [b.reshape(1, -1).long() for b in batches if b.numel() >= 2]
-    accs: dict[str, FisherAccumulator] = {}
-    chunks = _chunks(rows, len(layers), _hidden_bytes(model))
-    for k, chunk in enumerate(chunks):
-        tag = f" {k + 1}/{len(chunks)}" if len(chunks) > 1 else ""
-        _fisher_chunk(model, chunk, targets, found, head, accs, load, free, progress, device, tag)
     tokens = sum(r.shape[1] - 1 for r in rows)
-    return {n: {"weight_fisher": accs[n].weight_sum.div_(len(rows)).cpu(), "act_fisher": accs[n].act_sum.div_(tokens).cpu(),
-                "count": len(rows), "tokens": tokens} for n in targets if n in accs}
+    accs: dict[str, FisherAccumulator] = {}
+
+    def result(names) -> dict[str, dict[str, Any]]:
+        return {n: {"weight_fisher": accs[n].weight_sum.div_(len(rows)).cpu(), "act_fisher": accs[n].act_sum.div_(tokens).cpu(),
+                    "count": len(rows), "tokens": tokens} for n in names if n in accs}
+
+    chunks = _chunks(rows, len(layers), _hidden_bytes(model))
+    with _Parking(on_layer is not None and len(chunks) > 1) as parking:
+        for k, chunk in enumerate(chunks):
+            tag = f" {k + 1}/{len(chunks)}" if len(chunks) > 1 else ""
+            last = k == len(chunks) - 1
+
+            def finished(names: list[str], last: bool = last) -> None:
+                if on_layer is None:
+                    return
+                if last:
+                    on_layer(result(names))
+                else:
+                    parking.park(names, accs)
+                for n in names:
+                    accs.pop(n, None)
+
+            _fisher_chunk(model, chunk, targets, found, head, accs, load, free, progress, device, tag,
+                          finished, parking.unpark if on_layer is not None else None)
+    return result(list(targets))
+
+
+class _Parking:
+    """Partial Fisher sums of the layers between two chunks of samples, on disk (safetensors), so only
+    the layer being back-propagated holds accumulators; exact (fp32 in, fp32 out)."""
+
+    def __init__(self, active: bool):
+        self.active, self.dir, self.files = active, None, {}
+
+    def __enter__(self) -> "_Parking":
+        if self.active:
+            import tempfile
+
+            self.dir = tempfile.TemporaryDirectory(prefix="lpc-fisher-")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.dir is not None:
+            self.dir.cleanup()
+
+    def _file(self, names: list[str]):
+        from pathlib import Path
+
+        key = tuple(names)
+        if key not in self.files:
+            self.files[key] = Path(self.dir.name) / f"layer-{len(self.files)}.safetensors"
+        return self.files[key]
+
+    def park(self, names: list[str], accs: dict[str, FisherAccumulator]) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for n in names:
+            tensors[f"{n}.weight_sum"], tensors[f"{n}.act_sum"] = accs[n].weight_sum.cpu(), accs[n].act_sum.cpu()
+        save_file(tensors, str(self._file(names)))
+
+    def unpark(self, names: list[str], accs: dict[str, FisherAccumulator]) -> None:
+        from safetensors.torch import load_file
+
+        if self.dir is None:
+            return
+        f = self._file(names)
+        if not f.is_file():
+            return
+        saved = load_file(str(f))
+        for n in names:
+            accs[n].weight_sum.copy_(saved[f"{n}.weight_sum"])
+            accs[n].act_sum.copy_(saved[f"{n}.act_sum"])
+        f.unlink()
 
 
 # The hidden states kept for the backward pass (every layer's input, every sample of a chunk) stay
@@ -98,8 +170,10 @@ def _chunks(rows: list[torch.Tensor], n_layers: int, token_bytes: int) -> list[l
 
 def _fisher_chunk(model: nn.Module, rows: list[torch.Tensor], targets: dict[str, nn.Linear],
                   found: tuple[str, nn.ModuleList], head, accs: dict[str, FisherAccumulator],
-                  load, free, progress: Progress | None, device: str, tag: str) -> None:
-    """Forward, head and backward passes of one chunk of samples, adding into `accs`."""
+                  load, free, progress: Progress | None, device: str, tag: str,
+                  finished: Callable[[list[str]], None] | None = None, unpark=None) -> None:
+    """Forward, head and backward passes of one chunk of samples, adding into `accs`; `finished(names)`
+    after each layer's backward, `unpark(names, accs)` restores parked partial sums before it."""
     from lpc.pipeline.calibration.stats import capture_layer_inputs
 
     path, layers = found
@@ -120,10 +194,14 @@ def _fisher_chunk(model: nn.Module, rows: list[torch.Tensor], targets: dict[str,
         _on(load, i)
         layers[i].to(device)
         mine = {n: m for n, m in targets.items() if n.startswith(f"{path}.{i}.")}
-        for n, m in mine.items():
-            if n not in accs:
-                accs[n] = FisherAccumulator(m)
+        fresh = [n for n in mine if n not in accs]
+        for n in fresh:
+            accs[n] = FisherAccumulator(mine[n])
+        if unpark is not None and fresh:
+            unpark(list(mine), accs)
         grads = _layer_backward(layers[i], mine, inputs[i], states, grads, {n: accs[n] for n in mine}, device)
+        if finished is not None:
+            finished(list(mine))
         inputs[i] = []
         layers[i].to("cpu")
         _on(free, i)

@@ -5,7 +5,9 @@ cache; and the queries, keys and values of the first calibration sequence (`q_sa
 static scale can be searched (search.py)."""
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -106,3 +108,43 @@ def kv_statistics(model: nn.Module, batches: list[torch.Tensor], progress: Progr
         if i in found:
             found[i].update(sample)
     return found
+
+
+def layer_cache_argument(layer: nn.Module) -> str | None:
+    """The keyword a decoder layer takes its cache by (`cache` in transformers 5, `past_key_values` before)."""
+    params = inspect.signature(layer.forward).parameters
+    return next((n for n in ("cache", "past_key_values", "past_key_value") if n in params), None)
+
+
+@contextmanager
+def recording_layers(model: nn.Module, layers: nn.ModuleList
+                     ) -> Iterator[Callable[[], dict[int, dict[str, torch.Tensor]]] | None]:
+    """While active, every decoder layer of `layers` that runs (called directly, one layer at a time, as the
+    streamed calibration does) writes its keys and values to one recording cache. Yields a function giving
+    what `kv_statistics` gives for the same sequences, or None when the layers take no cache argument."""
+    arg = layer_cache_argument(layers[0]) if len(layers) else None
+    if arg is None:
+        yield None
+        return
+    cache = RecordingCache()
+    samples, undo = _record_samples(model)
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kwargs[arg] = cache
+        return args, kwargs
+
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+
+    def result() -> dict[int, dict[str, torch.Tensor]]:
+        found = {i: dict(layer.found) for i, layer in enumerate(cache.layers) if layer.found}
+        for i, sample in samples.items():
+            if i in found:
+                found[i].update(sample)
+        return found
+
+    try:
+        yield result
+    finally:
+        for h in handles:
+            h.remove()
+        undo()

@@ -16,6 +16,7 @@ from lpc.pipeline.artifact import store as art
 from lpc.pipeline.calibration.stats import STATS_FILE, read_stats
 from lpc.pipeline.errors import RecipeError
 from lpc.pipeline.io.models import find_targets, load_hf_model, model_files
+from lpc.pipeline.io.streaming import open_stack
 from lpc.pipeline.progress import Progress
 from lpc.pipeline.stages.base import StageResult, run_stage
 from lpc.recipes.schema import Recipe
@@ -36,9 +37,17 @@ def allocate(calib: Path, recipe: Recipe, out: Path, model: str | None = None, o
               "quantize": recipe.quantize.model_dump(mode="json"), "targets": recipe.targets, "ignore": recipe.ignore}
 
     def body(tmp: Path) -> dict[str, Any]:
-        m = load_hf_model(src)
-        targets = find_targets(m, recipe.targets, recipe.ignore)
-        ctx = AllocationContext(m, targets, read_stats(calib), recipe, cm, src, progress, Path(calib))
+        def whole():
+            m = load_hf_model(src)
+            return m, find_targets(m, recipe.targets, recipe.ignore)
+
+        opened = open_stack(src, recipe.targets, recipe.ignore, "allocating")
+        if opened is not None:  # a skeleton: weights are read one at a time, the model loads only if a policy runs it
+            skel, store, _ = opened
+            ctx = AllocationContext(skel, find_targets(skel, recipe.targets, recipe.ignore), read_stats(calib), recipe,
+                                    cm, src, progress, Path(calib), store=store, load_whole=whole)
+        else:
+            ctx = AllocationContext(*whole(), read_stats(calib), recipe, cm, src, progress, Path(calib))
         plan, tensors, extra = policy(ctx, tmp)
         art.save_tensors(tensors or {"_empty": torch.zeros(1)}, tmp / MASKS)
         art.write_json(tmp / PLAN, plan)

@@ -3,6 +3,7 @@ recipe's targets, and Fisher with `calibrate.fisher`, written to calib/stats.saf
 layer at a time (the model streamed from its checkpoint). Data-parallel under torchrun."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -73,16 +74,33 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
             for s in done.values():
                 s.cov = torch.empty(0)  # the statistics live on disk now
 
-        stats = collect_input_stats(m, batches, targets, progress, device, store=store,
-                                    full=config["statistics"] == "covariance", on_layer=spill)
+        with _kv_recording(m, recipe, store) as kv_result:  # K/V statistics in the same layer-by-layer pass
+            stats = collect_input_stats(m, batches, targets, progress, device, store=store,
+                                        full=config["statistics"] == "covariance", on_layer=spill)
+            kv_found = kv_result() if kv_result is not None else {}
         if c.fisher:
-            _add_fisher(m, batches, targets, stats, progress, device, store)
+            def spill_fisher(done: dict[str, dict[str, Any]]) -> None:
+                """A layer whose Fisher is final goes to disk with its input statistics (layer-wise Fisher)."""
+                add_fisher(stats, done)
+                finished = {n: stats[n] for n in done}
+                idle.extend(stand_in_statistics(finished))
+                writer.add(stats_tensors(finished))
+                written.update(finished)
+                for n in done:
+                    stats[n].cov, stats[n].extra = torch.empty(0), {}
+
+            _add_fisher(m, batches, targets, stats, progress, device, store, on_layer=spill_fisher)
         rest = {n: s for n, s in stats.items() if n not in written}
         idle.extend(stand_in_statistics(rest))
         writer.add(stats_tensors(rest))
         writer.close(metadata={"format": "pt"})
         if recipe.kv_cache is not None:
-            _add_kv_stats(src, m, store, batches, tmp, progress, device)
+            if kv_found:
+                from lpc.pipeline.kvcache import KV_STATS_FILE, kv_stat_tensors
+
+                art.save_tensors(kv_stat_tensors(kv_found), tmp / KV_STATS_FILE)
+            else:
+                _add_kv_stats(src, m, store, batches, tmp, progress, device)
         tokens = sum(b.shape[1] for b in every)
         layers = {n: {"in_features": mod.in_features, "out_features": mod.out_features, "rows": stats[n].count}
                   for n, mod in targets.items()}
@@ -122,7 +140,16 @@ def _follow_rank0(out: Path, body) -> StageResult:
     return StageResult("calibrate", Path(out), {"summary": {"rank": dd.rank()}})
 
 
-def _add_fisher(model, batches, targets, stats, progress, device, store=None) -> None:
+def add_fisher(stats, fisher: dict[str, dict[str, Any]]) -> None:
+    """Fisher diagonals into each target's statistics (`weight_fisher`, `act_fisher`, fp32 on CPU)."""
+    for name, f in fisher.items():
+        stats[name].extra["weight_fisher"] = f["weight_fisher"].float().cpu()
+        stats[name].extra["act_fisher"] = f["act_fisher"].float().cpu()
+
+
+def _add_fisher(model, batches, targets, stats, progress, device, store=None, on_layer=None) -> None:
+    """Fisher statistics of every target into `stats`; layer-wise on a streamed skeleton, where each layer's
+    are handed to `on_layer` (written out) as soon as they are final instead."""
     from lpc.pipeline.calibration.fisher import fisher_statistics
     from lpc.pipeline.calibration.fisher_layerwise import final_head, layerwise_fisher
     from lpc.pipeline.io.models import decoder_layers
@@ -134,14 +161,28 @@ def _add_fisher(model, batches, targets, stats, progress, device, store=None) ->
         path, layers = found
         fisher = layerwise_fisher(model, batches, targets, found, progress=progress, device=device,
                                   load=lambda i: materialize(layers[i], f"{path}.{i}", store),
-                                  free=lambda i: release(layers[i]))
+                                  free=lambda i: release(layers[i]), on_layer=on_layer)
     else:
         model.to(device)
         fisher = fisher_statistics(model, [b.to(device) for b in batches], targets, progress=progress)
         model.to("cpu")
-    for name, f in fisher.items():
-        stats[name].extra["weight_fisher"] = f["weight_fisher"].float().cpu()
-        stats[name].extra["act_fisher"] = f["act_fisher"].float().cpu()
+    add_fisher(stats, fisher)
+
+
+@contextmanager
+def _kv_recording(model, recipe: Recipe, store):
+    """For a KV recipe on a streamed skeleton: the decoder layers record K/V as the statistics pass runs
+    them (yields the result function); otherwise yields None (a separate whole-model pass follows)."""
+    from lpc.pipeline.io.models import decoder_layers
+
+    found = decoder_layers(model) if recipe.kv_cache is not None and store is not None else None
+    if found is None:
+        yield None
+        return
+    from lpc.pipeline.kvcache.calibrate import recording_layers
+
+    with recording_layers(model, found[1]) as result:
+        yield result
 
 
 def _add_kv_stats(src, model, store, batches, tmp: Path, progress, device) -> None:

@@ -182,3 +182,32 @@ def test_rotated_states_are_the_format_grid_in_the_hadamard_basis():
     assert torch.allclose(got @ h, plain, atol=1e-5)  # what is stored is NVFP4 of the rotated states
     lossless = KVSpec("bf16", {}, rotate=True).fake(x)
     assert torch.allclose(lossless, x, rtol=0, atol=0.25) and (lossless - x).abs().mean() < 0.02  # bf16 rounding only
+
+
+def test_streamed_calibration_records_kv_in_its_layer_pass(tmp_path, tiny_model_dir, text_files, monkeypatch):
+    """On a checkpoint that streams, the K/V statistics come from the layer-by-layer statistics pass (the
+    model is never loaded whole) and equal a whole-model pass over the same sequences, samples included."""
+    import importlib
+
+    from safetensors.torch import load_file
+
+    from lpc.pipeline.io.data import calibration_batches
+    from lpc.pipeline.io.models import load_tokenizer
+
+    calib_stage = importlib.import_module("lpc.pipeline.stages.calibrate")
+    recipe = load_recipe("kv_fp8", ["calibrate.samples=3", "calibrate.seq_len=24"])
+    whole = calib_stage.load_hf_model
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the whole model was loaded for the K/V statistics")
+
+    monkeypatch.setattr(calib_stage, "load_hf_model", refuse)
+    calib = stages.calibrate(str(tiny_model_dir), str(text_files["jsonl"]), tmp_path / "c", recipe).out
+    got = load_file(str(calib / "kv_stats.safetensors"))
+    model = whole(str(tiny_model_dir))
+    batches = calibration_batches(str(text_files["jsonl"]), load_tokenizer(str(tiny_model_dir)), 3, 24, model=model, seed=0)
+    ref = kv_statistics(model, batches)
+    assert len(ref) == model.config.num_hidden_layers
+    for i, fields in ref.items():
+        for name, t in fields.items():
+            assert torch.equal(got[f"{i}.{name}"], t.float()), (i, name)

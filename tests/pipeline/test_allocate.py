@@ -152,3 +152,23 @@ def test_inspect_reports_mix_and_draws_precision_map(fisher_calib, tiny_model_di
     assert {r["format"] for r in info["layers"]} == {"fgmp"} and len(info["layers"]) == 14
     assert all(r["bits"] > 4.5 for r in info["layers"]) and info["bits_per_weight"] > 6.0
     assert (tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("policy", ["fgmp", "random", "magnitude"])
+def test_weight_plans_stream_one_weight_at_a_time_and_equal_the_whole_model_plan(fisher_calib, policy, monkeypatch):
+    import sys
+
+    stage = sys.modules[allocate.__module__]  # the module (the package re-exports the function by its name)
+    recipe = load_recipe("fgmp_nvfp4a16", SMALL + [f"allocate.policy={policy}", "allocate.fraction=0.3"])
+    whole = fisher_calib / f"w-{policy}"
+    with monkeypatch.context() as m:  # the whole-model path: no streaming
+        m.setattr(stage, "open_stack", lambda *a, **k: None)
+        allocate(fisher_calib / "calib", recipe, whole)
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the whole model was loaded for a weight-only plan")
+
+    monkeypatch.setattr(stage, "load_hf_model", refuse)
+    allocate(fisher_calib / "calib", recipe, fisher_calib / f"s-{policy}")
+    for f in ("masks.safetensors", "plan.json"):
+        assert (fisher_calib / f"s-{policy}" / f).read_bytes() == (whole / f).read_bytes()

@@ -51,6 +51,44 @@ def test_samples_in_chunks_give_the_same_bits(make_llama, monkeypatch):
         assert chunked[n]["count"] == 4
 
 
+def test_each_layer_is_delivered_when_final_and_only_one_layer_holds_accumulators(make_llama, monkeypatch):
+    """on_layer gets every layer once, last layer first, with the same bits as the returned statistics;
+    between chunks the partial sums wait on disk: no more than one layer's accumulators are alive."""
+    import lpc.pipeline.calibration.fisher_layerwise as fl
+
+    model = make_llama(layers=3).float().eval()
+    targets = find_targets(model, ["*proj"], [])
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(3, 60, (1, 10), generator=g) for _ in range(4)]
+    reference = layerwise_fisher(model, batches, targets, decoder_layers(model))
+    alive, peak = [0], [0]
+    real = fl.FisherAccumulator
+
+    class Counted(real):
+        def __init__(self, module):
+            super().__init__(module)
+            alive[0] += 1
+            peak[0] = max(peak[0], alive[0])
+
+        def __del__(self):
+            alive[0] -= 1
+
+    monkeypatch.setattr(fl, "FisherAccumulator", Counted)
+    for state_bytes in (None, 3 * 10 * fl._hidden_bytes(model)):  # one chunk; one sample per chunk
+        if state_bytes:
+            monkeypatch.setattr(fl, "STATE_BYTES", state_bytes)
+        got, order = {}, []
+        peak[0] = 0
+        rest = layerwise_fisher(model, batches, targets, decoder_layers(model),
+                                on_layer=lambda done: (order.append(sorted({n.split(".")[2] for n in done})), got.update(done)))
+        assert rest == {} and order == [["2"], ["1"], ["0"]]
+        per_layer = len([n for n in targets if n.startswith("model.layers.0.")])
+        assert peak[0] <= per_layer, (state_bytes, peak[0])
+        for n in reference:
+            for key in ("weight_fisher", "act_fisher"):
+                assert torch.equal(got[n][key], reference[n][key]), (n, key)
+
+
 def test_calibrate_fisher_streams_from_the_checkpoint(tmp_path, tiny_model_dir, text_files, monkeypatch):
     calib = importlib.import_module("lpc.pipeline.stages.calibrate")
     loaded = []
