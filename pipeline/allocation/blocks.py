@@ -67,18 +67,23 @@ def _low_spec(recipe: Recipe) -> dict[str, Any]:
 
 def _activation_plan(ctx: AllocationContext, fraction: float) -> tuple[dict[str, Any], dict[str, torch.Tensor], float]:
     act_fisher = {}
-    for n in ctx.targets:
+    for n in ctx.names:
         if "act_fisher" not in ctx.stats.get(n, {}):
             raise InputError(f"the calibration has no activation Fisher for {n}",
                              "calibrate with --fisher (or calibrate.fisher: true in the recipe)")
         act_fisher[n] = ctx.stats[n]["act_fisher"]
-    amax = {n: float(ctx.stats[n]["act_absmax"].max()) for n in ctx.targets}
-    scores = fp.collect_activation_scores(ctx.model, ctx.batches(), ctx.targets, act_fisher, amax,
-                                       max_blocks_per_layer=200_000, seed=ctx.recipe.allocate.seed,
-                                       progress=ctx.progress)
-    threshold = fp.activation_threshold(torch.cat([scores[n] for n in ctx.targets]), fraction)
+    amax = {n: float(ctx.stats[n]["act_absmax"].max()) for n in ctx.names}
+    opts = dict(max_blocks_per_layer=200_000, seed=ctx.recipe.allocate.seed, progress=ctx.progress)
+    streamed = ctx.streamed()
+    if streamed is not None:  # one decoder layer resident at a time
+        model, found, store, targets = streamed
+        scores = fp.collect_activation_scores_layerwise(model, found, store, ctx.batches(), targets, act_fisher, amax,
+                                                        **opts)
+    else:
+        scores = fp.collect_activation_scores(ctx.model, ctx.batches(), ctx.targets, act_fisher, amax, **opts)
+    threshold = fp.activation_threshold(torch.cat([scores[n] for n in ctx.names]), fraction)
     layers, tensors = {}, {}
-    for n in ctx.targets:
+    for n in ctx.names:
         key = f"lpc.act.{n}.channel_importance"
         tensors[key] = act_fisher[n].float()
         layers[n] = {"format": "fgmp", "channel_importance": f"tensor:{key}", "threshold": threshold,

@@ -168,11 +168,55 @@ def collect_activation_scores(model: nn.Module, batches: Iterable[torch.Tensor],
     Returns layer -> float32 (n,) scores on CPU. The model is run in eval mode under no_grad and
     its modes are restored.
     """
+    pools = _pools(targets, act_fisher, max_blocks_per_layer, seed)
+    with eval_mode(model), _forward_hooks(targets, _score_hook(pools, act_fisher, act_amax)):
+        for batch in track(batches, "activation scores", progress):
+            model(input_ids=batch.reshape(-1, batch.shape[-1]).to(input_device(model)), use_cache=False)
+    return {name: pool.result() for name, pool in pools.items()}
+
+
+def collect_activation_scores_layerwise(model: nn.Module, found: tuple[str, nn.ModuleList], store: Any,
+                                        batches: list[torch.Tensor], targets: dict[str, nn.Linear],
+                                        act_fisher: dict[str, torch.Tensor], act_amax: dict[str, float] | None = None,
+                                        max_blocks_per_layer: int | None = None, seed: int = 0,
+                                        progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """`collect_activation_scores` one decoder layer at a time on a meta skeleton (`found` =
+    decoder_layers(model), everything outside the stack loaded, weights read from `store`): the same
+    scores (each pool sees its Linear's inputs in the same batch order), with one layer resident and each
+    finished pool reduced to its sample before the next layer."""
+    from lpc.pipeline.calibration.stats import _advance, capture_layer_inputs
+    from lpc.pipeline.io.streaming import materialize, release
+
+    pools = _pools(targets, act_fisher, max_blocks_per_layer, seed)
+    hook = _score_hook(pools, act_fisher, act_amax)
+    path, layers = found
+    out: dict[str, torch.Tensor] = {}
+    with eval_mode(model), torch.no_grad():
+        states = capture_layer_inputs(model, layers, [b.reshape(-1, b.shape[-1]) for b in batches], "cpu")
+        for i, layer in track(list(enumerate(layers)), "activation scores (layer by layer)", progress):
+            mine = {n: m for n, m in targets.items() if n.startswith(f"{path}.{i}.")}
+            materialize(layer, f"{path}.{i}", store)
+            try:
+                with _forward_hooks(mine, hook):
+                    for j in range(len(states)):
+                        _advance(layer, states, j)
+            finally:
+                release(layer)
+            out.update({n: pools.pop(n).result() for n in mine})
+    return {n: out[n] for n in targets}
+
+
+def _pools(targets: dict[str, nn.Linear], act_fisher: dict[str, torch.Tensor], cap: int | None, seed: int
+           ) -> dict[str, "_Pool"]:
     missing = [n for n in targets if n not in act_fisher]
     if missing:
         raise InputError(f"no activation Fisher for layers {missing[:5]}",
                          "run `lpc calibrate --fisher` with the same target layers")
-    pools = {name: _Pool(max_blocks_per_layer, seed + i) for i, name in enumerate(targets)}
+    return {name: _Pool(cap, seed + i) for i, name in enumerate(targets)}
+
+
+def _score_hook(pools: dict[str, "_Pool"], act_fisher: dict[str, torch.Tensor], act_amax: dict[str, float] | None
+                ) -> Callable[[str], Callable]:
     amax = act_amax or {}
 
     def hook(name: str) -> Callable:
@@ -182,10 +226,7 @@ def collect_activation_scores(model: nn.Module, batches: Iterable[torch.Tensor],
             pools[name].add(scores.reshape(-1).cpu())
         return on_forward
 
-    with eval_mode(model), _forward_hooks(targets, hook):
-        for batch in track(batches, "activation scores", progress):
-            model(input_ids=batch.reshape(-1, batch.shape[-1]).to(input_device(model)), use_cache=False)
-    return {name: pool.result() for name, pool in pools.items()}
+    return hook
 
 
 class _Pool:

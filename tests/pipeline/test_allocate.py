@@ -154,19 +154,23 @@ def test_inspect_reports_mix_and_draws_precision_map(fisher_calib, tiny_model_di
     assert (tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("policy", ["fgmp", "random", "magnitude"])
-def test_weight_plans_stream_one_weight_at_a_time_and_equal_the_whole_model_plan(fisher_calib, policy, monkeypatch):
+@pytest.mark.parametrize("policy", ["fgmp", "random", "magnitude", "fgmp+activations"])
+def test_block_plans_stream_and_equal_the_whole_model_plan(fisher_calib, policy, monkeypatch):
+    """Weight scores read one weight at a time, activation scores run one decoder layer at a time: the
+    model is never loaded whole and the plan (masks, threshold, importances) is the same bytes."""
     import sys
 
     stage = sys.modules[allocate.__module__]  # the module (the package re-exports the function by its name)
-    recipe = load_recipe("fgmp_nvfp4a16", SMALL + [f"allocate.policy={policy}", "allocate.fraction=0.3"])
+    name, _, acts = policy.partition("+")
+    recipe = load_recipe("fgmp_nvfp4" if acts else "fgmp_nvfp4a16",
+                         SMALL + [f"allocate.policy={name}", "allocate.fraction=0.3"])
     whole = fisher_calib / f"w-{policy}"
     with monkeypatch.context() as m:  # the whole-model path: no streaming
         m.setattr(stage, "open_stack", lambda *a, **k: None)
         allocate(fisher_calib / "calib", recipe, whole)
 
     def refuse(*_a, **_k):
-        raise AssertionError("the whole model was loaded for a weight-only plan")
+        raise AssertionError("the whole model was loaded for a block plan")
 
     monkeypatch.setattr(stage, "load_hf_model", refuse)
     allocate(fisher_calib / "calib", recipe, fisher_calib / f"s-{policy}")
