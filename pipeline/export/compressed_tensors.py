@@ -143,23 +143,24 @@ def _convert_streamed(src: Path, qconfig: dict[str, Any], config: dict[str, Any]
     walk = ArtifactLayers(src, qconfig)
     acts = activation_entries(qconfig)
     schemes: dict[str, str] = {}
-    later: dict[str, QTensor] = {}  # layers written dense: their dtype is known once every scheme is
-    stored, numel = 0, 0
+    later: dict[str, str] = {}  # layers written dense (name -> format): their dtype is known once every
+    stored, numel = 0, 0       # scheme is, so they are read again then, one at a time
     for name, q in walk:
         numel += q.numel
         if written_dense(q):
-            later[name] = q
+            later[name] = q.format
             continue
         fields, schemes[name] = layer_tensors(q, acts.get(name))
         stored += sum(t.numel() * t.element_size() for k, t in fields.items() if k not in NOT_WEIGHT_FIELDS)
         writer.add({f"{name}.{k}": v for k, v in fields.items()})
     dtype = getattr(torch, runtime_dtype(config, schemes))
-    for name, q in later.items():
+    for name in later:
+        q = walk.layer(name)
         w = get_format(q.format).dequantize(q).to(torch.float32).to(dtype)
         stored += w.numel() * w.element_size()
         writer.add({f"{name}.weight": w})
     dense = sorted(later)
-    dropped = _report_dense(dense, {n: q.format for n, q in later.items()}, acts)
+    dropped = _report_dense(dense, later, acts)
     copy, aux = walk.rest()
     writer.add_entries(copy)
     return schemes, dense, dropped, stored * 8 / max(numel, 1), aux

@@ -29,9 +29,13 @@ class ArtifactLayers:
 
     def __iter__(self) -> Iterator[tuple[str, QTensor]]:
         for name in sorted(self.layers):
-            keys = layer_field_keys(name, self.layers[name], self.entries)
-            self._consumed.update(keys.values())
-            yield name, unpack_layer(name, self.layers[name], {f: self.store.get(k) for f, k in keys.items()})
+            yield name, self.layer(name)
+
+    def layer(self, name: str) -> QTensor:
+        """One layer, read now (again, if it was read before)."""
+        keys = layer_field_keys(name, self.layers[name], self.entries)
+        self._consumed.update(keys.values())
+        return unpack_layer(name, self.layers[name], {f: self.store.get(k) for f, k in keys.items()})
 
     def rest(self) -> tuple[dict[str, Entry], dict[str, torch.Tensor]]:
         """(tensors to copy as they are, as file entries; the auxiliary `lpc.*` tensors, loaded), leaving
