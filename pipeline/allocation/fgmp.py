@@ -184,7 +184,7 @@ def collect_activation_scores_layerwise(model: nn.Module, found: tuple[str, nn.M
     decoder_layers(model), everything outside the stack loaded, weights read from `store`): the same
     scores (each pool sees its Linear's inputs in the same batch order), with one layer resident and each
     finished pool reduced to its sample before the next layer."""
-    from lpc.pipeline.calibration.stats import _advance, capture_layer_inputs
+    from lpc.pipeline.calibration.stats import advance_layer, capture_layer_inputs
     from lpc.pipeline.io.streaming import materialize, release
 
     pools = _pools(targets, act_fisher, max_blocks_per_layer, seed)
@@ -199,7 +199,7 @@ def collect_activation_scores_layerwise(model: nn.Module, found: tuple[str, nn.M
             try:
                 with _forward_hooks(mine, hook):
                     for j in range(len(states)):
-                        _advance(layer, states, j)
+                        advance_layer(layer, states, j)
             finally:
                 release(layer)
             out.update({n: pools.pop(n).result() for n in mine})

@@ -227,7 +227,7 @@ def _outside_layers(model: nn.Module, layers: nn.ModuleList) -> list[nn.Module]:
     return [m for m in model.modules() if id(m) not in inside and not any(True for _ in m.children())]
 
 
-def _advance(layer: nn.Module, states: list, j: int) -> None:
+def advance_layer(layer: nn.Module, states: list, j: int) -> None:
     """Run sample j's hidden states through `layer` (the hooks see its Linears' inputs)."""
     args, kwargs = states[j]
     out = layer(*args, **kwargs)
@@ -246,7 +246,7 @@ def _advance_in_step(layer: nn.Module, states: list, mine: dict[str, nn.Linear],
         if j < len(states):
             handles = _attach(mine, stats, record)
             try:
-                _advance(layer, states, j)
+                advance_layer(layer, states, j)
             finally:
                 for h in handles:
                     h.remove()
@@ -286,7 +286,7 @@ def _layerwise(model, batches, targets, stats, found, progress, device, store=No
         try:
             if total is None:
                 for j, (args, kwargs) in enumerate(states):
-                    _advance(layer, states, j)
+                    advance_layer(layer, states, j)
             else:
                 _advance_in_step(layer, states, mine, stats, total)
         finally:
@@ -375,6 +375,25 @@ class LayerStats(Mapping):
     def fields(self, name: str) -> list[str]:
         """The statistics stored for `name` (without loading them)."""
         return list(self._keys.get(name, []))
+
+
+class StatRef:
+    """One calibration statistic of one layer, read when that layer is quantized rather than when a plan
+    is read (an FGMP plan's Fisher importances are as large as the weights in fp32: held for every layer
+    at once they would be twice the bf16 model)."""
+
+    __slots__ = ("stats", "name", "field")
+
+    def __init__(self, stats: Mapping, name: str, field: str):
+        self.stats, self.name, self.field = stats, name, field
+
+    def load(self) -> torch.Tensor:
+        return self.stats[self.name][self.field]
+
+
+def resolve_refs(ctx: dict[str, Any]) -> dict[str, Any]:
+    """A plan entry's context with every StatRef read."""
+    return {k: v.load() if isinstance(v, StatRef) else v for k, v in ctx.items()}
 
 
 def calibration_batches_of(calib: str | Path, src: str, model: Any) -> list[torch.Tensor]:

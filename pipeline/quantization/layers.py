@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lpc.formats import QTensor, get_format, stored_bits
+from lpc.pipeline.calibration.stats import resolve_refs
 from lpc.pipeline.io.models import fuse_groups
 from lpc.pipeline.progress import Progress, track
 from lpc.pipeline.quantization.registry import QUANTIZE_METHODS
@@ -113,7 +114,7 @@ def layer_setups(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any] |
     for name in [n for n in targets if isinstance(plan.get(n), dict)]:
         entry = plan[name]
         fmt = get_format(entry["format"])
-        ctx = dict(entry.get("context", {}))
+        ctx = resolve_refs(entry.get("context", {}))  # a plan's Fisher importance is read now, layer by layer
         if name in shared:
             ctx.setdefault("codebook", shared[name])
         second = second_moment(stats[name]) if stats and name in stats else None

@@ -176,3 +176,19 @@ def test_block_plans_stream_and_equal_the_whole_model_plan(fisher_calib, policy,
     allocate(fisher_calib / "calib", recipe, fisher_calib / f"s-{policy}")
     for f in ("masks.safetensors", "plan.json"):
         assert (fisher_calib / f"s-{policy}" / f).read_bytes() == (whole / f).read_bytes()
+
+
+def test_plan_reads_fisher_importances_only_when_a_layer_is_quantized(fisher_calib):
+    """An FGMP plan with sensitivity clipping refers to each layer's weight Fisher: read_plan keeps a
+    reference (as large as the weights in fp32, it is read layer by layer when quantized)."""
+    from lpc.pipeline.calibration.stats import StatRef, read_stats, resolve_refs
+
+    recipe = load_recipe("fgmp_nvfp4a16", SMALL + ["allocate.fraction=0.25"])
+    allocate(fisher_calib / "calib", recipe, fisher_calib / "lazy")
+    _, plan, _, _ = read_plan(fisher_calib / "lazy")
+    entries = {n: e for n, e in plan.items() if isinstance(e, dict) and "context" in e}
+    assert entries and all(isinstance(e["context"]["importance"], StatRef) for e in entries.values())
+    name = next(iter(entries))
+    ctx = resolve_refs(entries[name]["context"])
+    assert torch.equal(ctx["importance"], read_stats(fisher_calib / "calib")[name]["weight_fisher"])
+    assert ctx["mask"].dtype == torch.bool
