@@ -120,11 +120,42 @@ def _load(root: nn.Module, local: str, full: str, dtype: torch.dtype, store: Wei
 
 
 def release(module: nn.Module) -> None:
-    """Send the parameters of `module` back to meta, freeing their memory."""
+    """Send the parameters of `module` back to meta, freeing their memory (returned to the system: see
+    `trim_heap`)."""
     for local, p in list(module.named_parameters(recurse=True)):
         owner, _, leaf = local.rpartition(".")
         mod = module.get_submodule(owner) if owner else module
         mod._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc `malloc_trim`; a no-op elsewhere).
+
+    A layer's tensors freed after its turn otherwise stay with the process: glibc raises its mmap
+    threshold each time a large block is freed, so the next layers' tensors come from the heap, and
+    the freed space, fragmented, is rarely returned. Peak RSS then drifts with the number of layers
+    and with timing (a 32-layer fp8 quantize peaked anywhere between 0.79 and 1.28 GB; with the heap
+    trimmed after each layer it is steady)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+_LIBC: list = []
+
+
+def _libc():
+    if not _LIBC:
+        import ctypes
+        import ctypes.util
+
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.append(lib if hasattr(lib, "malloc_trim") else None)
+        except OSError:
+            _LIBC.append(None)
+    return _LIBC[0]
 
 
 def tie(model: nn.Module) -> None:

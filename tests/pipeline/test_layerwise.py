@@ -207,3 +207,18 @@ def test_streamed_quantize_derives_the_familys_fuse_groups(tmp_path, family_dir,
     stages.quantize(str(src), r, tmp_path / "w")
     for f in ("model.safetensors", "config.json"):
         assert (tmp_path / "s" / f).read_bytes() == (tmp_path / "w" / f).read_bytes(), f
+
+
+def test_each_released_layer_trims_the_heap(tmp_path, tiny_model_dir, monkeypatch):
+    """Every decoder layer released after its turn gives the C heap's free pages back (peak RSS would
+    otherwise drift with depth and timing), and trimming leaves the artifact's bytes alone."""
+    import lpc.pipeline.io.streaming as streaming
+
+    plain = stages.quantize(str(tiny_model_dir), load_recipe("nvfp4"), tmp_path / "a").out
+    calls = []
+    real = streaming.trim_heap
+    monkeypatch.setattr(streaming, "trim_heap", lambda: calls.append(1) or real())
+    trimmed = stages.quantize(str(tiny_model_dir), load_recipe("nvfp4"), tmp_path / "b", overwrite=True).out
+    n_layers = json.loads((tiny_model_dir / "config.json").read_text())["num_hidden_layers"]
+    assert len(calls) >= n_layers
+    assert (plain / "model.safetensors").read_bytes() == (trimmed / "model.safetensors").read_bytes()
