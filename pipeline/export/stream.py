@@ -8,6 +8,7 @@ they come, so its memory is one layer whatever the model's size.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -55,3 +56,25 @@ class ArtifactLayers:
         """The empty uint8 `<layer>.weight` standing for a packed weight."""
         return key.endswith(".weight") and key[: -len(".weight")] in self.layers and e.dtype == torch.uint8 \
             and e.nbytes == 0
+
+
+class LayerMap(Mapping):
+    """name -> QTensor of the artifact at `src`, read when looked up (the last one looked up is kept, since
+    a stage asks for the same layer several times in a row): a stage walking the layers holds one."""
+
+    def __init__(self, src: Path, qconfig: dict[str, Any]):
+        self.layers = ArtifactLayers(src, qconfig)
+        self._last: tuple[str, QTensor] | None = None
+
+    def __getitem__(self, name: str) -> QTensor:
+        if name not in self.layers.layers:
+            raise KeyError(name)
+        if self._last is None or self._last[0] != name:
+            self._last = (name, self.layers.layer(name))
+        return self._last[1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self.layers.layers))
+
+    def __len__(self) -> int:
+        return len(self.layers.layers)

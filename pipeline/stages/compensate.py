@@ -38,7 +38,8 @@ from lpc.pipeline.calibration.stats import STATS_FILE, read_stats
 from lpc.pipeline.errors import ArtifactError, InputError
 from lpc.pipeline.compensation.layer import choose_ranks, compensate_layer, low_rank_path
 from lpc.pipeline.compensation.methods import LayerInputs
-from lpc.pipeline.artifact.lpc_model import WEIGHTS, read_qconfig, read_qtensors
+from lpc.pipeline.artifact.lpc_model import WEIGHTS, read_qconfig
+from lpc.pipeline.export.stream import LayerMap
 from lpc.pipeline.io.models import load_hf_model, model_files
 from lpc.pipeline.progress import Progress, track
 from lpc.pipeline.stages.base import StageResult, run_stage
@@ -115,24 +116,30 @@ def _build(quant_dir: Path, calib_dir: Path, src: str, recipe: Recipe, qman: dic
     qconfig = read_qconfig(quant_dir)
     if qconfig is None:
         raise ArtifactError(f"{quant_dir}/config.json has no lpc quantization_config", "re-run lpc quantize")
-    qtensors, _ = read_qtensors(quant_dir, qconfig)
+    qtensors = LayerMap(quant_dir, qconfig)  # one quantized layer read at a time
     stats = read_stats(calib_dir)
     names = sorted(qtensors)
     _check_stats(names, stats, cfg, calib_dir)
     fetch = _layer_reader(src, qtensors, stats, device, set(qconfig.get("transposed") or ()))
     ranks = choose_ranks(cfg, names, qtensors, lambda n: low_rank_path(cfg, fetch(n)), progress)
-    from lpc.pipeline.artifact.shards import ModelTensors
+    from lpc.pipeline.artifact.shards import ModelTensors, ShardWriter
 
-    tensors = ModelTensors(quant_dir).load_all()  # model.safetensors or HF shards
-    lowrank, records = {}, {}
+    writer = ShardWriter(tmp, None)  # each layer's factors spill as they are made; the rest is copied at close
+    dropped: set[str] = set()
+    lowrank, records, info = {}, {}, {}
     for name in track(names, "compensate", progress):
-        x = fetch(name)
-        stored, rec = compensate_layer(cfg, recipe, name, x, ranks[name], qtensors[name])
+        x, q = fetch(name), qtensors[name]
+        stored, rec = compensate_layer(cfg, recipe, name, x, ranks[name], q)
         records[name] = {**qman.get("layers", {}).get(name, {}), **rec}
+        info[name] = (q.storage_bits(), q.numel, tuple(q.shape))
         if stored is not None:
-            lowrank[name] = _add_factors(tensors, name, stored, cfg, qtensors[name])
-    _write_comp(quant_dir, qman, qconfig, tensors, lowrank, cfg, tmp)
-    summary = _summary(cfg, qman, records, qtensors)
+            new: dict[str, torch.Tensor] = {}
+            lowrank[name] = _add_factors(new, name, stored, cfg, q, dropped)
+            writer.add(new)
+    entries = ModelTensors(quant_dir).entries()  # model.safetensors or HF shards
+    writer.add_entries({k: e for k, e in entries.items() if k not in dropped})
+    _write_comp(quant_dir, qman, qconfig, writer, lowrank, cfg, tmp)
+    summary = _summary(cfg, qman, records, info)
     return {"recipe": recipe.model_dump(mode="json"), "layers": records, "summary": summary,
             "bits_per_weight": summary["bits_per_weight"]}
 
@@ -192,8 +199,9 @@ def _original_weights(src: str) -> Callable[[str], torch.Tensor]:
 # ---------------------------------------------------------------- writing comp/
 
 def _add_factors(tensors: dict[str, torch.Tensor], name: str, stored: dict[str, Any], cfg: CompensateConfig,
-                 q: QTensor) -> dict[str, Any]:
-    """Put one layer's factors into `tensors`; return its qconfig.lowrank entry."""
+                 q: QTensor, dropped: set[str]) -> dict[str, Any]:
+    """Put one layer's factors into `tensors` (and the artifact tensors they replace into `dropped`);
+    return its qconfig.lowrank entry."""
     entry: dict[str, Any] = {"method": cfg.method, "mode": cfg.mode, "rank": int(stored["A"].shape[0]),
                              "factor_format": cfg.factor_format}
     metas = {}
@@ -206,12 +214,11 @@ def _add_factors(tensors: dict[str, torch.Tensor], name: str, stored: dict[str, 
     if metas:
         entry["factors"] = metas
     if cfg.mode == "compress":
-        for field in q.data:  # the quantized W is replaced by the factored layer
-            tensors.pop(f"{name}.{field}")
+        dropped.update(f"{name}.{field}" for field in q.data)  # the quantized W is replaced by the factored layer
     return entry
 
 
-def _write_comp(quant_dir: Path, qman: dict[str, Any], qconfig: dict[str, Any], tensors: dict[str, torch.Tensor],
+def _write_comp(quant_dir: Path, qman: dict[str, Any], qconfig: dict[str, Any], writer: Any,
                 lowrank: dict[str, dict[str, Any]], cfg: CompensateConfig, tmp: Path) -> None:
     qconfig = dict(qconfig)
     qconfig["layers"] = {n: m for n, m in qconfig["layers"].items()
@@ -221,7 +228,7 @@ def _write_comp(quant_dir: Path, qman: dict[str, Any], qconfig: dict[str, Any], 
     config = json.loads((quant_dir / "config.json").read_text())
     config["quantization_config"] = qconfig
     art.write_json(tmp / "config.json", config)
-    art.save_tensors(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+    writer.close(metadata={"format": "pt"})
     from lpc.pipeline.artifact.shards import INDEX, model_tensor_files
 
     weights = {f.name for f in model_tensor_files(quant_dir).values()} | {INDEX}  # rewritten above
@@ -232,17 +239,18 @@ def _write_comp(quant_dir: Path, qman: dict[str, Any], qconfig: dict[str, Any], 
 
 
 def _summary(cfg: CompensateConfig, qman: dict[str, Any], records: dict[str, dict[str, Any]],
-             qtensors: dict[str, QTensor]) -> dict[str, Any]:
-    """Stage summary; bits_per_weight over all target weights, factors included."""
+             info: dict[str, tuple[int, int, tuple[int, ...]]]) -> dict[str, Any]:
+    """Stage summary; bits_per_weight over all target weights, factors included. info: per layer
+    (stored bits, elements, shape) of its quantized weight."""
     qsum = qman.get("summary", {})
-    params = int(qsum.get("target_params") or sum(q.numel for q in qtensors.values()))
+    params = int(qsum.get("target_params") or sum(numel for _, numel, _ in info.values()))
     total = round(float(qman.get("bits_per_weight") or 0.0) * params)
     for name, rec in records.items():
-        total += rec["factor_bits"] - (qtensors[name].storage_bits() if rec["mode"] == "compress" else 0)
+        total += rec["factor_bits"] - (info[name][0] if rec["mode"] == "compress" else 0)
     n = max(len(records), 1)
     return {"method": cfg.method, "mode": cfg.mode, "factor_format": cfg.factor_format,
             "rank": None if cfg.budget_params else cfg.rank, "budget_params": cfg.budget_params,
-            "factor_params": sum(r["rank"] * sum(qtensors[k].shape) for k, r in records.items()),
+            "factor_params": sum(r["rank"] * sum(info[k][2]) for k, r in records.items()),
             "layers": len(records), "quant_bits_per_weight": qman.get("bits_per_weight"),
             "bits_per_weight": total / max(params, 1),
             "rel_output_error_before": sum(r["rel_output_error_before"] for r in records.values()) / n,

@@ -307,3 +307,34 @@ def test_the_unfitted_projection_can_raise_the_output_error():
         x = LayerInputs(dW, torch.zeros_like(dW), C, g_out=torch.ones(1, dtype=torch.float64))
         B, A = espace(CompensateConfig(method="espace", espace_stat=stat, rank=1), x).factors(1)
         assert _output_error(dW, B, A, C) < none
+
+
+@pytest.mark.parametrize("mode", ["eora", "espace-compress"])
+def test_one_quantized_layer_resident_and_the_rest_copied(staged, monkeypatch, mode):
+    """The stage reads one quantized layer at a time (never the whole artifact) and writes factors as
+    each layer is done; the unchanged tensors are copied, the replaced ones (compress mode) are gone."""
+    from safetensors import safe_open
+
+    from lpc.pipeline.artifact.shards import ModelTensors
+    import lpc.pipeline.export.stream as stream
+
+    monkeypatch.setattr(ModelTensors, "load_all", lambda *a, **k: (_ for _ in ()).throw(AssertionError("load_all")))
+    reads = []
+    real = stream.ArtifactLayers.layer
+    monkeypatch.setattr(stream.ArtifactLayers, "layer", lambda self, name: reads.append(name) or real(self, name))
+    sets = ["compensate.method=espace", "compensate.mode=compress"] if mode != "eora" else []
+    out = run(staged, f"resident-{mode}", *sets).out
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
+        keys = set(fh.keys())
+    with safe_open(str(staged["quant"] / "model.safetensors"), framework="pt") as fh:
+        before = set(fh.keys())
+    layers = sorted(json.loads((staged["quant"] / "config.json").read_text())["quantization_config"]["layers"])
+    assert set(reads) == set(layers)
+    compressed = [n for n, e in qconfig["lowrank"]["layers"].items() if e["mode"] == "compress"]
+    assert (mode == "eora") == (not compressed)
+    for n in layers:
+        assert any(k.startswith(f"{n}.lora_") for k in keys), n
+        packed = {k for k in before if k.startswith(f"{n}.") and not k.endswith(".weight")}
+        assert (packed <= keys) == (n not in compressed), n
+    assert {k for k in before if not any(k.startswith(f"{n}.") for n in layers)} <= keys
