@@ -176,6 +176,25 @@ def worker_peer(model: str, out: str) -> None:
     m.save_pretrained(out, save_compressed=True)
 
 
+def depth_table(shallow: str, deep: str) -> str:
+    """Markdown: per recipe, CPU seconds and peak RSS of the shallow and the deep model and the peak ratio."""
+    rows = [{(r["recipe"], tuple(r["sets"])): r for r in json.loads(Path(f).read_text()) if r["tool"] == "lpc"}
+            for f in (shallow, deep)]
+    a, b = (next(iter(r.values())) for r in rows)
+    out = [f"| recipe | {a['layers']} layers: CPU-s | peak RSS | {b['layers']} layers: CPU-s | peak RSS | "
+           f"{b['layers']} vs {a['layers']} |", "|---|---|---|---|---|---|"]
+    for key, r4 in rows[0].items():
+        r32 = rows[1].get(key)
+        if r32 is None:
+            continue
+        c4, c32 = r4["compress"], r32["compress"]
+        name = "+".join([key[0], *key[1]])
+        ratio = c32["peak_rss_gb"] / c4["peak_rss_gb"]
+        out.append(f"| `{name}` | {c4['cpu_s']} | {c4['peak_rss_gb']:.2f} GB | {c32['cpu_s']} | "
+                   f"{c32['peak_rss_gb']:.2f} GB | {'**' if ratio <= 1.3 else ''}{ratio:.2f}x{'**' if ratio <= 1.3 else ''} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="tinyllama-1.1b")
@@ -186,9 +205,14 @@ def main() -> None:
     ap.add_argument("--per-stage", action="store_true")
     ap.add_argument("-o", "--out")
     ap.add_argument("--worker-peer", nargs=2)
+    ap.add_argument("--depth-table", nargs=2, metavar=("SHALLOW.json", "DEEP.json"),
+                    help="print the markdown table of peak RSS, deep against shallow, per recipe, and exit")
     a = ap.parse_args()
     if a.worker_peer:
         worker_peer(*a.worker_peer)
+        return
+    if a.depth_table:
+        print(depth_table(*a.depth_table))
         return
     rows = []
     for shape in a.shapes.split(","):
