@@ -7,14 +7,16 @@ calibration data so that `fraction` of activation blocks go FP8 at run time.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from lpc.pipeline.allocation import fgmp as fp
 from lpc.pipeline.allocation.registry import ALLOCATION_POLICIES, AllocationContext
+from lpc.pipeline.calibration.stats import stat_fields
 from lpc.pipeline.errors import InputError
 from lpc.pipeline.io.models import fuse_groups
+from lpc.pipeline.io.streaming import trim_heap
 from lpc.pipeline.progress import track
 from lpc.recipes.schema import Recipe
 
@@ -24,14 +26,14 @@ def block_plan(ctx: AllocationContext, tmp: Path | None = None) -> tuple[dict[st
     a = ctx.recipe.allocate
     if a.policy == "fgmp":
         amax = _group_amax(ctx)
-        scores = {n: fp.weight_block_scores({n: ctx.weight(n)}, {n: ctx.fisher(n)}, {n: amax[n]})[n]
-                  for n in track(ctx.names, "weight block scores", ctx.progress)}
+        scores = _each_weight(ctx, "weight block scores",
+                              lambda n: fp.weight_block_scores({n: ctx.weight(n)}, {n: ctx.fisher(n)}, {n: amax[n]})[n])
         masks = fp.select_high_blocks(scores, a.fraction)
     elif a.policy == "random":
         shapes = {n: (ctx.shape(n)[0], -(-ctx.shape(n)[1] // fp.BLOCK)) for n in ctx.names}
         masks = fp.random_high_blocks(shapes, a.fraction, seed=a.seed)
     else:
-        scores = {n: fp.magnitude_scores(ctx.weight(n)) for n in track(ctx.names, "weight block magnitudes", ctx.progress)}
+        scores = _each_weight(ctx, "weight block magnitudes", lambda n: fp.magnitude_scores(ctx.weight(n)))
         masks = fp.select_high_blocks(scores, a.fraction)
     spec = {"clip": a.clip, **_low_spec(ctx.recipe)}
     layers, tensors = {}, {}
@@ -54,9 +56,19 @@ def block_plan(ctx: AllocationContext, tmp: Path | None = None) -> tuple[dict[st
 
 def _group_amax(ctx: AllocationContext) -> dict[str, float]:
     """Each target's NVFP4 global amax: the max over its fused group (q/k/v, gate/up), one weight read at a time."""
-    own = {n: float(ctx.weight(n).abs().amax()) for n in track(ctx.names, "weight amax", ctx.progress)}
+    own = _each_weight(ctx, "weight amax", lambda n: float(ctx.weight(n).abs().amax()))
     return {n: max(own[m] for m in group) for group in fuse_groups(ctx.names, ctx.recipe.quantize.fuse_groups)
             for n in group}
+
+
+def _each_weight(ctx: AllocationContext, label: str, fn: Callable[[str], Any]) -> dict[str, Any]:
+    """fn(name) for every target in order, the C heap trimmed after each (one weight and its temporaries
+    at a time: without the trim, freed weights' memory stays with the process and RSS climbs with depth)."""
+    out = {}
+    for n in track(ctx.names, label, ctx.progress):
+        out[n] = fn(n)
+        trim_heap()
+    return out
 
 
 def _low_spec(recipe: Recipe) -> dict[str, Any]:
@@ -66,13 +78,14 @@ def _low_spec(recipe: Recipe) -> dict[str, Any]:
 
 
 def _activation_plan(ctx: AllocationContext, fraction: float) -> tuple[dict[str, Any], dict[str, torch.Tensor], float]:
-    act_fisher = {}
-    for n in ctx.names:
-        if "act_fisher" not in ctx.stats.get(n, {}):
+    act_fisher, amax = {}, {}
+    for n in ctx.names:  # the small statistics only (a layer's weight Fisher is the size of its weight)
+        fields = ctx.stats.fields(n) if hasattr(ctx.stats, "fields") else list(ctx.stats.get(n, {}))
+        if "act_fisher" not in fields:
             raise InputError(f"the calibration has no activation Fisher for {n}",
                              "calibrate with --fisher (or calibrate.fisher: true in the recipe)")
-        act_fisher[n] = ctx.stats[n]["act_fisher"]
-    amax = {n: float(ctx.stats[n]["act_absmax"].max()) for n in ctx.names}
+        s = stat_fields(ctx.stats, n, ["act_fisher", "act_absmax"])
+        act_fisher[n], amax[n] = s["act_fisher"], float(s["act_absmax"].max())
     opts = dict(max_blocks_per_layer=200_000, seed=ctx.recipe.allocate.seed, progress=ctx.progress)
     streamed = ctx.streamed()
     if streamed is not None:  # one decoder layer resident at a time
@@ -81,7 +94,7 @@ def _activation_plan(ctx: AllocationContext, fraction: float) -> tuple[dict[str,
                                                         **opts)
     else:
         scores = fp.collect_activation_scores(ctx.model, ctx.batches(), ctx.targets, act_fisher, amax, **opts)
-    threshold = fp.activation_threshold(torch.cat([scores[n] for n in ctx.names]), fraction)
+    threshold = fp.activation_threshold([scores.pop(n) for n in ctx.names], fraction)
     layers, tensors = {}, {}
     for n in ctx.names:
         key = f"lpc.act.{n}.channel_importance"

@@ -130,27 +130,34 @@ def weight_block_scores(weights: dict[str, torch.Tensor], fishers: dict[str, tor
     return {name: block_scores(w.detach(), fishers[name], amax.get(name)) for name, w in weights.items()}
 
 
-def activation_threshold(score_samples: torch.Tensor, fraction: float) -> float:
+def activation_threshold(score_samples: torch.Tensor | list[torch.Tensor], fraction: float) -> float:
     """Threshold t with "block goes high iff score > t" sending fraction p of samples high.
 
     Quantile rule: n samples, k = round(p * n) (halves up), sorted descending s_1 >= ... >= s_n.
     0 < k < n: t = s_{k+1}, the largest score that stays low, so exactly k samples are above t
     unless s_k == s_{k+1}, in which case the tied samples all stay low (fewer than k go high).
     k = 0: t = s_1 (nothing is strictly above). k = n: t = the float32 just below s_n (all above).
-    score_samples: any shape, float; returns a Python float exactly representable in float32.
+    score_samples: a tensor of any shape, or a list of them (one per layer: they are copied once into
+    one array, partitioned in place, so the selection costs one copy of the samples and no indices);
+    returns a Python float exactly representable in float32.
     """
-    flat = score_samples.detach().reshape(-1).to("cpu", torch.float32)
-    if flat.numel() == 0:
+    import numpy as np
+
+    parts = score_samples if isinstance(score_samples, (list, tuple)) else [score_samples]
+    flat = np.concatenate([p.detach().reshape(-1).to("cpu", torch.float32).numpy() for p in parts]) \
+        if parts else np.zeros(0, dtype=np.float32)
+    if flat.size == 0:
         raise InputError("activation_threshold got no score samples",
                          "collect activation block scores on calibration data first")
-    if not torch.isfinite(flat).all():
+    if not np.isfinite(flat).all():
         raise InputError("activation block scores hold NaN or inf",
                          "check the activation Fisher and calibration activations")
-    n = flat.numel()
+    n = flat.size
     k = _count_high(fraction, n)
     if k == n:
-        return float(torch.nextafter(flat.min(), torch.tensor(-math.inf)))
-    return float(flat.kthvalue(n - k).values)
+        return float(torch.nextafter(torch.tensor(flat.min()), torch.tensor(-math.inf)))
+    flat.partition(n - k - 1)  # the (n - k)-th smallest in its place, as kthvalue(n - k) gives it
+    return float(flat[n - k - 1])
 
 
 def collect_activation_scores(model: nn.Module, batches: Iterable[torch.Tensor],

@@ -376,6 +376,26 @@ class LayerStats(Mapping):
         """The statistics stored for `name` (without loading them)."""
         return list(self._keys.get(name, []))
 
+    def load(self, name: str, fields: list[str]) -> dict[str, torch.Tensor]:
+        """Only `fields` of `name` (a layer's weight Fisher is as large as its weight: a caller that needs
+        its small statistics alone should not read it)."""
+        from lpc.pipeline.artifact.store import load_tensors
+
+        if self._last is not None and self._last[0] == name:
+            return {f: self._last[1][f] for f in fields}
+        missing = [f for f in fields if f not in self._keys.get(name, [])]
+        if missing:
+            raise KeyError(f"{name}.{missing[0]}")
+        flat = load_tensors(self.path, [f"{name}.{f}" for f in fields])
+        return {f: flat[f"{name}.{f}"] for f in fields}
+
+
+def stat_fields(stats: Mapping, name: str, fields: list[str]) -> dict[str, torch.Tensor]:
+    """`fields` of layer `name`'s statistics, reading only those from a LayerStats."""
+    if isinstance(stats, LayerStats):
+        return stats.load(name, fields)
+    return {f: stats[name][f] for f in fields}
+
 
 class StatRef:
     """One calibration statistic of one layer, read when that layer is quantized rather than when a plan
