@@ -28,6 +28,7 @@ activation formats, non-FP8 or non-static KV caches) are refused with an Artifac
 from __future__ import annotations
 
 import json
+import math
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +67,12 @@ NOT_WEIGHT_FIELDS = ("input_global_scale", "weight_shape")
 
 def written_dense(q: QTensor) -> bool:
     """Whether the layer is written as a plain dequantized weight: bf16 (kept), or padded blocks."""
-    return bool(q.shape[-1] % block_of(q)) or q.format == "bf16"
+    return dense_layout(q.format, q.spec, q.shape)
+
+
+def dense_layout(fmt: str, spec: dict[str, Any], shape) -> bool:
+    """`written_dense` from a layer's meta (format, spec, shape), before reading it."""
+    return bool(shape[-1] % (get_format(fmt).block_width(**spec) or 1)) or fmt == "bf16"
 
 
 def block_of(q: QTensor) -> int:
@@ -145,11 +151,14 @@ def _convert_streamed(src: Path, qconfig: dict[str, Any], config: dict[str, Any]
     schemes: dict[str, str] = {}
     later: dict[str, str] = {}  # layers written dense (name -> format): their dtype is known once every
     stored, numel = 0, 0       # scheme is, so they are read again then, one at a time
-    for name, q in walk:
-        numel += q.numel
-        if written_dense(q):
-            later[name] = q.format
+    for name in sorted(walk.layers):
+        meta = walk.layers[name]
+        if dense_layout(meta["format"], meta.get("spec", {}), meta["shape"]):
+            later[name] = meta["format"]
+            numel += math.prod(meta["shape"])
             continue
+        q = walk.layer(name)
+        numel += q.numel
         fields, schemes[name] = layer_tensors(q, acts.get(name))
         stored += sum(t.numel() * t.element_size() for k, t in fields.items() if k not in NOT_WEIGHT_FIELDS)
         writer.add({f"{name}.{k}": v for k, v in fields.items()})
