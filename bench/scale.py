@@ -204,6 +204,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--per-stage", action="store_true")
     ap.add_argument("-o", "--out")
+    ap.add_argument("--merge", action="store_true",
+                    help="with -o: replace the rows of the same shape, tool, recipe and sets in OUT, keep the rest")
     ap.add_argument("--worker-peer", nargs=2)
     ap.add_argument("--depth-table", nargs=2, metavar=("SHALLOW.json", "DEEP.json"),
                     help="print the markdown table of peak RSS, deep against shallow, per recipe, and exit")
@@ -242,6 +244,12 @@ def main() -> None:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
     if a.out:
+        if a.merge and Path(a.out).is_file():
+            def key(r):
+                return r["shape"], r["tool"], r["recipe"], tuple(r.get("sets", []))
+            new = {key(r) for r in rows}
+            old = [r for r in json.loads(Path(a.out).read_text()) if key(r) not in new]
+            rows = old + rows
         Path(a.out).write_text(json.dumps(rows, indent=2) + "\n")
 
 
