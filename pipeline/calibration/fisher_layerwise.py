@@ -48,8 +48,8 @@ def final_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 def layerwise_fisher(model: nn.Module, batches: list[torch.Tensor], targets: dict[str, nn.Linear],
                      found: tuple[str, nn.ModuleList], load: Callable[[int], None] | None = None,
                      free: Callable[[int], None] | None = None, progress: Progress | None = None,
-                     device: str = "cpu", on_layer: Callable[[dict[str, dict[str, Any]]], None] | None = None
-                     ) -> dict[str, dict[str, Any]]:
+                     device: str = "cpu", on_layer: Callable[[dict[str, dict[str, Any]]], None] | None = None,
+                     park_dir: str | None = None) -> dict[str, dict[str, Any]]:
     """Per target Linear {"weight_fisher": (out, in) fp32, "act_fisher": (in,) fp32, "count", "tokens"}.
 
     batches: (1, T) token ids, T >= 2, one sample each. found: decoder_layers(model).
@@ -58,7 +58,8 @@ def layerwise_fisher(model: nn.Module, batches: list[torch.Tensor], targets: dic
     on_layer: called with each decoder layer's finished statistics as soon as its last backward pass
     ends (last layer first), which are then dropped: the accumulators of one layer are resident, and
     between chunks of samples each layer's partial sums wait on disk. The return value then holds
-    only what was not delivered (nothing)."""
+    only what was not delivered (nothing). park_dir: where the partial sums wait (default: the system's
+    temporary directory; a stage passes its own staging directory, on the output's disk)."""
     path, layers = found
     head = final_head(model)
     if head is None:
@@ -72,7 +73,7 @@ def layerwise_fisher(model: nn.Module, batches: list[torch.Tensor], targets: dic
                     "count": len(rows), "tokens": tokens} for n in names if n in accs}
 
     chunks = _chunks(rows, len(layers), _hidden_bytes(model))
-    with _Parking(on_layer is not None and len(chunks) > 1) as parking:
+    with _Parking(on_layer is not None and len(chunks) > 1, park_dir) as parking:
         for k, chunk in enumerate(chunks):
             tag = f" {k + 1}/{len(chunks)}" if len(chunks) > 1 else ""
             last = k == len(chunks) - 1
@@ -96,14 +97,14 @@ class _Parking:
     """Partial Fisher sums of the layers between two chunks of samples, on disk (safetensors), so only
     the layer being back-propagated holds accumulators; exact (fp32 in, fp32 out)."""
 
-    def __init__(self, active: bool):
-        self.active, self.dir, self.files = active, None, {}
+    def __init__(self, active: bool, directory: str | None = None):
+        self.active, self.directory, self.dir, self.files = active, directory, None, {}
 
     def __enter__(self) -> "_Parking":
         if self.active:
             import tempfile
 
-            self.dir = tempfile.TemporaryDirectory(prefix="lpc-fisher-")
+            self.dir = tempfile.TemporaryDirectory(prefix="lpc-fisher-", dir=self.directory)
         return self
 
     def __exit__(self, *exc: Any) -> None:

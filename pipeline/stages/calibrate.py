@@ -89,7 +89,7 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
                 for n in done:
                     stats[n].cov, stats[n].extra = torch.empty(0), {}
 
-            _add_fisher(m, batches, targets, stats, progress, device, store, on_layer=spill_fisher)
+            _add_fisher(m, batches, targets, stats, progress, device, store, on_layer=spill_fisher, park_dir=tmp)
         rest = {n: s for n, s in stats.items() if n not in written}
         idle.extend(stand_in_statistics(rest))
         writer.add(stats_tensors(rest))
@@ -147,7 +147,7 @@ def add_fisher(stats, fisher: dict[str, dict[str, Any]]) -> None:
         stats[name].extra["act_fisher"] = f["act_fisher"].float().cpu()
 
 
-def _add_fisher(model, batches, targets, stats, progress, device, store=None, on_layer=None) -> None:
+def _add_fisher(model, batches, targets, stats, progress, device, store=None, on_layer=None, park_dir=None) -> None:
     """Fisher statistics of every target into `stats`; layer-wise on a streamed skeleton, where each layer's
     are handed to `on_layer` (written out) as soon as they are final instead."""
     from lpc.pipeline.calibration.fisher import fisher_statistics
@@ -161,7 +161,8 @@ def _add_fisher(model, batches, targets, stats, progress, device, store=None, on
         path, layers = found
         fisher = layerwise_fisher(model, batches, targets, found, progress=progress, device=device,
                                   load=lambda i: materialize(layers[i], f"{path}.{i}", store),
-                                  free=lambda i: release(layers[i]), on_layer=on_layer)
+                                  free=lambda i: release(layers[i]), on_layer=on_layer,
+                                  park_dir=str(park_dir) if park_dir is not None else None)
     else:
         model.to(device)
         fisher = fisher_statistics(model, [b.to(device) for b in batches], targets, progress=progress)

@@ -51,7 +51,7 @@ def test_samples_in_chunks_give_the_same_bits(make_llama, monkeypatch):
         assert chunked[n]["count"] == 4
 
 
-def test_each_layer_is_delivered_when_final_and_only_one_layer_holds_accumulators(make_llama, monkeypatch):
+def test_each_layer_is_delivered_when_final_and_only_one_layer_holds_accumulators(make_llama, monkeypatch, tmp_path):
     """on_layer gets every layer once, last layer first, with the same bits as the returned statistics;
     between chunks the partial sums wait on disk: no more than one layer's accumulators are alive."""
     import lpc.pipeline.calibration.fisher_layerwise as fl
@@ -74,14 +74,22 @@ def test_each_layer_is_delivered_when_final_and_only_one_layer_holds_accumulator
             alive[0] -= 1
 
     monkeypatch.setattr(fl, "FisherAccumulator", Counted)
+    parked = []
+    real_park = fl._Parking.park
+    monkeypatch.setattr(fl._Parking, "park", lambda self, names, accs: (parked.append(self._file(names).parent),
+                                                                     real_park(self, names, accs)))
     for state_bytes in (None, 3 * 10 * fl._hidden_bytes(model)):  # one chunk; one sample per chunk
         if state_bytes:
             monkeypatch.setattr(fl, "STATE_BYTES", state_bytes)
         got, order = {}, []
         peak[0] = 0
-        rest = layerwise_fisher(model, batches, targets, decoder_layers(model),
+        parked.clear()
+        rest = layerwise_fisher(model, batches, targets, decoder_layers(model), park_dir=str(tmp_path),
                                 on_layer=lambda done: (order.append(sorted({n.split(".")[2] for n in done})), got.update(done)))
         assert rest == {} and order == [["2"], ["1"], ["0"]]
+        # partial sums wait in the given directory between chunks (3 layers x 3 earlier chunks), then are gone
+        assert len(parked) == (9 if state_bytes else 0) and all(p.parent == tmp_path for p in parked)
+        assert list(tmp_path.iterdir()) == []
         per_layer = len([n for n in targets if n.startswith("model.layers.0.")])
         assert peak[0] <= per_layer, (state_bytes, peak[0])
         for n in reference:
