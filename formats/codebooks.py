@@ -124,10 +124,10 @@ def fit_codebooks(tensors: Iterable[torch.Tensor], codebooks: int = 16, max_iter
     """
     if codebooks not in (8, 16):
         raise FormatError(f"codebooks={codebooks} is not supported", "use 8 or 16")
-    parts = [normalize(t) for t in tensors]
-    if not parts:
+    tensors = list(tensors)
+    if not tensors:
         raise FormatError("fit_codebooks got no tensors", "pass at least one weight tensor")
-    u = _sample(torch.cat(parts), max_blocks, seed)
+    u = _sample_blocks(tensors, max_blocks, seed)
     fine_u = _sample(u, fine_blocks, seed + 1)
     fine, fine_mse = lloyd(fine_u, initial_codebooks(fine_u, codebooks) * FINE, FINE, max_iters, tol)
     book = torch.round(fine.to(torch.float64) / FINE).clamp(QMIN, QMAX).to(torch.int32).sort(-1).values
@@ -135,6 +135,33 @@ def fit_codebooks(tensors: Iterable[torch.Tensor], codebooks: int = 16, max_iter
     log.debug("bcq codebooks: fine mse %s -> %s, INT6 mse %s -> %s",
               fine_mse[0], fine_mse[-1], mse[0], mse[-1])
     return CodebookFit(book.to(torch.int8), mse, fine_mse)
+
+
+def _block_rows(x: torch.Tensor) -> int:
+    """Rows of normalize(x), from its shape."""
+    k = x.shape[-1]
+    return (x.numel() // max(k, 1)) * (-(-k // LA)) * (LA // LB)
+
+
+def _sample_blocks(tensors: list[torch.Tensor], n: int, seed: int) -> torch.Tensor:
+    """`_sample(cat(normalize(t) for t in tensors), n, seed)`, the same rows in the same order, with one
+    normalized tensor alive at a time (not a float32 copy of all of them)."""
+    counts = [_block_rows(t) for t in tensors]
+    total = sum(counts)
+    if total <= n:
+        return torch.cat([normalize(t) for t in tensors])
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(total, generator=gen)[:n]
+    order = torch.argsort(perm)
+    wanted = perm[order]  # the sampled global rows, ascending; order[i] is where row wanted[i] goes
+    out = torch.empty(n, LB, dtype=torch.float32)
+    start = 0
+    for t, c in zip(tensors, counts):
+        lo, hi = (int(torch.searchsorted(wanted, v)) for v in (start, start + c))
+        if hi > lo:
+            out[order[lo:hi]] = normalize(t)[wanted[lo:hi] - start]
+        start += c
+    return out
 
 
 def _sample(u: torch.Tensor, n: int, seed: int) -> torch.Tensor:

@@ -73,3 +73,16 @@ def test_bits_per_weight_nominal_and_stored(heavy):
         q = fmt.quantize(x, codebooks=nc)
         overhead = (q.data["codebook"].numel() * 8 + 32) / x.numel()  # codebook + global scale
         assert abs(q.bits_per_weight() - fmt.bits_per_weight(codebooks=nc) - overhead) < 1e-12
+
+
+def test_codebook_sample_is_drawn_one_tensor_at_a_time_with_the_same_rows():
+    """The fit's seeded sample of blocks equals sampling the concatenation of every normalized tensor, while
+    normalizing one tensor at a time (no float32 copy of the whole model)."""
+    from lpc.formats import codebooks as cb
+
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(64, 200, generator=g), torch.randn(3, 5, 130, generator=g), torch.randn(300, 64, generator=g) * 3]
+    for n in (50, 1000, 10**6):  # a sample, and everything
+        whole = cb._sample(torch.cat([cb.normalize(t) for t in ts]), n, 7)
+        assert torch.equal(cb._sample_blocks(ts, n, 7), whole), n
+    assert [cb._block_rows(t) for t in ts] == [cb.normalize(t).shape[0] for t in ts]
