@@ -13,7 +13,7 @@ import torch
 
 from lpc.pipeline.allocation import fgmp as fp
 from lpc.pipeline.allocation.registry import ALLOCATION_POLICIES, AllocationContext
-from lpc.pipeline.calibration.stats import stat_fields
+from lpc.pipeline.calibration.stats import stat_fields, stat_names
 from lpc.pipeline.errors import InputError
 from lpc.pipeline.io.models import fuse_groups
 from lpc.pipeline.io.streaming import trim_heap
@@ -80,8 +80,7 @@ def _low_spec(recipe: Recipe) -> dict[str, Any]:
 def _activation_plan(ctx: AllocationContext, fraction: float) -> tuple[dict[str, Any], dict[str, torch.Tensor], float]:
     act_fisher, amax = {}, {}
     for n in ctx.names:  # the small statistics only (a layer's weight Fisher is the size of its weight)
-        fields = ctx.stats.fields(n) if hasattr(ctx.stats, "fields") else list(ctx.stats.get(n, {}))
-        if "act_fisher" not in fields:
+        if "act_fisher" not in stat_names(ctx.stats, n):
             raise InputError(f"the calibration has no activation Fisher for {n}",
                              "calibrate with --fisher (or calibrate.fisher: true in the recipe)")
         s = stat_fields(ctx.stats, n, ["act_fisher", "act_absmax"])

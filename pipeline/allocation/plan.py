@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lpc.pipeline.artifact import store as art
-from lpc.pipeline.calibration.stats import StatRef, read_stats
+from lpc.pipeline.calibration.stats import StatRef, read_stats, stat_names
 from lpc.pipeline.errors import ArtifactError
 from lpc.recipes import validate_recipe
 from lpc.recipes.schema import Recipe
@@ -54,8 +54,7 @@ def read_plan(alloc: Path, recipe: Recipe | None = None) -> tuple[Recipe, dict[s
         if e.get("codebook"):
             ctx["codebook"] = tensors[e["codebook"]]
         if e.get("importance"):
-            fields = stats.fields(name) if hasattr(stats, "fields") else list(stats[name])
-            if e["importance"] not in fields:
+            if e["importance"] not in stat_names(stats, name):
                 raise ArtifactError(f"the calibration of {alloc} has no {e['importance']} for {name}",
                                     "re-run lpc calibrate with the allocation's recipe, then lpc allocate")
             ctx["importance"] = StatRef(stats, name, e["importance"])  # read when the layer is quantized

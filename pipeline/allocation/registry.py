@@ -38,6 +38,7 @@ class AllocationContext:
         self.calib_manifest, self.src, self.progress, self.calib_dir = calib_manifest, src, progress, Path(calib_dir)
         self.store, self._load_whole = store, load_whole  # store: a WeightStore while `model` is a skeleton
         self.names = list(targets)
+        self._outside_loaded = False  # streamed(): embeddings, norm and head materialised once
 
     def _whole(self) -> None:
         if self.store is not None:
@@ -89,9 +90,9 @@ class AllocationContext:
         found = decoder_layers(self._model)
         if found is None:
             return None
-        if not getattr(self, "_outside", False):
+        if not self._outside_loaded:
             materialize_outside(self._model, found[0], self.store)
-            self._outside = True
+            self._outside_loaded = True
         return self._model, found, self.store, self._targets
 
 

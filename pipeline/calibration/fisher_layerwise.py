@@ -19,6 +19,7 @@ every layer twice, with the same result as one pass (the sums run in sample orde
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -49,7 +50,7 @@ def layerwise_fisher(model: nn.Module, batches: list[torch.Tensor], targets: dic
                      found: tuple[str, nn.ModuleList], load: Callable[[int], None] | None = None,
                      free: Callable[[int], None] | None = None, progress: Progress | None = None,
                      device: str = "cpu", on_layer: Callable[[dict[str, dict[str, Any]]], None] | None = None,
-                     park_dir: str | None = None) -> dict[str, dict[str, Any]]:
+                     park_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """Per target Linear {"weight_fisher": (out, in) fp32, "act_fisher": (in,) fp32, "count", "tokens"}.
 
     batches: (1, T) token ids, T >= 2, one sample each. found: decoder_layers(model).
@@ -79,8 +80,6 @@ def layerwise_fisher(model: nn.Module, batches: list[torch.Tensor], targets: dic
             last = k == len(chunks) - 1
 
             def finished(names: list[str], last: bool = last) -> None:
-                if on_layer is None:
-                    return
                 if last:
                     on_layer(result(names))
                 else:
@@ -89,7 +88,7 @@ def layerwise_fisher(model: nn.Module, batches: list[torch.Tensor], targets: dic
                     accs.pop(n, None)
 
             _fisher_chunk(model, chunk, targets, found, head, accs, load, free, progress, device, tag,
-                          finished, parking.unpark if on_layer is not None else None)
+                          finished if on_layer is not None else None, parking.unpark)
     return result(list(targets))
 
 
@@ -97,7 +96,7 @@ class _Parking:
     """Partial Fisher sums of the layers between two chunks of samples, on disk (safetensors), so only
     the layer being back-propagated holds accumulators; exact (fp32 in, fp32 out)."""
 
-    def __init__(self, active: bool, directory: str | None = None):
+    def __init__(self, active: bool, directory: str | Path | None = None):
         self.active, self.directory, self.dir, self.files = active, directory, None, {}
 
     def __enter__(self) -> "_Parking":
@@ -111,9 +110,7 @@ class _Parking:
         if self.dir is not None:
             self.dir.cleanup()
 
-    def _file(self, names: list[str]):
-        from pathlib import Path
-
+    def _file(self, names: list[str]) -> Path:
         key = tuple(names)
         if key not in self.files:
             self.files[key] = Path(self.dir.name) / f"layer-{len(self.files)}.safetensors"
@@ -128,6 +125,7 @@ class _Parking:
         save_file(tensors, str(self._file(names)))
 
     def unpark(self, names: list[str], accs: dict[str, FisherAccumulator]) -> None:
+        """Restore parked partial sums into fresh accumulators (nothing when inactive or not parked)."""
         from safetensors.torch import load_file
 
         if self.dir is None:

@@ -390,6 +390,11 @@ class LayerStats(Mapping):
         return {f: flat[f"{name}.{f}"] for f in fields}
 
 
+def stat_names(stats: Mapping, name: str) -> list[str]:
+    """The statistics stored for layer `name` (without loading them from a LayerStats)."""
+    return stats.fields(name) if isinstance(stats, LayerStats) else list(stats.get(name, {}))
+
+
 def stat_fields(stats: Mapping, name: str, fields: list[str]) -> dict[str, torch.Tensor]:
     """`fields` of layer `name`'s statistics, reading only those from a LayerStats."""
     if isinstance(stats, LayerStats):

@@ -72,12 +72,16 @@ def written_dense(q: QTensor) -> bool:
 
 def dense_layout(fmt: str, spec: dict[str, Any], shape) -> bool:
     """`written_dense` from a layer's meta (format, spec, shape), before reading it."""
-    return bool(shape[-1] % (get_format(fmt).block_width(**spec) or 1)) or fmt == "bf16"
+    return bool(shape[-1] % _block_width(fmt, spec)) or fmt == "bf16"
 
 
 def block_of(q: QTensor) -> int:
     """Width a layer's inputs must be a multiple of to be held as is (1 for per-channel formats)."""
-    return get_format(q.format).block_width(**q.spec) or 1
+    return _block_width(q.format, q.spec)
+
+
+def _block_width(fmt: str, spec: dict[str, Any]) -> int:
+    return get_format(fmt).block_width(**spec) or 1
 
 
 @dataclass

@@ -6,6 +6,7 @@ layer, whatever the depth. Buffers (rotary tables) are built normally by the mod
 """
 from __future__ import annotations
 
+import functools
 import json
 from contextlib import contextmanager
 import logging
@@ -142,20 +143,17 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
-_LIBC: list = []
-
-
+@functools.cache
 def _libc():
-    if not _LIBC:
-        import ctypes
-        import ctypes.util
+    """The C library when it has `malloc_trim` (glibc), else None."""
+    import ctypes
+    import ctypes.util
 
-        try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.append(lib if hasattr(lib, "malloc_trim") else None)
-        except OSError:
-            _LIBC.append(None)
-    return _LIBC[0]
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return lib if hasattr(lib, "malloc_trim") else None
 
 
 def tie(model: nn.Module) -> None:

@@ -64,31 +64,29 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
         written: set[str] = set()
         idle: list[str] = []
 
-        def spill(done: dict[str, Any]) -> None:
-            """A finished layer's statistics go to disk (Fisher is added after the pass: kept until then)."""
-            if c.fisher:
-                return
+        def write_out(done: dict[str, Any]) -> None:
+            """Finished layers' statistics go to disk and are dropped from memory."""
             idle.extend(stand_in_statistics(done))  # MoE experts no token was routed to
             writer.add(stats_tensors(done))
             written.update(done)
             for s in done.values():
-                s.cov = torch.empty(0)  # the statistics live on disk now
+                s.cov, s.extra = torch.empty(0), {}  # the statistics live on disk now
+
+        def spill(done: dict[str, Any]) -> None:
+            """A layer's input statistics, unless its Fisher is still to come (then `spill_fisher` writes it)."""
+            if not c.fisher:
+                write_out(done)
+
+        def spill_fisher(done: dict[str, dict[str, Any]]) -> None:
+            """A layer whose Fisher is final (layer-wise Fisher), with its input statistics."""
+            _put_fisher(stats, done)
+            write_out({n: stats[n] for n in done})
 
         with _kv_recording(m, recipe, store) as kv_result:  # K/V statistics in the same layer-by-layer pass
             stats = collect_input_stats(m, batches, targets, progress, device, store=store,
                                         full=config["statistics"] == "covariance", on_layer=spill)
             kv_found = kv_result() if kv_result is not None else {}
         if c.fisher:
-            def spill_fisher(done: dict[str, dict[str, Any]]) -> None:
-                """A layer whose Fisher is final goes to disk with its input statistics (layer-wise Fisher)."""
-                add_fisher(stats, done)
-                finished = {n: stats[n] for n in done}
-                idle.extend(stand_in_statistics(finished))
-                writer.add(stats_tensors(finished))
-                written.update(finished)
-                for n in done:
-                    stats[n].cov, stats[n].extra = torch.empty(0), {}
-
             _add_fisher(m, batches, targets, stats, progress, device, store, on_layer=spill_fisher, park_dir=tmp)
         rest = {n: s for n, s in stats.items() if n not in written}
         idle.extend(stand_in_statistics(rest))
@@ -140,7 +138,7 @@ def _follow_rank0(out: Path, body) -> StageResult:
     return StageResult("calibrate", Path(out), {"summary": {"rank": dd.rank()}})
 
 
-def add_fisher(stats, fisher: dict[str, dict[str, Any]]) -> None:
+def _put_fisher(stats, fisher: dict[str, dict[str, Any]]) -> None:
     """Fisher diagonals into each target's statistics (`weight_fisher`, `act_fisher`, fp32 on CPU)."""
     for name, f in fisher.items():
         stats[name].extra["weight_fisher"] = f["weight_fisher"].float().cpu()
@@ -162,12 +160,12 @@ def _add_fisher(model, batches, targets, stats, progress, device, store=None, on
         fisher = layerwise_fisher(model, batches, targets, found, progress=progress, device=device,
                                   load=lambda i: materialize(layers[i], f"{path}.{i}", store),
                                   free=lambda i: release(layers[i]), on_layer=on_layer,
-                                  park_dir=str(park_dir) if park_dir is not None else None)
+                                  park_dir=park_dir)
     else:
         model.to(device)
         fisher = fisher_statistics(model, [b.to(device) for b in batches], targets, progress=progress)
         model.to("cpu")
-    add_fisher(stats, fisher)
+    _put_fisher(stats, fisher)
 
 
 @contextmanager
