@@ -11,8 +11,9 @@ sorted so that the argmin's tie rule (first index = lower entry) matches the tab
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable, Union
 
 import torch
 
@@ -26,6 +27,21 @@ LB, LA, ENTRIES = 8, 64, 16
 QMAX, QMIN = 31, -32                  # INT6 entries; arrays are normalized to amax 31
 T_MIN, T_MAX = -70, 70                # ceil(2u) range kept by the table (|u| <= 35 after clamp)
 FINE = 16                             # resolution of the first fitting stage (entries in 1/16)
+
+
+@dataclass(frozen=True)
+class LazyWeight:
+    """A weight known by its shape, read only when its blocks are sampled (e.g. from a checkpoint), so a
+    model-wide fit holds one weight at a time."""
+
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]
+
+
+Weight = Union[torch.Tensor, LazyWeight]
+# Up to this many blocks the sample is a prefix of one seeded permutation of all of them (8 bytes per
+# block, 128 MB here); beyond it, seeded draws of distinct block indices (memory of the sample only).
+PERMUTE_MAX = 1 << 24
 
 
 @dataclass
@@ -109,13 +125,13 @@ def decode(sel: torch.Tensor, idx: torch.Tensor, codebook: torch.Tensor) -> torc
     return codebook.to(torch.float32)[sel.long().unsqueeze(-1), idx.long()]
 
 
-def fit_codebooks(tensors: Iterable[torch.Tensor], codebooks: int = 16, max_iters: int = 50,
+def fit_codebooks(tensors: Iterable[Weight], codebooks: int = 16, max_iters: int = 50,
                   tol: float = 1e-4, max_blocks: int = 1 << 16, fine_blocks: int = 1 << 13,
                   seed: int = 0) -> CodebookFit:
     """Fit Nc codebooks over the blocks of many tensors (one model-wide codebook).
 
-    tensors: float tensors (..., K); blocks are normalized per tensor as bcq quantizes them.
-    At most `max_blocks` blocks (a seeded sample) take part. Alternates (1) each block to the
+    tensors: float tensors (..., K), or `LazyWeight`s read one at a time; blocks are normalized per
+    tensor as bcq quantizes them. At most `max_blocks` blocks (a seeded sample) take part. Alternates (1) each block to the
     codebook of least squared error and (2) each entry to the rounded mean of the scalars
     nearest it (Lloyd-Max), until the mean squared error falls by less than `tol` (relative):
     first on a grid of 1/16 over a sample of `fine_blocks` blocks (integer Lloyd steps stall
@@ -137,31 +153,50 @@ def fit_codebooks(tensors: Iterable[torch.Tensor], codebooks: int = 16, max_iter
     return CodebookFit(book.to(torch.int8), mse, fine_mse)
 
 
-def _block_rows(x: torch.Tensor) -> int:
+def _block_rows(x: Weight) -> int:
     """Rows of normalize(x), from its shape."""
     k = x.shape[-1]
-    return (x.numel() // max(k, 1)) * (-(-k // LA)) * (LA // LB)
+    numel = math.prod(x.shape)
+    return (numel // max(k, 1)) * (-(-k // LA)) * (LA // LB)
 
 
-def _sample_blocks(tensors: list[torch.Tensor], n: int, seed: int) -> torch.Tensor:
-    """`_sample(cat(normalize(t) for t in tensors), n, seed)`, the same rows in the same order, with one
-    normalized tensor alive at a time (not a float32 copy of all of them)."""
+def _load(x: Weight) -> torch.Tensor:
+    return x.load() if isinstance(x, LazyWeight) else x
+
+
+def _sample_blocks(tensors: list[Weight], n: int, seed: int) -> torch.Tensor:
+    """At most n normalized blocks of the tensors, a seeded random subset in random order, with one
+    normalized tensor alive at a time (not a float32 copy of all of them). Up to PERMUTE_MAX blocks in
+    all these are the rows of `_sample(cat(normalize(t) for t in tensors), n, seed)`."""
     counts = [_block_rows(t) for t in tensors]
     total = sum(counts)
     if total <= n:
-        return torch.cat([normalize(t) for t in tensors])
+        return torch.cat([normalize(_load(t)) for t in tensors])
     gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(total, generator=gen)[:n]
-    order = torch.argsort(perm)
-    wanted = perm[order]  # the sampled global rows, ascending; order[i] is where row wanted[i] goes
+    picks = torch.randperm(total, generator=gen)[:n] if total <= PERMUTE_MAX else _distinct(total, n, gen)
+    order = torch.argsort(picks)
+    wanted = picks[order]  # the sampled global rows, ascending; order[i] is where row wanted[i] goes
     out = torch.empty(n, LB, dtype=torch.float32)
     start = 0
     for t, c in zip(tensors, counts):
         lo, hi = (int(torch.searchsorted(wanted, v)) for v in (start, start + c))
         if hi > lo:
-            out[order[lo:hi]] = normalize(t)[wanted[lo:hi] - start]
+            out[order[lo:hi]] = normalize(_load(t))[wanted[lo:hi] - start]
         start += c
     return out
+
+
+def _distinct(total: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """n distinct indices of range(total) (n < total), uniformly at random in draw order: seeded uniform
+    draws, each index kept at its first draw, until n are kept (memory O(n), not O(total))."""
+    kept = torch.empty(0, dtype=torch.int64)
+    while kept.numel() < n:
+        draws = torch.cat([kept, torch.randint(total, (2 * (n - kept.numel()) + 16,), generator=gen)])
+        uniq, inverse = torch.unique(draws, return_inverse=True)
+        first = torch.full((uniq.numel(),), draws.numel(), dtype=torch.int64)
+        first.scatter_reduce_(0, inverse, torch.arange(draws.numel()), reduce="amin")
+        kept = draws[first.sort().values]
+    return kept[:n]
 
 
 def _sample(u: torch.Tensor, n: int, seed: int) -> torch.Tensor:

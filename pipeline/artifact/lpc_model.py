@@ -66,11 +66,17 @@ def share_fields(qtensors: dict[str, QTensor]) -> tuple[dict[str, dict[str, str]
     Returns (refs: layer -> {field: key}, shared: key -> tensor); keys are `lpc.shared.<field>.<i>`
     in first-use order over sorted layer names (deterministic).
     """
+    return share_tensors({n: {f: q.data[f] for f in SHARED_FIELDS if f in q.data} for n, q in qtensors.items()})
+
+
+def share_tensors(fields: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, dict[str, str]], dict[str, torch.Tensor]]:
+    """`share_fields` over the shareable fields alone (layer -> {field: tensor}): what a streamed quantize
+    keeps of each layer (a few hundred bytes) to store them once at the end."""
     groups: dict[tuple[str, str], list[str]] = {}
     tensors: dict[tuple[str, str], torch.Tensor] = {}
-    for name in sorted(qtensors):
+    for name in sorted(fields):
         for field in SHARED_FIELDS:
-            t = qtensors[name].data.get(field)
+            t = fields[name].get(field)
             if t is None:
                 continue
             digest = hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -51,10 +51,15 @@ def group_amax(targets: dict[str, nn.Linear], plan: dict[str, Any], groups: list
     return out
 
 
-def shared_codebooks(targets: dict[str, nn.Linear], plan: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """LO-BCQ: one codebook set fitted over all bcq layers of the model (per Nc), by layer name."""
-    from lpc.formats.codebooks import fit_codebooks
+def shared_codebooks(targets: dict[str, nn.Linear], plan: dict[str, Any],
+                     weight_of: Callable[[str], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """LO-BCQ: one codebook set fitted over all bcq layers of the model (per Nc), by layer name.
 
+    weight_of: name -> the layer's weight (float), read when its blocks are sampled, one at a time (a
+    streamed quantize reads them from the checkpoint; `targets` may then be a meta skeleton's)."""
+    from lpc.formats.codebooks import LazyWeight, fit_codebooks
+
+    weight_of = weight_of or (lambda n: targets[n].weight.detach().float())
     by_nc: dict[int, list[str]] = {}
     for name in targets:
         entry = plan.get(name)
@@ -62,7 +67,8 @@ def shared_codebooks(targets: dict[str, nn.Linear], plan: dict[str, Any]) -> dic
             by_nc.setdefault(int(entry["spec"].get("codebooks", 16)), []).append(name)
     out = {}
     for nc, names in by_nc.items():
-        book = fit_codebooks([targets[n].weight.detach().float() for n in names], codebooks=nc).codebook
+        lazy = [LazyWeight(tuple(targets[n].weight.shape), lambda n=n: weight_of(n)) for n in names]
+        book = fit_codebooks(lazy, codebooks=nc).codebook
         out.update({n: book for n in names})
     return out
 
@@ -102,14 +108,18 @@ def layer_errors(w: torch.Tensor, wq: torch.Tensor, cov: torch.Tensor | None) ->
 def layer_setups(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any] | None],
                  stats: dict[str, dict[str, torch.Tensor]] | None = None,
                  fuse: list[list[str]] | None = None, use_importance: bool = True,
-                 codebook_scope: str = "model") -> dict[str, tuple[Any, dict[str, Any], dict[str, Any]]]:
+                 codebook_scope: str = "model", codebooks: dict[str, torch.Tensor] | None = None
+                 ) -> dict[str, tuple[Any, dict[str, Any], dict[str, Any]]]:
     """Per planned Linear: (format, spec, context) exactly as `quantize_layers` quantizes it.
 
     The context holds the plan entry's tensors (an FGMP `mask`, a Fisher `importance`), the fused
     group's global amax, a model-wide codebook, and the input second moment as importance.
+    codebooks: the model-wide LO-BCQ codebooks by layer name, when already fitted (a streamed quantize
+    fits them over the whole model before its walk; here `targets` are one decoder layer's).
     """
     amax = group_amax(targets, plan, fuse or [])
-    shared = shared_codebooks(targets, plan) if codebook_scope == "model" else {}
+    shared = codebooks if codebooks is not None else \
+        shared_codebooks(targets, plan) if codebook_scope == "model" else {}
     out = {}
     for name in [n for n in targets if isinstance(plan.get(n), dict)]:
         entry = plan[name]

@@ -13,8 +13,11 @@ is then tuned against its original outputs before it is quantized, and the hidde
 and quantized) are carried to the next layer (quantization/tune.py).
 
 The artifact equals the whole-model path's byte for byte (same tensors, names, dtypes, config).
-Recipes whose quantization needs the whole model at once (an end-to-end tuning method, model-wide
-LO-BCQ codebooks, targets outside the decoder stack) take the whole-model path (`open_streamed` says which).
+Model-wide LO-BCQ codebooks are fitted before the walk over a sample of every bcq weight, read one
+at a time from the checkpoint; codebooks (a few hundred bytes per layer) are kept aside and those
+equal in several layers are stored once at the end, as the whole-model path stores them. Recipes whose
+quantization needs the whole model at once (an end-to-end tuning method, targets outside the decoder
+stack) take the whole-model path (`open_streamed` says which).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch
 from torch import nn
 
 from lpc.formats import get_format, stored_bits
-from lpc.pipeline.artifact.lpc_model import QUANT_METHOD, weight_marker
+from lpc.pipeline.artifact.lpc_model import QUANT_METHOD, SHARED_FIELDS, share_tensors, weight_marker
 from lpc.pipeline.artifact.shards import Entry, ShardWriter, entries_of
 from lpc.pipeline.artifact.store import write_json
 from lpc.pipeline.io.families import derive_layer_groups, merge_groups, probe_ids
@@ -34,7 +37,7 @@ from lpc.pipeline.io.models import find_targets
 from lpc.pipeline.io.streaming import (WeightStore, materialize, materialize_outside, open_stack, release, tie,
                                         tied_names)
 from lpc.pipeline.progress import Progress, track
-from lpc.pipeline.quantization.layers import layer_setups, quantize_layers
+from lpc.pipeline.quantization.layers import layer_setups, quantize_layers, shared_codebooks
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +49,7 @@ def open_streamed(src: str, recipe: Any, plan: dict[str, Any] | None, method: An
     opened = open_stack(src, recipe.targets, recipe.ignore, "quantizing")
     if opened is None:
         return None
-    model, store, found = opened
-    q = recipe.quantize
-    formats = {e["format"] for e in (plan or {}).values() if isinstance(e, dict) and "format" in e}
-    if plan is None:
-        formats = {q.weights.format} if q.weights is not None else set()
-        formats |= {o.weights.format for o in q.overrides if o.weights is not None}
-    if "bcq" in formats:  # codebooks shared between layers (model-wide fit, or stored once when equal)
-        return None
-    return model, store, found
+    return opened
 
 
 def quantize_streamed(tmp: Path, opened, recipe: Any, plan: dict[str, Any], stats, shard_bytes: int | None,
@@ -70,6 +65,8 @@ def quantize_streamed(tmp: Path, opened, recipe: Any, plan: dict[str, Any], stat
     model, store, (path, layers) = opened
     q = recipe.quantize
     targets = find_targets(model, recipe.targets, recipe.ignore)
+    books = shared_codebooks(targets, plan, lambda n: store.get(f"{n}.weight").float()) \
+        if q.codebook_scope == "model" else {}
     writer = ShardWriter(tmp, shard_bytes)
     tied = sorted(tied_names(model))
     _add_outside(writer, model, store, path, set(tied))
@@ -80,6 +77,7 @@ def quantize_streamed(tmp: Path, opened, recipe: Any, plan: dict[str, Any], stat
     records: dict[str, Any] = {}
     metas: dict[str, Any] = {}
     count = {"bits": 0, "numel": 0}
+    kept: dict[str, tuple] = {}  # each layer's shareable fields (written at the end), stored bits, numel
     for i, layer in track(list(enumerate(layers)), "quantize (layer by layer)", progress):
         prefix = f"{path}.{i}"
         mine = {n: m for n, m in targets.items() if n.startswith(prefix + ".")}
@@ -90,14 +88,35 @@ def quantize_streamed(tmp: Path, opened, recipe: Any, plan: dict[str, Any], stat
             derived += [g for g in groups if g not in derived]
             fuse = merge_groups(q.fuse_groups, derived)
             tensors = _quantize_layer(layer, prefix, mine, plan, stats, q, fuse, records, metas, count, device,
-                                      tuner)
+                                      tuner, books, kept)
         finally:
             release(layer)
         writer.add(tensors)
         del tensors
+    writer.add(_shared_fields(kept, records, metas, count))
     writer.add(extra_tensors)
     files = writer.close(metadata={"format": "pt"})
     return records, metas, {**count, "files": len(files), "fuse_groups": merge_groups(q.fuse_groups, derived)}
+
+
+def _shared_fields(kept: dict[str, tuple], records: dict, metas: dict, count: dict) -> dict[str, torch.Tensor]:
+    """The shareable fields of every layer as `write_lpc_model` stores them: once under `lpc.shared.*`
+    when several layers hold them bit for bit (their meta then names the key), else under the layer's
+    name; bits and records count a shared tensor once, as `bits_summary` does.
+    kept: layer -> (its shareable fields, its QTensor's stored bits, its numel)."""
+    refs, shared = share_tensors({n: k[0] for n, k in kept.items()})
+    out = dict(shared)
+    count["bits"] += stored_bits(*shared.values()) if shared else 0
+    for name, (fields, bits, numel) in kept.items():
+        mine = refs.get(name, {})
+        out.update({f"{name}.{f}": t for f, t in fields.items() if f not in mine})
+        if mine:
+            own = stored_bits(*(fields[f] for f in mine))
+            metas[name]["shared"] = mine
+            count["bits"] -= own
+            records[name]["bits_per_weight"] = (bits - own) / numel
+            records[name]["shared_fields"] = True
+    return out
 
 
 def _add_outside(writer: ShardWriter, model: nn.Module, store: WeightStore, path: str, tied: set[str]) -> None:
@@ -137,11 +156,14 @@ def _first_inputs(model: nn.Module, store: WeightStore, path: str, layers: nn.Mo
 
 
 def _quantize_layer(layer: nn.Module, prefix: str, mine: dict[str, nn.Linear], plan: dict[str, Any], stats,
-                    q: Any, fuse: list[list[str]], records: dict, metas: dict, count: dict, device: str, tuner: Any = None
+                    q: Any, fuse: list[list[str]], records: dict, metas: dict, count: dict, device: str, tuner: Any = None,
+                    books: dict[str, torch.Tensor] | None = None, kept: dict[str, tuple] | None = None
                     ) -> dict[str, torch.Tensor]:
-    """One materialised decoder layer -> its output tensors (packed targets, everything else as is)."""
+    """One materialised decoder layer -> its output tensors (packed targets, everything else as is).
+    books: the model-wide LO-BCQ codebooks by layer name; kept: receives each quantized layer's shareable
+    fields (left out of the output), stored bits and numel, for `_shared_fields`."""
     sub_stats = {n: stats[n] for n in mine if stats is not None and n in stats}
-    setups = layer_setups(mine, plan, sub_stats, fuse, q.importance != "none", q.codebook_scope)
+    setups = layer_setups(mine, plan, sub_stats, fuse, q.importance != "none", q.codebook_scope, books or {})
     tuned, rounded = None, None
     if tuner is not None:
         tuned, _, rounded = tuner.layer(layer, mine, setups)
@@ -150,7 +172,13 @@ def _quantize_layer(layer: nn.Module, prefix: str, mine: dict[str, nn.Linear], p
     out = {f"{prefix}.{k}": t for k, t in layer.state_dict().items()}
     for name, qt in qtensors.items():
         out.pop(f"{name}.weight")
-        out.update({f"{name}.{field}": t for field, t in get_format(qt.format).pack(qt).items()})
+        packed = get_format(qt.format).pack(qt)
+        share = {f: packed.pop(f) for f in SHARED_FIELDS if f in packed}
+        if kept is not None:
+            kept[name] = (share, qt.storage_bits(), qt.numel)
+        else:
+            packed.update(share)
+        out.update({f"{name}.{field}": t for field, t in packed.items()})
         out[f"{name}.weight"] = weight_marker()
         metas[name] = qt.meta()
         records[name] = recs[name]

@@ -86,3 +86,43 @@ def test_codebook_sample_is_drawn_one_tensor_at_a_time_with_the_same_rows():
         whole = cb._sample(torch.cat([cb.normalize(t) for t in ts]), n, 7)
         assert torch.equal(cb._sample_blocks(ts, n, 7), whole), n
     assert [cb._block_rows(t) for t in ts] == [cb.normalize(t).shape[0] for t in ts]
+
+
+def test_lazy_weights_are_read_one_at_a_time_and_fit_the_same_codebook(heavy, monkeypatch):
+    """`LazyWeight`s (shape known, tensor read on demand, as a streamed quantize reads the checkpoint) give
+    the same codebook as the tensors themselves, each read once, one alive at a time."""
+    ts = [heavy((64, 256), 1), heavy((32, 130), 2), heavy((48, 64), 3)]
+    reads = []
+
+    def reader(i):
+        def load():
+            reads.append(i)
+            return ts[i].clone()
+        return load
+
+    lazy = [cbk.LazyWeight(tuple(t.shape), reader(i)) for i, t in enumerate(ts)]
+    for max_blocks in (500, 1 << 16):  # a sample, and every block
+        reads.clear()
+        got = cbk.fit_codebooks(lazy, max_blocks=max_blocks, max_iters=10).codebook
+        assert torch.equal(got, cbk.fit_codebooks(ts, max_blocks=max_blocks, max_iters=10).codebook)
+        assert reads == [0, 1, 2]
+
+
+def test_beyond_the_permutation_limit_the_sample_is_distinct_uniform_and_seeded(monkeypatch):
+    """Above PERMUTE_MAX blocks the sample is drawn without a permutation of every block (memory of the
+    sample only): n distinct rows of the concatenation, the same for the same seed, spread evenly."""
+    monkeypatch.setattr(cbk, "PERMUTE_MAX", 100)
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(64, 200, generator=g), torch.randn(300, 64, generator=g) * 3]
+    every = torch.cat([cbk.normalize(t) for t in ts])
+    n = 1000
+    got = cbk._sample_blocks(ts, n, 7)
+    assert got.shape == (n, cbk.LB) and torch.equal(got, cbk._sample_blocks(ts, n, 7))
+    assert not torch.equal(got, cbk._sample_blocks(ts, n, 8))
+    picked = cbk._distinct(every.shape[0], n, torch.Generator().manual_seed(7))
+    assert torch.equal(got, every[picked])  # those rows of the concatenation, in draw order
+    assert picked.unique().numel() == n  # without replacement
+    first = cbk._block_rows(ts[0])
+    assert abs(float((picked < first).float().mean()) - first / every.shape[0]) < 0.06  # spread evenly
+    idx = cbk._distinct(50, 50, torch.Generator().manual_seed(1))
+    assert sorted(idx.tolist()) == list(range(50))  # all of them, when n == total

@@ -178,6 +178,33 @@ def test_block_plans_stream_and_equal_the_whole_model_plan(fisher_calib, policy,
         assert (fisher_calib / f"s-{policy}" / f).read_bytes() == (whole / f).read_bytes()
 
 
+@pytest.mark.parametrize("extra", [[], ["allocate.budget_bits=12.0", "allocate.pareto_budgets=[]",
+                                          "allocate.candidates=[{format: bcq}, {format: bf16}]"]])
+def test_vapr_streams_and_equals_the_whole_model_search(fisher_calib, monkeypatch, extra):
+    """VaPr with the Fisher predictor, refinement and a Pareto front: options scored one weight at a time,
+    each measured plan walked one decoder layer at a time (its layers quantized as they come): the model is
+    never loaded whole, and the plan, the codebook and every measured loss equal the whole-model search."""
+    import sys
+
+    stage = sys.modules[allocate.__module__]
+    recipe = load_recipe("vapr", SMALL + ["allocate.budget_bits=6.0", "allocate.pareto_budgets=[5.0,8.0]"] + extra)
+    whole = fisher_calib / f"vw-{len(extra)}"
+    with monkeypatch.context() as m:
+        m.setattr(stage, "open_stack", lambda *a, **k: None)
+        w = allocate(fisher_calib / "calib", recipe, whole)
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the whole model was loaded for a VaPr search with the Fisher predictor")
+
+    monkeypatch.setattr(stage, "load_hf_model", refuse)
+    streamed = fisher_calib / f"vs-{len(extra)}"
+    s = allocate(fisher_calib / "calib", recipe, streamed)
+    for f in ("masks.safetensors", "plan.json") + (() if extra else ("pareto.json",)):
+        assert (streamed / f).read_bytes() == (whole / f).read_bytes(), f
+    assert s.manifest["summary"] == w.manifest["summary"]
+    assert s.manifest["summary"]["measured_loss"] != s.manifest["summary"]["baseline_loss"] > 0  # plans measured
+
+
 def test_plan_reads_fisher_importances_only_when_a_layer_is_quantized(fisher_calib):
     """An FGMP plan with sensitivity clipping refers to each layer's weight Fisher: read_plan keeps a
     reference (as large as the weights in fp32, it is read layer by layer when quantized)."""

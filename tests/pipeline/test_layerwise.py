@@ -68,7 +68,8 @@ def _whole(monkeypatch):
 
 
 @pytest.mark.parametrize("recipe, sets, calibrated", [("nvfp4", [], True), ("fp8", [], False),
-                                                     ("nvfp4", ["quantize.method=gptq"], True), ("int4", [], True)])
+                                                     ("nvfp4", ["quantize.method=gptq"], True), ("int4", [], True),
+                                                     ("bcq", [], False), ("bcq", ["quantize.codebook_scope=tensor"], False)])
 def test_streamed_quantize_equals_whole_model(tmp_path, tiny_model_dir, text_files, monkeypatch, recipe, sets,
                                               calibrated):
     r = load_recipe(recipe, ["calibrate.samples=3", "calibrate.seq_len=16", *sets])
