@@ -14,7 +14,9 @@
 
 Memory: one layer, the accumulators, and the hidden states at every layer boundary of one chunk of
 samples (STATE_BYTES at most, or one sample): the calibration set goes through in chunks, each loading
-every layer twice, with the same result as one pass (the sums run in sample order either way).
+every layer twice, with the same result as one pass (the sums run in sample order either way). For a
+streamed model the stored inputs wait on disk, one file per layer (DISK_STATE_BYTES per chunk), so
+one layer's inputs are resident whatever the depth.
 """
 from __future__ import annotations
 
@@ -73,8 +75,10 @@ def layerwise_fisher(model: nn.Module, batches: list[torch.Tensor], targets: dic
         return {n: {"weight_fisher": accs[n].weight_sum.div_(len(rows)).cpu(), "act_fisher": accs[n].act_sum.div_(tokens).cpu(),
                     "count": len(rows), "tokens": tokens} for n in names if n in accs}
 
-    chunks = _chunks(rows, len(layers), _hidden_bytes(model))
-    with _Parking(on_layer is not None and len(chunks) > 1, park_dir) as parking:
+    offload = load is not None  # a streamed model: the layers' stored inputs wait on disk, not in memory
+    chunks = _chunks(rows, len(layers), _hidden_bytes(model), DISK_STATE_BYTES if offload else STATE_BYTES)
+    with _Parking(on_layer is not None and len(chunks) > 1, park_dir) as parking, \
+            _StoredInputs(offload, park_dir) as stored:
         for k, chunk in enumerate(chunks):
             tag = f" {k + 1}/{len(chunks)}" if len(chunks) > 1 else ""
             last = k == len(chunks) - 1
@@ -88,7 +92,7 @@ def layerwise_fisher(model: nn.Module, batches: list[torch.Tensor], targets: dic
                     accs.pop(n, None)
 
             _fisher_chunk(model, chunk, targets, found, head, accs, load, free, progress, device, tag,
-                          finished if on_layer is not None else None, parking.unpark)
+                          finished if on_layer is not None else None, parking.unpark, stored)
     return result(list(targets))
 
 
@@ -140,10 +144,52 @@ class _Parking:
         f.unlink()
 
 
+class _StoredInputs:
+    """Each decoder layer's input hidden states (one tensor per sample), kept from the forward pass for the
+    backward pass: in memory, or (`offload`) in one safetensors file per layer on disk, so what is resident
+    is one layer's inputs, not every layer's (the store grows with depth). Exact either way."""
+
+    def __init__(self, offload: bool, directory: str | Path | None = None):
+        self.offload, self.directory, self.dir = offload, directory, None
+        self.held: dict[int, list[torch.Tensor]] = {}
+
+    def __enter__(self) -> "_StoredInputs":
+        if self.offload:
+            import tempfile
+
+            self.dir = tempfile.TemporaryDirectory(prefix="lpc-fisher-inputs-", dir=self.directory)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.dir is not None:
+            self.dir.cleanup()
+
+    def put(self, i: int, tensors: list[torch.Tensor]) -> None:
+        if self.dir is None:
+            self.held[i] = tensors
+            return
+        from lpc.pipeline.artifact.store import save_tensors
+
+        save_tensors({str(j): t.contiguous() for j, t in enumerate(tensors)}, Path(self.dir.name) / f"{i}.safetensors")
+
+    def pop(self, i: int) -> list[torch.Tensor]:
+        if self.dir is None:
+            return self.held.pop(i)
+        from safetensors.torch import load_file
+
+        f = Path(self.dir.name) / f"{i}.safetensors"
+        saved = load_file(str(f))
+        f.unlink()
+        return [saved[str(j)] for j in range(len(saved))]
+
+
 # The hidden states kept for the backward pass (every layer's input, every sample of a chunk) stay
-# under this many bytes: the samples go through in chunks (each chunk loads every layer twice). The
-# Fisher is a sum over samples, accumulated in sample order, so chunks give the same bits.
+# under this many bytes: the samples go through in chunks (each chunk loads every layer twice and,
+# when statistics are delivered layer by layer, parks every layer's partial sums on disk). The
+# Fisher is a sum over samples, accumulated in sample order, so chunks give the same bits. Offloaded
+# to disk (a streamed model), the inputs may take more room: fewer chunks, one layer's in memory.
 STATE_BYTES = 512 * 2**20
+DISK_STATE_BYTES = 4 * 2**30
 
 
 def _hidden_bytes(model: nn.Module) -> int:
@@ -153,13 +199,14 @@ def _hidden_bytes(model: nn.Module) -> int:
     return int(getattr(cfg, "hidden_size", 0) or 0) * torch.finfo(dtype).bits // 8
 
 
-def _chunks(rows: list[torch.Tensor], n_layers: int, token_bytes: int) -> list[list[torch.Tensor]]:
-    """Consecutive runs of samples whose stored layer inputs fit STATE_BYTES (at least one sample each)."""
+def _chunks(rows: list[torch.Tensor], n_layers: int, token_bytes: int, cap: int = STATE_BYTES
+            ) -> list[list[torch.Tensor]]:
+    """Consecutive runs of samples whose stored layer inputs fit `cap` bytes (at least one sample each)."""
     out: list[list[torch.Tensor]] = [[]]
     used = 0
     for r in rows:
         need = n_layers * r.shape[1] * token_bytes
-        if out[-1] and used + need > STATE_BYTES:
+        if out[-1] and used + need > cap:
             out.append([])
             used = 0
         out[-1].append(r)
@@ -170,19 +217,21 @@ def _chunks(rows: list[torch.Tensor], n_layers: int, token_bytes: int) -> list[l
 def _fisher_chunk(model: nn.Module, rows: list[torch.Tensor], targets: dict[str, nn.Linear],
                   found: tuple[str, nn.ModuleList], head, accs: dict[str, FisherAccumulator],
                   load, free, progress: Progress | None, device: str, tag: str,
-                  finished: Callable[[list[str]], None] | None = None, unpark=None) -> None:
+                  finished: Callable[[list[str]], None] | None = None, unpark=None,
+                  stored: _StoredInputs | None = None) -> None:
     """Forward, head and backward passes of one chunk of samples, adding into `accs`; `finished(names)`
-    after each layer's backward, `unpark(names, accs)` restores parked partial sums before it."""
+    after each layer's backward, `unpark(names, accs)` restores parked partial sums before it; each
+    layer's inputs wait in `stored` (default: in memory) between the two passes."""
     from lpc.pipeline.calibration.stats import capture_layer_inputs
 
     path, layers = found
     states = capture_layer_inputs(model, layers, rows, device)
-    inputs: list[list[torch.Tensor]] = []
+    stored = stored if stored is not None else _StoredInputs(False)
     with torch.no_grad(), eval_mode(model):
         for i, layer in track(list(enumerate(layers)), f"fisher forward{tag} (layer by layer)", progress):
             _on(load, i)
             layer.to(device)
-            inputs.append([args[0].detach().cpu() for args, _ in states])
+            stored.put(i, [args[0].detach().cpu() for args, _ in states])
             for j, (args, kwargs) in enumerate(states):
                 out = layer(*args, **kwargs)
                 states[j] = ((out[0] if isinstance(out, (tuple, list)) else out,) + tuple(args[1:]), kwargs)
@@ -198,10 +247,9 @@ def _fisher_chunk(model: nn.Module, rows: list[torch.Tensor], targets: dict[str,
             accs[n] = FisherAccumulator(mine[n])
         if unpark is not None and fresh:
             unpark(list(mine), accs)
-        grads = _layer_backward(layers[i], mine, inputs[i], states, grads, {n: accs[n] for n in mine}, device)
+        grads = _layer_backward(layers[i], mine, stored.pop(i), states, grads, {n: accs[n] for n in mine}, device)
         if finished is not None:
             finished(list(mine))
-        inputs[i] = []
         layers[i].to("cpu")
         _on(free, i)
 

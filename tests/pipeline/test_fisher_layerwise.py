@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+from pathlib import Path
+
 import torch
 
 from lpc.pipeline import stages
@@ -41,7 +43,7 @@ def test_samples_in_chunks_give_the_same_bits(make_llama, monkeypatch):
     loads = []
     one_pass = layerwise_fisher(model, batches, targets, decoder_layers(model), load=loads.append)
     assert len(loads) == 2 * 3
-    monkeypatch.setattr(fl, "STATE_BYTES", 3 * 10 * fl._hidden_bytes(model))  # one sample's 3 layer inputs
+    monkeypatch.setattr(fl, "DISK_STATE_BYTES", 3 * 10 * fl._hidden_bytes(model))  # one sample's 3 layer inputs
     loads.clear()
     chunked = layerwise_fisher(model, batches, targets, decoder_layers(model), load=loads.append)
     assert len(loads) == 4 * 2 * 3
@@ -49,6 +51,35 @@ def test_samples_in_chunks_give_the_same_bits(make_llama, monkeypatch):
         for key in ("weight_fisher", "act_fisher"):
             assert torch.equal(chunked[n][key], one_pass[n][key]), (n, key)
         assert chunked[n]["count"] == 4
+
+
+def test_a_streamed_models_layer_inputs_wait_on_disk_with_the_same_bits(make_llama, monkeypatch, tmp_path):
+    """With a streamed model (layers loaded on demand) each layer's stored inputs wait in a file in the
+    given directory between the forward and backward passes: none is held in memory, the files are gone
+    afterwards, and the Fisher equals the in-memory pass bit for bit."""
+    import lpc.pipeline.calibration.fisher_layerwise as fl
+
+    model = make_llama(layers=3).float().eval()
+    targets = find_targets(model, ["*proj"], [])
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randint(3, 60, (1, 12), generator=g) for _ in range(3)]
+    in_memory = layerwise_fisher(model, batches, targets, decoder_layers(model))
+    seen = []
+    real_pop = fl._StoredInputs.pop
+
+    def pop(self, i):
+        seen.append((self.held == {}, sorted(p.name for p in Path(self.dir.name).iterdir())))
+        return real_pop(self, i)
+
+    monkeypatch.setattr(fl._StoredInputs, "pop", pop)
+    offloaded = layerwise_fisher(model, batches, targets, decoder_layers(model), load=lambda i: None,
+                                 park_dir=str(tmp_path))
+    assert seen == [(True, ["0.safetensors", "1.safetensors", "2.safetensors"]),
+                    (True, ["0.safetensors", "1.safetensors"]), (True, ["0.safetensors"])]
+    assert list(tmp_path.iterdir()) == []
+    for n in in_memory:
+        for key in ("weight_fisher", "act_fisher"):
+            assert torch.equal(offloaded[n][key], in_memory[n][key]), (n, key)
 
 
 def test_each_layer_is_delivered_when_final_and_only_one_layer_holds_accumulators(make_llama, monkeypatch, tmp_path):
