@@ -74,6 +74,9 @@ class TuneConfig(Section):
     inputs: Literal["quantized", "original"] = Field(
         "quantized", description="each layer's inputs: the hidden states of the already-quantized layers, or the "
                                  "original model's (the target is always the original layer's output on the original's)")
+    amp: Literal["bf16", "none"] = Field(
+        "bf16", description="the training steps' forward and backward under bf16 autocast (the held-out "
+                            "measurements, the kept rounding and the next layer's inputs stay in the layer's dtype)")
 
 
 class QuantizeConfig(Section):

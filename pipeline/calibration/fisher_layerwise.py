@@ -96,23 +96,34 @@ def layerwise_fisher(model: nn.Module, batches: list[torch.Tensor], targets: dic
     return result(list(targets))
 
 
-class _Parking:
-    """Partial Fisher sums of the layers between two chunks of samples, on disk (safetensors), so only
-    the layer being back-propagated holds accumulators; exact (fp32 in, fp32 out)."""
+class _OnDisk:
+    """A temporary directory (under `directory`, default the system's) while active and inside; removed
+    with what it holds on exit."""
+
+    prefix = "lpc-fisher-"
 
     def __init__(self, active: bool, directory: str | Path | None = None):
-        self.active, self.directory, self.dir, self.files = active, directory, None, {}
+        self.active, self.directory, self.dir = active, directory, None
 
-    def __enter__(self) -> "_Parking":
+    def __enter__(self):
         if self.active:
             import tempfile
 
-            self.dir = tempfile.TemporaryDirectory(prefix="lpc-fisher-", dir=self.directory)
+            self.dir = tempfile.TemporaryDirectory(prefix=self.prefix, dir=self.directory)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.dir is not None:
             self.dir.cleanup()
+
+
+class _Parking(_OnDisk):
+    """Partial Fisher sums of the layers between two chunks of samples, on disk (safetensors), so only
+    the layer being back-propagated holds accumulators; exact (fp32 in, fp32 out)."""
+
+    def __init__(self, active: bool, directory: str | Path | None = None):
+        super().__init__(active, directory)
+        self.files: dict[tuple[str, ...], Path] = {}
 
     def _file(self, names: list[str]) -> Path:
         key = tuple(names)
@@ -144,25 +155,16 @@ class _Parking:
         f.unlink()
 
 
-class _StoredInputs:
+class _StoredInputs(_OnDisk):
     """Each decoder layer's input hidden states (one tensor per sample), kept from the forward pass for the
-    backward pass: in memory, or (`offload`) in one safetensors file per layer on disk, so what is resident
-    is one layer's inputs, not every layer's (the store grows with depth). Exact either way."""
+    backward pass: in memory, or (active: offloaded) in one safetensors file per layer on disk, so what is
+    resident is one layer's inputs, not every layer's (the store grows with depth). Exact either way."""
+
+    prefix = "lpc-fisher-inputs-"
 
     def __init__(self, offload: bool, directory: str | Path | None = None):
-        self.offload, self.directory, self.dir = offload, directory, None
+        super().__init__(offload, directory)
         self.held: dict[int, list[torch.Tensor]] = {}
-
-    def __enter__(self) -> "_StoredInputs":
-        if self.offload:
-            import tempfile
-
-            self.dir = tempfile.TemporaryDirectory(prefix="lpc-fisher-inputs-", dir=self.directory)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.dir is not None:
-            self.dir.cleanup()
 
     def put(self, i: int, tensors: list[torch.Tensor]) -> None:
         if self.dir is None:

@@ -15,12 +15,13 @@ Simulated activation quantization (W4A4, FGMP activation blocks) is in the tuned
 straight-through gradient; the target never has it.
 
 Adam moves each latent by steps of `lr` x its weight's RMS; a step accumulates the gradients of
-`samples_per_step` training samples (taken in turn). Every `eval_every` steps the relative error on
-held-out samples (every k-th sample, `val_fraction`) is measured; the best latent is kept, plain
-rounding (step 0) included, so a layer is never worse than plain rounding on held-out samples; after
-`patience` measurements without improvement the layer stops. The best latent is rounded by the
-format's own quantizer (what the artifact stores), measured on the same held-out samples, and kept
-only if it beats plain rounding there. Its quantized outputs become the next layer's inputs.
+`samples_per_step` training samples (taken in turn), computed under bf16 autocast (`amp`). Every
+`eval_every` steps the relative error on held-out samples (every k-th sample, `val_fraction`) is
+measured in the layer's own dtype; the best latent is kept, plain rounding (step 0) included, so a
+layer is never worse than plain rounding on held-out samples; after `patience` measurements without
+improvement the layer stops. The best latent is rounded by the format's own quantizer (what the
+artifact stores), measured on the same held-out samples, and kept only if it beats plain rounding
+there. Its quantized outputs become the next layer's inputs.
 
 Memory: one layer, three fp32 copies of its targets (latent, Adam's two moments) and one of their
 originals, and the calibration set's hidden states (the original stream, its next-layer values and,
@@ -88,7 +89,8 @@ def tune_layer(layer: nn.Module, targets: dict[str, nn.Linear], quantizers: dict
             for step in range(1, cfg.steps + 1):
                 opt.zero_grad(set_to_none=True)
                 chunk = [train[(i + (step - 1) * per) % len(train)] for i in range(per)]
-                train_loss = _backward(layer, inputs, wanted, chunk, device)
+                with _autocast(cfg, device):
+                    train_loss = _backward(layer, inputs, wanted, chunk, device)
                 opt.step()
                 done = step
                 if step % cfg.eval_every and step != cfg.steps:
@@ -129,6 +131,15 @@ def tune_layer(layer: nn.Module, targets: dict[str, nn.Linear], quantizers: dict
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
+
+
+def _autocast(cfg: Any, device: str):
+    """The training steps' autocast (`amp: bf16`): matmuls in bf16, 2-5x faster on CPUs with bf16 units and on
+    GPUs; the loss is summed in fp32. Only the gradient's direction depends on it: which step is kept, and
+    whether the tuned rounding beats plain rounding, is measured in the layer's own dtype."""
+    if getattr(cfg, "amp", "none") != "bf16":
+        return _nothing()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def _to(obj: Any, device: str) -> Any:
