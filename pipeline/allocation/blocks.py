@@ -13,7 +13,7 @@ import torch
 
 from lpc.pipeline.allocation import fgmp as fp
 from lpc.pipeline.allocation.registry import ALLOCATION_POLICIES, AllocationContext
-from lpc.pipeline.calibration.stats import stat_fields, stat_names
+from lpc.pipeline.calibration.stored import stat_fields, stat_names
 from lpc.pipeline.errors import InputError
 from lpc.pipeline.io.models import fuse_groups
 from lpc.pipeline.io.streaming import trim_heap

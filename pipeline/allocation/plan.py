@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lpc.pipeline.artifact import store as art
-from lpc.pipeline.calibration.stats import StatRef, read_stats, stat_names
+from lpc.pipeline.calibration.stored import StatRef, read_stats, stat_names
 from lpc.pipeline.errors import ArtifactError
 from lpc.recipes import validate_recipe
 from lpc.recipes.schema import Recipe

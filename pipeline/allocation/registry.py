@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lpc.formats.registry import Registry
-from lpc.pipeline.calibration.stats import calibration_batches_of
+from lpc.pipeline.calibration.stored import calibration_batches_of
 from lpc.pipeline.errors import InputError, RecipeError
 from lpc.pipeline.progress import Progress
 

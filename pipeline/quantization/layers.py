@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lpc.formats import QTensor, get_format, stored_bits
-from lpc.pipeline.calibration.stats import resolve_refs
+from lpc.pipeline.calibration.stored import resolve_refs
 from lpc.pipeline.io.models import fuse_groups
 from lpc.pipeline.progress import Progress, track
 from lpc.pipeline.quantization.registry import QUANTIZE_METHODS

@@ -13,7 +13,7 @@ import torch
 from lpc.pipeline.allocation import ALLOCATION_POLICIES, AllocationContext
 from lpc.pipeline.allocation.plan import MASKS, PLAN
 from lpc.pipeline.artifact import store as art
-from lpc.pipeline.calibration.stats import STATS_FILE, read_stats
+from lpc.pipeline.calibration.stored import STATS_FILE, read_stats
 from lpc.pipeline.errors import RecipeError
 from lpc.pipeline.io.models import find_targets, load_hf_model, model_files
 from lpc.pipeline.io.streaming import open_stack

@@ -12,8 +12,8 @@ import torch
 from lpc.pipeline.artifact import store as art
 from lpc.pipeline.artifact.shards import ShardWriter
 from lpc.pipeline.calibration.fisher_layerwise import final_head
-from lpc.pipeline.calibration.stats import (STATS_FILE, collect_input_stats, data_inputs, needs_covariance,
-                                           needs_statistics, stats_tensors)
+from lpc.pipeline.calibration.stats import collect_input_stats, needs_covariance, needs_statistics, stats_tensors
+from lpc.pipeline.calibration.stored import STATS_FILE, data_inputs
 from lpc.pipeline.io import distributed as dd
 from lpc.pipeline.io.data import calibration_batches
 from lpc.pipeline.io.device import check_device

@@ -34,7 +34,7 @@ from safetensors import safe_open
 
 from lpc.formats import QTensor, get_format
 from lpc.pipeline.artifact import store as art
-from lpc.pipeline.calibration.stats import STATS_FILE, read_stats
+from lpc.pipeline.calibration.stored import STATS_FILE, read_stats
 from lpc.pipeline.errors import ArtifactError, InputError
 from lpc.pipeline.compensation.layer import choose_ranks, compensate_layer, low_rank_path
 from lpc.pipeline.compensation.methods import LayerInputs

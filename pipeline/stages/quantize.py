@@ -8,7 +8,7 @@ from typing import Any
 from lpc.pipeline.allocation.plan import read_plan
 from lpc.pipeline.artifact import store as art
 from lpc.pipeline.artifact.lpc_model import shared_bits, write_lpc_model
-from lpc.pipeline.calibration.stats import STATS_FILE, calibration_batches_of, read_stats
+from lpc.pipeline.calibration.stored import STATS_FILE, calibration_batches_of, read_stats
 from lpc.pipeline.errors import RecipeError
 from lpc.pipeline.io.device import check_device
 from lpc.pipeline.kvcache import KV_STATS_FILE, check_kv_model, kv_artifact

@@ -208,7 +208,7 @@ def test_vapr_streams_and_equals_the_whole_model_search(fisher_calib, monkeypatc
 def test_plan_reads_fisher_importances_only_when_a_layer_is_quantized(fisher_calib):
     """An FGMP plan with sensitivity clipping refers to each layer's weight Fisher: read_plan keeps a
     reference (as large as the weights in fp32, it is read layer by layer when quantized)."""
-    from lpc.pipeline.calibration.stats import StatRef, read_stats, resolve_refs
+    from lpc.pipeline.calibration.stored import StatRef, read_stats, resolve_refs
 
     recipe = load_recipe("fgmp_nvfp4a16", SMALL + ["allocate.fraction=0.25"])
     allocate(fisher_calib / "calib", recipe, fisher_calib / "lazy")

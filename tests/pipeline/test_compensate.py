@@ -12,7 +12,7 @@ from lpc.cli.main import app
 from lpc.pipeline import stages
 from lpc.recipes import RecipeError
 from lpc.pipeline.artifact.store import load_tensors, save_tensors
-from lpc.pipeline.calibration.stats import STATS_FILE, read_stats
+from lpc.pipeline.calibration.stored import STATS_FILE, read_stats
 from lpc.pipeline.stages.compensate import compensate
 from lpc.pipeline.errors import InputError
 from lpc.pipeline.artifact.load import load

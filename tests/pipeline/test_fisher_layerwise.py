@@ -11,7 +11,7 @@ import torch
 from lpc.pipeline import stages
 from lpc.pipeline.calibration.fisher import fisher_statistics
 from lpc.pipeline.calibration.fisher_layerwise import layerwise_fisher
-from lpc.pipeline.calibration.stats import read_stats
+from lpc.pipeline.calibration.stored import read_stats
 from lpc.pipeline.io.models import decoder_layers, find_targets
 from lpc.recipes import load_recipe
 

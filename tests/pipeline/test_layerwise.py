@@ -13,7 +13,7 @@ from lpc.pipeline import stages
 from lpc.pipeline.artifact.load import load
 from lpc.pipeline.artifact.lpc_model import read_qconfig, read_qtensors
 from lpc.pipeline.artifact.shards import INDEX, ShardWriter, entries_of, parse_size, write_streamed
-from lpc.pipeline.calibration.stats import read_stats
+from lpc.pipeline.calibration.stored import read_stats
 from lpc.pipeline.errors import InputError, RecipeError
 from lpc.pipeline.io.streaming import resident_params
 from lpc.recipes import load_recipe

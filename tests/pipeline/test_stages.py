@@ -7,7 +7,8 @@ import torch
 
 from lpc.formats import get_format
 from lpc.pipeline import stages
-from lpc.pipeline.calibration.stats import InputStats, _whole_model, collect_input_stats, read_stats
+from lpc.pipeline.calibration.stats import InputStats, _whole_model, collect_input_stats
+from lpc.pipeline.calibration.stored import read_stats
 from lpc.pipeline.io.data import calibration_batches, read_texts
 from lpc.pipeline.errors import ArtifactError, InputError
 from lpc.pipeline.artifact.load import load
