@@ -28,8 +28,9 @@ class AllocationContext:
 
     A checkpoint that streams starts as a meta-device skeleton: `names`, `shape` and `weight` (read from
     the safetensors files one tensor at a time) never load the model, so a policy that only scores
-    weights holds one weight at a time. `model` and `targets` load the whole model on first use (policies
-    that run forward passes: activation scores, measured losses)."""
+    weights holds one weight at a time. `model` and `targets` load the whole model on first use (a policy
+    that runs the whole model: VaPr's `measured` predictor); `streamed()` gives what a forward pass one
+    decoder layer at a time needs (FGMP's activation scores, VaPr's measured plans)."""
 
     def __init__(self, model: nn.Module, targets: dict[str, nn.Linear], stats: dict[str, dict[str, torch.Tensor]],
                  recipe: Any, calib_manifest: dict[str, Any], src: str, progress: Progress | None, calib_dir: Path,
