@@ -36,9 +36,23 @@ class QuantizedWeight(nn.Module):
         # once per sequence and again in each checkpoint recompute.
         if self._cached is None or self._cached[0] != latent._version:
             with torch.no_grad():
-                self._cached = (latent._version, self.quantizer(latent.detach()).to(latent.dtype))
-        q = self._cached[1]
-        return (latent + (q - latent).detach()).to(self.original.dtype)
+                self._cached = (latent._version, self.quantizer(latent.detach()).to(self.original.dtype))
+        return _StraightThrough.apply(latent, self._cached[1])
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: q (Q(latent) in the layer's dtype, computed once per step); backward: the gradient to the
+    latent unchanged (cast to fp32). The same as `latent + (q - latent).detach()` without its three
+    full-size temporaries at every call (once per sample and again in each backward)."""
+
+    @staticmethod
+    def forward(ctx, latent: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        ctx.latent_dtype = latent.dtype
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.latent_dtype), None
 
 
 @contextmanager
