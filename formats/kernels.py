@@ -277,3 +277,29 @@ def nvfp4_search(xb: torch.Tensor, s2: torch.Tensor, cands: torch.Tensor, weight
         best_err = torch.where(better, err, best_err)
     codes = e2m1_codes(xf / (best * s2).unsqueeze(-1))
     return pack_pairs(codes), best
+
+
+def nvfp4_clip(xb: torch.Tensor, s2: torch.Tensor, mults: torch.Tensor, weight: torch.Tensor | None,
+               order: str) -> tuple[torch.Tensor]:
+    """NVFP4 clip search (MSE, or sensitivity-weighted with `weight`) as one fused pass; equals
+    clipping.search_block_scales with nvfp4.scale_from_amax and nvfp4.fake_blocks.
+
+    xb: (r, nb, 16); s2: () f32; mults: (M,) f32 multipliers of each block's amax, 1.0 first (the first
+    wins ties); weight: None or non-negative f32 broadcastable to xb; order: `sum_order()`. Each
+    multiplier's block error is computed with the very operations of the eager search, so the same
+    scale wins. Returns the block scales (r, nb) f32.
+    """
+    xf = xb.to(torch.float32)
+    amax = xf.abs().amax(-1)
+    best = best_err = None
+    for i in range(mults.shape[0]):
+        scale = nonzero_or_one(round_e4m3(amax * mults[i] / (E2M1_MAX * s2)))
+        err = (xf - e2m1_round(xf, (scale * s2).unsqueeze(-1))).square()
+        err = sum16(err if weight is None else err * weight, order)
+        if best is None:
+            best, best_err = scale, err
+            continue
+        better = err < best_err
+        best = torch.where(better, scale, best)
+        best_err = torch.where(better, err, best_err)
+    return (best,)

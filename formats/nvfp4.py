@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 
 from lpc.formats import fast, kernels
-from lpc.formats.clipping import search_block_scales
+from lpc.formats.clipping import multipliers, search_block_scales
 from lpc.formats.numerics import (
     E2M1_MAX, E4M3_MAX, amax_of, as_rows, blocks_of, e2m1_decode, e2m1_encode, importance_rows,
     pack_nibbles, pad_last, padded, round_e4m3, row_chunks, unpack_nibbles,
@@ -127,11 +127,37 @@ def choose_scales(xb: torch.Tensor, s2: torch.Tensor, spec: NVFP4Spec,
         sb = block_scales(xb, s2)
     else:
         wb = weight if spec.clip == "sensitivity" else None
-        sb = search_block_scales(xb, xb.abs().amax(-1), lambda a: scale_from_amax(a, s2),
-                                 lambda v, s: fake_blocks(v, s, s2), wb, spec.clip_grid, spec.clip_min)
+        sb = _fast_clip(xb, s2, spec, wb)
+        if sb is None:
+            sb = search_block_scales(xb, xb.abs().amax(-1), lambda a: scale_from_amax(a, s2),
+                                     lambda v, s: fake_blocks(v, s, s2), wb, spec.clip_grid, spec.clip_min)
     if spec.scale_search:
-        sb = search_scales(xb, sb, s2, spec.scale_search, weight)
+        found = _fast_rescale(xb, sb, s2, spec.scale_search, weight)
+        sb = found if found is not None else search_scales(xb, sb, s2, spec.scale_search, weight)
     return sb
+
+
+def _fast_clip(xb: torch.Tensor, s2: torch.Tensor, spec: NVFP4Spec, weight: torch.Tensor | None
+               ) -> torch.Tensor | None:
+    """The clip search as one compiled kernel (kernels.nvfp4_clip, the same scales), or None where it
+    cannot run (not compiled here, too small to be worth compiling, this machine's sum order unknown)."""
+    order = kernels.sum_order()
+    if order is None or not fast.worth_compiling(kernels.nvfp4_clip, xb):
+        return None
+    mults = torch.tensor(multipliers(spec.clip_grid, spec.clip_min), dtype=torch.float32, device=xb.device)
+    out = fast.run_compiled(kernels.nvfp4_clip, xb, s2.to(xb.device), mults, weight, order)
+    return None if out is None else out[0]
+
+
+def _fast_rescale(xb: torch.Tensor, sb: torch.Tensor, s2: torch.Tensor, radius: int,
+                  weight: torch.Tensor | None) -> torch.Tensor | None:
+    """`search_scales` around the block scales sb as one compiled kernel (kernels.nvfp4_search), or None."""
+    order = kernels.sum_order()
+    if order is None or not fast.worth_compiling(kernels.nvfp4_search, xb):
+        return None
+    cands = torch.stack(candidate_scales(sb, radius), dim=-1)
+    out = fast.run_compiled(kernels.nvfp4_search, xb, s2.to(xb.device), cands, weight, order)
+    return None if out is None else out[1]
 
 
 def search_scales(xb: torch.Tensor, sb: torch.Tensor, s2: torch.Tensor, radius: int,

@@ -56,3 +56,28 @@ def test_compiled_search_equals_eager(monkeypatch, heavy, same_bits, radius, imp
         # the search did change some scales (else equality proves nothing about it)
         plain = fmt.quantize(x)
         assert not same_bits(plain.data["scale"], compiled.data["scale"])
+
+
+@pytest.mark.parametrize("kind, clip, radius", [("nvfp4", "mse", 0), ("nvfp4", "sensitivity", 2),
+                                                    ("fgmp", "sensitivity", 2), ("fgmp", "mse", 0)])
+def test_compiled_clip_search_equals_eager(monkeypatch, heavy, same_bits, kind, clip, radius):
+    """The clip search over 16 multipliers of each block's amax (then the scale search around the winner)
+    compiled into one pass each gives the eager search's bytes, for NVFP4 and for FGMP's NVFP4 blocks."""
+    if not fast.enabled() or kernels.sum_order() is None:
+        pytest.skip("compiled kernels are off (LPC_COMPILE=0) or the sum order is unknown here")
+    fmt = get_format(kind)
+    for shape in [(48, 200), (9, 64)]:
+        x = _input(shape, heavy)
+        imp = torch.rand(shape[1], generator=torch.Generator().manual_seed(shape[0])) ** 3
+        spec = {"clip": clip, "scale_search": radius, "importance": imp}
+        with monkeypatch.context() as m:
+            m.setitem(fast._compiled, kernels.nvfp4_clip, None)
+            m.setitem(fast._compiled, kernels.nvfp4_search, None)
+            eager = fmt.quantize(x, **spec)
+        monkeypatch.setattr(fast, "MIN_NUMEL", 0)
+        compiled = fmt.quantize(x, **spec)
+        assert fast._compiled.get(kernels.nvfp4_clip) is not None, "the clip kernel did not compile"
+        for k in eager.data:
+            assert same_bits(eager.data[k], compiled.data[k]), (kind, shape, k)
+        plain = fmt.quantize(x, importance=imp)
+        assert not same_bits(plain.data["scale"], compiled.data["scale"])  # clipping moved some scales
