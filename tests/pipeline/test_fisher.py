@@ -169,3 +169,23 @@ def test_checkpointing_is_used(tiny_llama, monkeypatch):
     calls.clear()
     fisher_statistics(tiny_llama, [torch.tensor([[1, 2, 3, 4]])], _targets(tiny_llama), checkpointing=False)
     assert calls == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gradient_squares_run_by_run_equal_the_whole_square(dtype, monkeypatch):
+    """The CPU accumulation squares the gradient a run at a time (a short run here, and a length that is
+    not a multiple of it): every accumulator of the group gets exactly acc + fp32(grad)^2."""
+    import lpc.pipeline.calibration.fisher as fm
+
+    monkeypatch.setattr(fm, "SQUARE_CHUNK", 100)
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(37, 29, bias=False).to(dtype)
+    grad = (torch.randn(29, 37, generator=g) * torch.exp(3 * torch.randn(29, 37, generator=g))).to(dtype)
+    accs = [fm.FisherAccumulator(lin), fm.FisherAccumulator(lin)]
+    start = torch.rand(29, 37, generator=g)
+    accs[1].weight_sum.copy_(start)
+    lin.weight.grad = grad.clone()
+    fm._take_weight_grad(lin.weight, accs)
+    assert lin.weight.grad is None
+    assert torch.equal(accs[0].weight_sum, grad.to(torch.float32).square())
+    assert torch.equal(accs[1].weight_sum, start + grad.to(torch.float32).square())
