@@ -51,8 +51,8 @@ State = tuple[tuple, dict]  # (args, kwargs) of one sample's call of a decoder l
 
 def tune_layer(layer: nn.Module, targets: dict[str, nn.Linear], quantizers: dict[str, Quantizer],
                inputs: list[State], wanted: list[torch.Tensor], cfg: Any, activations=None, device: str = "cpu",
-               final: dict[str, Quantizer] | None = None, rounded: dict[str, torch.Tensor] | None = None,
-               batch: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+               final: dict[str, Quantizer] | None = None, rounded: dict[str, torch.Tensor] | None = None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tune the target weights of one decoder layer so that it reproduces `wanted`.
 
     targets: the layer's Linears to tune (its modules), by name; quantizers: name -> fake quantizer.
@@ -65,8 +65,6 @@ def tune_layer(layer: nn.Module, targets: dict[str, nn.Linear], quantizers: dict
     original weights are returned when that is not better than plain rounding.
     rounded: when given, receives name -> final(tuned weight) (on `device`, the layer's dtype) where
     the tuned weights are kept and were measured through `final`, so the caller need not round again.
-    batch: a step's samples may run through the layer as one batch when they are alike (`_batchable`);
-    the caller says False when simulated activation quantization takes statistics over a whole input.
     Returns (name -> tuned fp32 weight on the CPU, report). The layer is left as it was.
     """
     t0 = time.perf_counter()
@@ -90,12 +88,11 @@ def tune_layer(layer: nn.Module, targets: dict[str, nn.Linear], quantizers: dict
             best = (start, 0, {n: p.detach().clone() for n, p in latents.items()})
             history, misses, done, train_loss = [{"step": 0, "error": start}], 0, 0, None
             per = max(1, min(cfg.samples_per_step, len(train)))
-            together = batch and _batchable([inputs[j] for j in train])
             for step in range(1, cfg.steps + 1):
                 opt.zero_grad(set_to_none=True)
                 chunk = [train[(i + (step - 1) * per) % len(train)] for i in range(per)]
                 with _autocast(cfg, device):
-                    train_loss = _backward(layer, inputs, wanted, chunk, device, together)
+                    train_loss = _backward(layer, inputs, wanted, chunk, device)
                 opt.step()
                 for p in latents.values():  # a fused step leaves the version counter; Q(latent) is cached on it
                     torch.autograd.graph.increment_version(p)
@@ -177,47 +174,15 @@ def _error(layer: nn.Module, inputs: list[State], wanted: list[torch.Tensor], id
     return num / max(den, 1e-30)
 
 
-def _backward(layer: nn.Module, inputs: list[State], wanted: list[torch.Tensor], idx: list[int], device: str,
-              together: bool = False) -> float:
-    """Back-propagate the relative squared error of samples idx; returns it. together: the samples run as
-    one batch (one forward, one backward, larger matrix products), else one at a time."""
+def _backward(layer: nn.Module, inputs: list[State], wanted: list[torch.Tensor], idx: list[int], device: str) -> float:
+    """Back-propagate the relative squared error of samples idx (one sample at a time); returns it."""
     den = max(sum(float(wanted[j].float().square().sum()) for j in idx), 1e-30)
-    if together and len(idx) > 1:
-        args, kwargs = inputs[idx[0]]
-        state = ((torch.cat([inputs[j][0][0] for j in idx]),) + tuple(args[1:]), kwargs)
-        loss = _sq(run_layer(layer, state, device), torch.cat([wanted[j] for j in idx]).to(device)) / den
-        loss.backward()
-        return float(loss.detach())
     total = 0.0
     for j in idx:
         loss = _sq(run_layer(layer, inputs[j], device), wanted[j].to(device)) / den
         loss.backward()
         total += float(loss.detach())
     return total
-
-
-def _batchable(states: list[State]) -> bool:
-    """Whether these samples can run through a decoder layer as one batch: one sequence each, of one
-    shape, and every other argument equal (the positions, rotary embeddings and causal mask of windows
-    of one length), so that sample 0's broadcast over the batch."""
-    args0, kw0 = states[0]
-    if not isinstance(args0[0], torch.Tensor) or args0[0].shape[0] != 1:
-        return False
-    for args, kw in states[1:]:
-        if args[0].shape != args0[0].shape or len(args) != len(args0) or kw.keys() != kw0.keys():
-            return False
-        if not all(_same(a, b) for a, b in zip(args[1:], args0[1:])) or not all(_same(kw[k], kw0[k]) for k in kw):
-            return False
-    return True
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                and a.dtype == b.dtype and torch.equal(a, b))
-    if isinstance(a, (tuple, list)):
-        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a is b or (isinstance(a, (int, float, str, bool)) and a == b)
 
 
 class LayerwiseTuner:
@@ -266,7 +231,7 @@ class LayerwiseTuner:
             grid = {n: grid_quantizer(*setups[n], mine[n].weight.detach(), mine[n].weight.dtype) for n in names}
             tuned, report = tune_layer(layer, mine, grid, inputs, wanted, self.cfg,
                                        lambda st: self._activations(names, st), self.device, final=quantizers,
-                                       rounded=rounded, batch=not any(n in self.act_plan for n in names))
+                                       rounded=rounded)
         else:
             tuned = {n: m.weight.detach().float().cpu() for n, m in mine.items()}
             report = {"steps": 0, "best_step": 0}

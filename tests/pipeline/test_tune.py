@@ -258,24 +258,3 @@ def test_the_frozen_grid_rounds_the_same_compiled_and_eager(fmt_name, monkeypatc
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))
     if fmt_name == "fgmp":  # both kinds of block were exercised
         assert ctx["mask"].any() and not ctx["mask"].all()
-
-
-def test_a_steps_samples_run_as_one_batch_with_the_same_loss_and_gradient(one_layer):
-    """Windows of one length share positions, rotary embeddings and mask: a step runs its samples as one
-    batch, whose loss and latent gradients equal those of one sample at a time (up to summation order);
-    samples of different lengths are not batched."""
-    from lpc.pipeline.quantization.ste import quantized_weights
-    from lpc.pipeline.quantization.tune import _backward, _batchable
-
-    _, layer, targets, quantizers, inputs, wanted = one_layer
-    assert _batchable(inputs)
-    grads, losses = [], []
-    for together in (False, True):
-        with quantized_weights(targets, quantizers) as latents, torch.enable_grad():
-            losses.append(_backward(layer, inputs, wanted, [0, 1, 2], "cpu", together))
-            grads.append({n: p.grad.clone() for n, p in latents.items()})
-    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
-    for n in grads[0]:
-        assert torch.allclose(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-9), n
-    short = ((inputs[0][0][0][:, :10],) + tuple(inputs[0][0][1:]), inputs[0][1])
-    assert not _batchable([inputs[1], short])
