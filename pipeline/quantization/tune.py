@@ -247,7 +247,11 @@ class LayerwiseTuner:
         log.info("tune: %d targets, relative output error %.5g -> %.5g (step %s of %s)", len(names),
                  report.get("error_start", 0.0), report.get("error_final", 0.0), report["best_step"],
                  report["steps"])
-        return tuned, report, {n: kept[n]["q"] for n in rounded}
+        # the QTensor of each returned weight where the last rounding was of it: the tuned rounding measured
+        # in tune_layer, or (quantized inputs) the rounding that made the next layer's inputs, plain rounding
+        # included, which the artifact then stores without encoding it again
+        done = set(rounded) | (set(names) if self.quant is not None else set())
+        return tuned, report, {n: kept[n]["q"] for n in names if n in done and "q" in kept[n]}
 
     def report(self) -> dict[str, Any]:
         tuned = [r for r in self.reports if "error_start" in r]
