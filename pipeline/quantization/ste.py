@@ -28,6 +28,11 @@ class QuantizedWeight(nn.Module):
         self.quantizer = quantizer
         self.teacher = False
         self._cached: tuple[int, torch.Tensor] | None = None
+        # accumulate: gradients are summed here (fp32, a cache-sized run at a time) instead of by autograd,
+        # and handed over by `take_grad`; the same sums, without a weight-sized fp32 copy per backward
+        self.accumulate = False
+        self.grad_sum: torch.Tensor | None = None
+        self._fresh = True
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         if self.teacher:
@@ -37,7 +42,35 @@ class QuantizedWeight(nn.Module):
         if self._cached is None or self._cached[0] != latent._version:
             with torch.no_grad():
                 self._cached = (latent._version, self.quantizer(latent.detach()).to(self.original.dtype))
-        return _StraightThrough.apply(latent, self._cached[1])
+        return _StraightThrough.apply(latent, self._cached[1], self)
+
+    def take_grad(self) -> torch.Tensor | None:
+        """The gradient summed since the last call (accumulate mode), or None if no backward ran."""
+        if self._fresh:
+            return None
+        self._fresh = True
+        return self.grad_sum
+
+    def add_grad(self, grad: torch.Tensor) -> None:
+        """Add grad (any float dtype) to the fp32 sum: the first of a step is copied (as autograd takes the
+        first gradient as it is), later ones added, a run at a time on a CPU."""
+        if self.grad_sum is None or self.grad_sum.shape != grad.shape or self.grad_sum.device != grad.device:
+            self.grad_sum = torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
+        first, self._fresh = self._fresh, False
+        if grad.device.type != "cpu":
+            self.grad_sum.copy_(grad) if first else self.grad_sum.add_(grad.to(torch.float32))
+            return
+        src, dst = grad.reshape(-1), self.grad_sum.view(-1)
+        buf = torch.empty(min(RUN, src.numel()), dtype=torch.float32)
+        for i in range(0, src.numel(), RUN):
+            n = min(RUN, src.numel() - i)
+            if first:
+                dst[i:i + n].copy_(src[i:i + n])
+            else:
+                dst[i:i + n].add_(buf[:n].copy_(src[i:i + n]))
+
+
+RUN = 1 << 15  # elements per step of a CPU gradient sum: its fp32 copy stays in cache
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -46,13 +79,16 @@ class _StraightThrough(torch.autograd.Function):
     full-size temporaries at every call (once per sample and again in each backward)."""
 
     @staticmethod
-    def forward(ctx, latent: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        ctx.latent_dtype = latent.dtype
+    def forward(ctx, latent: torch.Tensor, q: torch.Tensor, owner: "QuantizedWeight") -> torch.Tensor:
+        ctx.latent_dtype, ctx.owner = latent.dtype, owner
         return q.view_as(q)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad.to(ctx.latent_dtype), None
+        if ctx.owner.accumulate:
+            ctx.owner.add_grad(grad)
+            return None, None, None
+        return grad.to(ctx.latent_dtype), None, None
 
 
 @contextmanager

@@ -258,3 +258,25 @@ def test_the_frozen_grid_rounds_the_same_compiled_and_eager(fmt_name, monkeypatc
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))
     if fmt_name == "fgmp":  # both kinds of block were exercised
         assert ctx["mask"].any() and not ctx["mask"].all()
+
+
+def test_summed_gradients_equal_autogradss_bit_for_bit(one_layer, monkeypatch):
+    """With the straight-through weights summing their own gradients (a short run at a time here), the
+    gradient handed to the optimizer equals autograd's accumulation over the same samples, bit for bit."""
+    import lpc.pipeline.quantization.ste as ste
+    from lpc.pipeline.quantization.ste import quantized_weights
+    from lpc.pipeline.quantization.tune import _backward
+
+    monkeypatch.setattr(ste, "RUN", 100)
+    _, layer, targets, quantizers, inputs, wanted = one_layer
+    got = []
+    for accumulate in (False, True):
+        with quantized_weights(targets, quantizers) as latents, torch.enable_grad():
+            mods = {n: targets[n].parametrizations.weight[0] for n in latents}
+            for m in mods.values():
+                m.accumulate = accumulate
+            _backward(layer, inputs, wanted, [0, 1, 2], "cpu")
+            got.append({n: (mods[n].take_grad() if accumulate else p.grad).clone() for n, p in latents.items()})
+            assert all(m.take_grad() is None for m in mods.values()) or not accumulate  # handed over once
+    for n in got[0]:
+        assert torch.equal(got[0][n], got[1][n]), n
