@@ -260,7 +260,7 @@ def test_the_frozen_grid_rounds_the_same_compiled_and_eager(fmt_name, monkeypatc
         assert ctx["mask"].any() and not ctx["mask"].all()
 
 
-def test_summed_gradients_equal_autogradss_bit_for_bit(one_layer, monkeypatch):
+def test_summed_gradients_equal_autograds_bit_for_bit(one_layer, monkeypatch):
     """With the straight-through weights summing their own gradients (a short run at a time here), the
     gradient handed to the optimizer equals autograd's accumulation over the same samples, bit for bit."""
     import lpc.pipeline.quantization.ste as ste
