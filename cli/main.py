@@ -9,19 +9,20 @@ def main() -> None:
     with one line instead of a traceback."""
     from lpc.cli import interrupt
 
-    interrupt.install()
     code: object = 0
     try:
-        from lpc.cli import commands  # noqa: F401  (registers the subcommands on `app`)
-        from lpc.cli.app import app
+        interrupt.install()
+        try:
+            from lpc.cli import commands  # noqa: F401  (registers the subcommands on `app`)
+            from lpc.cli.app import app
 
-        app()
-    except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted\n")
-        code = 130
-    except SystemExit as exc:  # typer always ends this way
-        code = exc.code
-    if interrupt.finish() and code != 130:  # an interrupt still pending: the command ran out of imports
+            app()
+        except SystemExit as exc:  # typer always ends this way
+            code = exc.code
+        if interrupt.finish():  # an interrupt still pending: the command ran out of imports
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:  # also one delivered (deferred past an import) while the lines above unwind
+        interrupt.finish()
         sys.stderr.write("error: interrupted\n")
         code = 130
     sys.exit(code)
