@@ -26,6 +26,17 @@ def block_error(xb: torch.Tensor, deq: torch.Tensor, weight: torch.Tensor | None
     return (err if weight is None else err * weight).sum(-1)
 
 
+def keep_least(best: torch.Tensor | None, best_err: torch.Tensor | None, cand: torch.Tensor,
+               err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running choice of a search over candidates: per element, the candidate of least error so far
+    (the earlier one on ties); `best` None starts the search. Eager searches and the compiled kernels
+    share it, so they pick alike."""
+    if best is None:
+        return cand, err
+    better = err < best_err
+    return torch.where(better, cand, best), torch.where(better, err, best_err)
+
+
 def search_block_scales(xb: torch.Tensor, amax: torch.Tensor, scale_of: ScaleOf, fake: Fake,
                         weight: torch.Tensor | None, grid: int, low: float,
                         mults: list[float] | None = None) -> torch.Tensor:
@@ -39,13 +50,7 @@ def search_block_scales(xb: torch.Tensor, amax: torch.Tensor, scale_of: ScaleOf,
     best = best_err = None
     for m in (mults if mults is not None else multipliers(grid, low)):
         scale = scale_of(amax * m)
-        err = block_error(xb, fake(xb, scale), weight)
-        if best is None:
-            best, best_err = scale, err
-            continue
-        better = err < best_err
-        best = torch.where(better, scale, best)
-        best_err = torch.where(better, err, best_err)
+        best, best_err = keep_least(best, best_err, scale, block_error(xb, fake(xb, scale), weight))
     return best
 
 

@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from lpc.formats.clipping import keep_least
 from lpc.formats.numerics import E2M1_MAX, E4M3_MAX, pack_nibbles
 
 _LITTLE = sys.byteorder == "little"
@@ -268,13 +269,7 @@ def nvfp4_search(xb: torch.Tensor, s2: torch.Tensor, cands: torch.Tensor, weight
         cand = cands[..., c]
         deq = e2m1_round(xf, (cand * s2).unsqueeze(-1))
         err = (xf - deq).square()
-        err = sum16(err if weight is None else err * weight, order)
-        if best is None:
-            best, best_err = cand, err
-            continue
-        better = err < best_err
-        best = torch.where(better, cand, best)
-        best_err = torch.where(better, err, best_err)
+        best, best_err = keep_least(best, best_err, cand, sum16(err if weight is None else err * weight, order))
     codes = e2m1_codes(xf / (best * s2).unsqueeze(-1))
     return pack_pairs(codes), best
 
@@ -295,11 +290,5 @@ def nvfp4_clip(xb: torch.Tensor, s2: torch.Tensor, mults: torch.Tensor, weight: 
     for i in range(mults.shape[0]):
         scale = nonzero_or_one(round_e4m3(amax * mults[i] / (E2M1_MAX * s2)))
         err = (xf - e2m1_round(xf, (scale * s2).unsqueeze(-1))).square()
-        err = sum16(err if weight is None else err * weight, order)
-        if best is None:
-            best, best_err = scale, err
-            continue
-        better = err < best_err
-        best = torch.where(better, scale, best)
-        best_err = torch.where(better, err, best_err)
+        best, best_err = keep_least(best, best_err, scale, sum16(err if weight is None else err * weight, order))
     return (best,)

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 
 from lpc.formats import fast, kernels
-from lpc.formats.clipping import multipliers, search_block_scales
+from lpc.formats.clipping import keep_least, multipliers, search_block_scales
 from lpc.formats.numerics import (
     E2M1_MAX, E4M3_MAX, amax_of, as_rows, blocks_of, e2m1_decode, e2m1_encode, importance_rows,
     pack_nibbles, pad_last, padded, round_e4m3, row_chunks, unpack_nibbles,
@@ -137,12 +137,19 @@ def choose_scales(xb: torch.Tensor, s2: torch.Tensor, spec: NVFP4Spec,
     return sb
 
 
+def _compiled_order(kernel, xb: torch.Tensor) -> str | None:
+    """This machine's sum order when a search kernel should run compiled on xb (compiling works here and
+    xb is worth it), else None: the eager search runs."""
+    order = kernels.sum_order()
+    return order if order is not None and fast.worth_compiling(kernel, xb) else None
+
+
 def _fast_clip(xb: torch.Tensor, s2: torch.Tensor, spec: NVFP4Spec, weight: torch.Tensor | None
                ) -> torch.Tensor | None:
     """The clip search as one compiled kernel (kernels.nvfp4_clip, the same scales), or None where it
     cannot run (not compiled here, too small to be worth compiling, this machine's sum order unknown)."""
-    order = kernels.sum_order()
-    if order is None or not fast.worth_compiling(kernels.nvfp4_clip, xb):
+    order = _compiled_order(kernels.nvfp4_clip, xb)
+    if order is None:
         return None
     mults = torch.tensor(multipliers(spec.clip_grid, spec.clip_min), dtype=torch.float32, device=xb.device)
     out = fast.run_compiled(kernels.nvfp4_clip, xb, s2.to(xb.device), mults, weight, order)
@@ -152,8 +159,8 @@ def _fast_clip(xb: torch.Tensor, s2: torch.Tensor, spec: NVFP4Spec, weight: torc
 def _fast_rescale(xb: torch.Tensor, sb: torch.Tensor, s2: torch.Tensor, radius: int,
                   weight: torch.Tensor | None) -> torch.Tensor | None:
     """`search_scales` around the block scales sb as one compiled kernel (kernels.nvfp4_search), or None."""
-    order = kernels.sum_order()
-    if order is None or not fast.worth_compiling(kernels.nvfp4_search, xb):
+    order = _compiled_order(kernels.nvfp4_search, xb)
+    if order is None:
         return None
     cands = torch.stack(candidate_scales(sb, radius), dim=-1)
     out = fast.run_compiled(kernels.nvfp4_search, xb, s2.to(xb.device), cands, weight, order)
@@ -164,17 +171,11 @@ def search_scales(xb: torch.Tensor, sb: torch.Tensor, s2: torch.Tensor, radius: 
                   weight: torch.Tensor | None) -> torch.Tensor:
     """Among the E4M3 values within `radius` codes of each block scale, keep the one with the least
     weighted squared error. Ties keep the amax scale (it is tried first)."""
-    best, best_err = sb, None
+    best = best_err = None
     for cand in candidate_scales(sb, radius):
         deq = e2m1_decode(e2m1_encode(xb / (cand * s2).unsqueeze(-1))) * (cand * s2).unsqueeze(-1)
         err = (xb - deq).square()
-        err = (err if weight is None else err * weight).sum(-1)
-        if best_err is None:
-            best_err = err
-            continue
-        better = err < best_err
-        best = torch.where(better, cand, best)
-        best_err = torch.where(better, err, best_err)
+        best, best_err = keep_least(best, best_err, cand, (err if weight is None else err * weight).sum(-1))
     return best
 
 
@@ -195,9 +196,9 @@ def _fast_search(x: torch.Tensor, s2: torch.Tensor, radius: int, weight: torch.T
     """Amax scales + scale search + encode as one compiled kernel over the whole tensor
     (kernels.nvfp4_search), or None where it cannot run (not compiled here, too small to be worth
     compiling, or this machine's sum order unknown): the caller then runs the eager search."""
-    order = kernels.sum_order()
     xb = blocks_of(x, BLOCK)
-    if order is None or not fast.worth_compiling(kernels.nvfp4_search, xb):
+    order = _compiled_order(kernels.nvfp4_search, xb)
+    if order is None:
         return None
     sb = scale_from_amax(xb.abs().amax(-1).to(torch.float32), s2)
     cands = torch.stack(candidate_scales(sb, radius), dim=-1)

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lpc.pipeline.errors import InputError
+from lpc.pipeline.sums import add_fp32
 from lpc.pipeline.modes import eval_mode
 from lpc.pipeline.progress import Progress, track
 
@@ -52,31 +53,13 @@ class FisherAccumulator:
         self.act_sum.add_(gx.reshape(-1, gx.shape[-1]).square().sum(0))
 
 
-# Elements per step of the CPU accumulation: the fp32 square of a run this long stays in cache.
-SQUARE_CHUNK = 1 << 15
-
-
 def _take_weight_grad(param: torch.Tensor, group: list[FisherAccumulator]) -> None:
-    """Add the gradient's fp32 square into each accumulator and free the gradient. On a CPU the square
-    is taken a cache-sized run at a time in one reused buffer (the same values as squaring the whole
-    gradient at once, about 6x faster: casting, squaring and adding a 1B model's weight-sized gradient
-    in three passes through memory took half of a Fisher calibration's time)."""
+    """Add the gradient's fp32 square into each accumulator (a cache-sized run at a time on a CPU:
+    pipeline/sums.py) and free the gradient."""
     g = param.grad
     param.grad = None
-    if g.device.type != "cpu":
-        g2 = g.to(torch.float32).square()
-        for acc in group:
-            acc.weight_sum.add_(g2)
-        return
-    g = g.reshape(-1)
-    sums = [acc.weight_sum.view(-1) for acc in group]
-    buf = torch.empty(min(SQUARE_CHUNK, g.numel()), dtype=torch.float32)
-    for i in range(0, g.numel(), SQUARE_CHUNK):
-        n = min(SQUARE_CHUNK, g.numel() - i)
-        x = buf[:n]
-        x.copy_(g[i:i + n]).square_()
-        for s in sums:
-            s[i:i + n].add_(x)
+    for acc in group:
+        add_fp32(acc.weight_sum, g, square=True)
 
 
 def fisher_statistics(model: nn.Module, batches: Iterable[torch.Tensor],

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lpc.pipeline.sums import add_fp32
+
 Quantizer = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -53,24 +55,11 @@ class QuantizedWeight(nn.Module):
 
     def add_grad(self, grad: torch.Tensor) -> None:
         """Add grad (any float dtype) to the fp32 sum: the first of a step is copied (as autograd takes the
-        first gradient as it is), later ones added, a run at a time on a CPU."""
+        first gradient as it is), later ones added (pipeline/sums.py)."""
         if self.grad_sum is None or self.grad_sum.shape != grad.shape or self.grad_sum.device != grad.device:
             self.grad_sum = torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
         first, self._fresh = self._fresh, False
-        if grad.device.type != "cpu":
-            self.grad_sum.copy_(grad) if first else self.grad_sum.add_(grad.to(torch.float32))
-            return
-        src, dst = grad.reshape(-1), self.grad_sum.view(-1)
-        buf = torch.empty(min(RUN, src.numel()), dtype=torch.float32)
-        for i in range(0, src.numel(), RUN):
-            n = min(RUN, src.numel() - i)
-            if first:
-                dst[i:i + n].copy_(src[i:i + n])
-            else:
-                dst[i:i + n].add_(buf[:n].copy_(src[i:i + n]))
-
-
-RUN = 1 << 15  # elements per step of a CPU gradient sum: its fp32 copy stays in cache
+        add_fp32(self.grad_sum, grad, copy=first)
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -1,6 +1,8 @@
 """fisher_statistics against per-sample autograd on a tiny random Llama."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -177,7 +179,7 @@ def test_gradient_squares_run_by_run_equal_the_whole_square(dtype, monkeypatch):
     not a multiple of it): every accumulator of the group gets exactly acc + fp32(grad)^2."""
     import lpc.pipeline.calibration.fisher as fm
 
-    monkeypatch.setattr(fm, "SQUARE_CHUNK", 100)
+    monkeypatch.setattr(importlib.import_module("lpc.pipeline.sums"), "RUN", 100)
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(37, 29, bias=False).to(dtype)
     grad = (torch.randn(29, 37, generator=g) * torch.exp(3 * torch.randn(29, 37, generator=g))).to(dtype)

@@ -263,11 +263,10 @@ def test_the_frozen_grid_rounds_the_same_compiled_and_eager(fmt_name, monkeypatc
 def test_summed_gradients_equal_autograds_bit_for_bit(one_layer, monkeypatch):
     """With the straight-through weights summing their own gradients (a short run at a time here), the
     gradient handed to the optimizer equals autograd's accumulation over the same samples, bit for bit."""
-    import lpc.pipeline.quantization.ste as ste
     from lpc.pipeline.quantization.ste import quantized_weights
     from lpc.pipeline.quantization.tune import _backward
 
-    monkeypatch.setattr(ste, "RUN", 100)
+    monkeypatch.setattr(importlib.import_module("lpc.pipeline.sums"), "RUN", 100)
     _, layer, targets, quantizers, inputs, wanted = one_layer
     got = []
     for accumulate in (False, True):
