@@ -47,10 +47,30 @@ class FisherAccumulator:
         self.weight_sum = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         self.act_sum = torch.zeros(w.shape[1], dtype=torch.float32, device=w.device)
 
-    def add_output_grad(self, module: nn.Linear, grad_out: torch.Tensor) -> None:
-        # dL/dx through this Linear only; squared in fp32, summed over every token.
-        gx = (grad_out @ module.weight.detach()).to(torch.float32)
+    def add_input_grad(self, gx: torch.Tensor) -> None:
+        """dL/dx through this Linear only (..., in): squared in fp32, summed over every token."""
+        gx = gx.to(torch.float32)
         self.act_sum.add_(gx.reshape(-1, gx.shape[-1]).square().sum(0))
+
+    def add_output_grad(self, module: nn.Linear, grad_out: torch.Tensor) -> None:
+        """The same from dL/dy, for an input that does not require grad: dL/dx = dL/dy @ W."""
+        self.add_input_grad(grad_out @ module.weight.detach())
+
+
+class _InputGrad(torch.autograd.Function):
+    """Identity on a Linear's input whose backward reads the gradient that flows into that input from this
+    Linear alone (autograd's own dL/dy @ W, before the uses of a shared input are summed): the activation
+    Fisher without computing that product again."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, acc: FisherAccumulator) -> torch.Tensor:
+        ctx.acc = acc
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.acc.add_input_grad(grad)
+        return grad, None
 
 
 def _take_weight_grad(param: torch.Tensor, group: list[FisherAccumulator]) -> None:
@@ -221,9 +241,10 @@ def eval_with_checkpointing(model: nn.Module, enable: bool) -> Iterator[None]:
 @contextmanager
 def fisher_hooks(model: nn.Module, targets: dict[str, nn.Linear],
                  accs: dict[str, FisherAccumulator]) -> Iterator[None]:
-    """Weight: post-accumulate-grad hook squares and frees each gradient. Activation: a forward
-    hook puts a tensor hook on the Linear's output to read dL/dy. Under checkpoint recompute the
-    forward hook fires again, but that recomputed output is never back-propagated, so each real
+    """Weight: post-accumulate-grad hook squares and frees each gradient. Activation: a forward pre-hook
+    passes the Linear's input through `_InputGrad`, whose backward reads dL/dx of this Linear (an input
+    that does not require grad: a tensor hook on the output reads dL/dy instead). Under checkpoint
+    recompute the hooks fire again, but that recomputed graph is never back-propagated, so each real
     backward is counted once."""
     handles = []
     by_param: dict[int, tuple[torch.Tensor, list[FisherAccumulator]]] = {}
@@ -237,9 +258,16 @@ def fisher_hooks(model: nn.Module, targets: dict[str, nn.Linear],
     for name, mod in targets.items():
         acc = accs[name]
 
-        def on_forward(module, _inp, out, acc=acc):
-            if out.requires_grad and torch.is_grad_enabled():
+        def on_input(module, args, acc=acc):
+            if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+                return (_InputGrad.apply(args[0], acc),) + tuple(args[1:])
+            return None
+
+        def on_forward(module, args, out, acc=acc):
+            wrapped = args and isinstance(args[0], torch.Tensor) and args[0].requires_grad
+            if out.requires_grad and torch.is_grad_enabled() and not wrapped:
                 out.register_hook(lambda g, module=module, acc=acc: acc.add_output_grad(module, g))
+        handles.append(mod.register_forward_pre_hook(on_input))
         handles.append(mod.register_forward_hook(on_forward))
     try:
         yield

@@ -52,7 +52,8 @@ def layerwise_fisher(model: nn.Module, batches: list[torch.Tensor], targets: dic
                      found: tuple[str, nn.ModuleList], load: Callable[[int], None] | None = None,
                      free: Callable[[int], None] | None = None, progress: Progress | None = None,
                      device: str = "cpu", on_layer: Callable[[dict[str, dict[str, Any]]], None] | None = None,
-                     park_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
+                     park_dir: str | Path | None = None, input_stats: dict[str, Any] | None = None
+                     ) -> dict[str, dict[str, Any]]:
     """Per target Linear {"weight_fisher": (out, in) fp32, "act_fisher": (in,) fp32, "count", "tokens"}.
 
     batches: (1, T) token ids, T >= 2, one sample each. found: decoder_layers(model).
@@ -62,7 +63,10 @@ def layerwise_fisher(model: nn.Module, batches: list[torch.Tensor], targets: dic
     ends (last layer first), which are then dropped: the accumulators of one layer are resident, and
     between chunks of samples each layer's partial sums wait on disk. The return value then holds
     only what was not delivered (nothing). park_dir: where the partial sums wait (default: the system's
-    temporary directory; a stage passes its own staging directory, on the output's disk)."""
+    temporary directory; a stage passes its own staging directory, on the output's disk).
+    input_stats: target name -> `stats.InputStats` to fill in the same forward pass (absmax, second
+    moments: what `collect_input_stats` computes, the same bits, without a pass of its own); each
+    layer's are finished after its last forward, before `on_layer` sees the layer."""
     path, layers = found
     head = final_head(model)
     if head is None:
@@ -92,7 +96,8 @@ def layerwise_fisher(model: nn.Module, batches: list[torch.Tensor], targets: dic
                     accs.pop(n, None)
 
             _fisher_chunk(model, chunk, targets, found, head, accs, load, free, progress, device, tag,
-                          finished if on_layer is not None else None, parking.unpark, stored)
+                          finished if on_layer is not None else None, parking.unpark, stored,
+                          input_stats, last)
     return result(list(targets))
 
 
@@ -220,11 +225,13 @@ def _fisher_chunk(model: nn.Module, rows: list[torch.Tensor], targets: dict[str,
                   found: tuple[str, nn.ModuleList], head, accs: dict[str, FisherAccumulator],
                   load, free, progress: Progress | None, device: str, tag: str,
                   finished: Callable[[list[str]], None] | None = None, unpark=None,
-                  stored: _StoredInputs | None = None) -> None:
+                  stored: _StoredInputs | None = None, input_stats: dict[str, Any] | None = None,
+                  last: bool = True) -> None:
     """Forward, head and backward passes of one chunk of samples, adding into `accs`; `finished(names)`
     after each layer's backward, `unpark(names, accs)` restores parked partial sums before it; each
-    layer's inputs wait in `stored` (default: in memory) between the two passes."""
-    from lpc.pipeline.calibration.stats import capture_layer_inputs
+    layer's inputs wait in `stored` (default: in memory) between the two passes. input_stats: filled
+    in the forward pass (finished there when this is the `last` chunk)."""
+    from lpc.pipeline.calibration.stats import attach_input_stats, capture_layer_inputs
 
     path, layers = found
     states = capture_layer_inputs(model, layers, rows, device)
@@ -234,9 +241,18 @@ def _fisher_chunk(model: nn.Module, rows: list[torch.Tensor], targets: dict[str,
             _on(load, i)
             layer.to(device)
             stored.put(i, [args[0].detach().cpu() for args, _ in states])
-            for j, (args, kwargs) in enumerate(states):
-                out = layer(*args, **kwargs)
-                states[j] = ((out[0] if isinstance(out, (tuple, list)) else out,) + tuple(args[1:]), kwargs)
+            measured = {n: m for n, m in targets.items() if n.startswith(f"{path}.{i}.")} if input_stats else {}
+            handles = attach_input_stats(measured, input_stats) if measured else []
+            try:
+                for j, (args, kwargs) in enumerate(states):
+                    out = layer(*args, **kwargs)
+                    states[j] = ((out[0] if isinstance(out, (tuple, list)) else out,) + tuple(args[1:]), kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+            if last:
+                for n in measured:
+                    input_stats[n].finish()
             layer.to("cpu")
             _on(free, i)
     grads = [_head_grad(head, args[0], ids.to(device)) for (args, _), ids in zip(states, rows)]

@@ -145,7 +145,7 @@ class _Stop(Exception):
     """Raised by the capture hook to end a forward pass once layer 0's inputs are seen."""
 
 
-def _attach(targets: dict[str, nn.Linear], stats: dict[str, InputStats],
+def attach_input_stats(targets: dict[str, nn.Linear], stats: dict[str, InputStats],
             record: dict[str, tuple] | None = None) -> list[Any]:
     """Hooks adding each target's input moments to `stats` (or, given `record`, storing them there)."""
     shared = _SharedInput(all(stats[n].full for n in targets))
@@ -188,7 +188,7 @@ def collect_input_stats(model: nn.Module, batches: list[torch.Tensor], targets: 
 
 
 def _whole_model(model, batches, targets, stats, progress, device) -> None:
-    handles = _attach(targets, stats)
+    handles = attach_input_stats(targets, stats)
     model.to(device)
     try:
         for ids in track(batches, "calibrate (whole model)", progress):
@@ -246,7 +246,7 @@ def _advance_in_step(layer: nn.Module, states: list, mine: dict[str, nn.Linear],
     for j in range(dd.rounds(total)):
         record: dict[str, tuple] = {}
         if j < len(states):
-            handles = _attach(mine, stats, record)
+            handles = attach_input_stats(mine, stats, record)
             try:
                 advance_layer(layer, states, j)
             finally:
@@ -280,7 +280,7 @@ def _layerwise(model, batches, targets, stats, found, progress, device, store=No
     for i, layer in track(list(enumerate(layers)), "calibrate (layer by layer)", progress):
         prefix = f"{path}.{i}."
         mine = {n: m for n, m in targets.items() if n.startswith(prefix)}
-        handles = _attach(mine, stats) if total is None else []
+        handles = attach_input_stats(mine, stats) if total is None else []
         if store is not None:
             from lpc.pipeline.io.streaming import materialize
             materialize(layer, f"{path}.{i}", store)

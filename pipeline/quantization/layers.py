@@ -156,8 +156,9 @@ def quantize_layers(targets: dict[str, nn.Linear], plan: dict[str, dict[str, Any
     scales that depend on the whole tensor (global amax, codebooks) still come from the layers,
     and errors are measured against the layers' own weights.
     setups: `layer_setups` of the same arguments, when the caller already has them.
-    rounded: layer name -> the QTensor of `weights[name]` by its setup, already computed (layer-wise
-    tuning measures the rounding it keeps): stored as is, not rounded again.
+    rounded: layer name -> the QTensor to store, already computed (layer-wise tuning hands over the
+    rounding it measured: `weights[name]` on the frozen grid of plain rounding, or plain rounding itself):
+    stored as is, not rounded again.
     device: where rounding, scale search and GPTQ compute (the QTensors come back on the CPU).
     """
     setups = setups if setups is not None else layer_setups(targets, plan, stats, fuse, use_importance,

@@ -36,6 +36,9 @@ class TuneInputs:
     batches: list[torch.Tensor]
     device: str = "cpu"
     progress: Progress | None = None
+    # filled by a tuning that already rounded some weights by their setups (layer name -> QTensor of the
+    # weight it returns): stored as they are, not rounded again
+    rounded: dict[str, QTensor] = field(default_factory=dict)
 
 
 class Rounder(Protocol):

@@ -40,7 +40,7 @@ from torch import nn
 
 from lpc.pipeline.errors import RecipeError
 from lpc.pipeline.modes import eval_mode
-from lpc.pipeline.quantization.frozen import grid_quantizer
+from lpc.pipeline.quantization.frozen import FrozenGrid, grid_quantizer
 from lpc.pipeline.quantization.registry import QUANTIZE_METHODS, QuantizeMethod, round_to_nearest
 from lpc.pipeline.quantization.ste import Quantizer, fake_quantizer, quantized_weights, split_held_out, weight_rms
 
@@ -115,8 +115,8 @@ def tune_layer(layer: nn.Module, targets: dict[str, nn.Linear], quantizers: dict
         tuned = {n: w.float() for n, w in best[2].items()}
         stored = best[0]
         if final is not None and best[1] > 0:  # the rounding the artifact will hold, on the same samples
-            # handed over on the frozen grid: the format's scale search then finds that grid again for
-            # (almost) every block, where the latent itself could move a block's scale
+            # handed over on the frozen grid: a frozen grid's stored rounding (tune's `_on_grid`) encodes it
+            # on that grid; another format's own rounding finds (almost) the same values again
             tuned = {n: quantizers[n](w).float() for n, w in tuned.items()}
             fake = {n: final[n](tuned[n]) for n in targets}
             with _weights(targets, fake), eval_mode(layer), sim(False):
@@ -232,16 +232,26 @@ class LayerwiseTuner:
             wanted = [run_layer(layer, s, self.device).detach().cpu() for s in self.orig]
         inputs = self.quant if self.quant is not None else self.orig
         rounded: dict[str, torch.Tensor] = {}  # the tuned weights as stored, when tune_layer rounded them
+        grid: dict[str, Any] = {}
         if names and self.cfg.steps > 0:
             grid = {n: grid_quantizer(*setups[n], mine[n].weight.detach(), mine[n].weight.dtype) for n in names}
+            stored = {n: _on_grid(grid[n], kept[n]) if isinstance(grid[n], FrozenGrid) else quantizers[n]
+                      for n in names}
             tuned, report = tune_layer(layer, mine, grid, inputs, wanted, self.cfg,
-                                       lambda st: self._activations(names, st), self.device, final=quantizers,
+                                       lambda st: self._activations(names, st), self.device, final=stored,
                                        rounded=rounded)
         else:
             tuned = {n: m.weight.detach().float().cpu() for n, m in mine.items()}
             report = {"steps": 0, "best_step": 0}
+        for n in names:  # plain rounding kept: a measured rounding is not stored; a frozen grid holds plain's
+            if n not in rounded:
+                kept[n].pop("q", None)
+                if isinstance(grid.get(n), FrozenGrid):
+                    kept[n]["q"] = grid[n].plain
         if self.quant is not None:
-            fake = {n: rounded[n] if n in rounded else quantizers[n](tuned[n].to(self.device)) for n in names}
+            fake = {n: rounded[n] if n in rounded else
+                    _dequantized(kept[n]["q"], mine[n].weight.dtype) if "q" in kept[n] else
+                    quantizers[n](tuned[n].to(self.device)) for n in names}
             with _weights(mine, fake), eval_mode(layer), \
                     self._activations(names, False):
                 outs = [run_layer(layer, s, self.device).detach().cpu() for s in self.quant]
@@ -252,11 +262,10 @@ class LayerwiseTuner:
         log.info("tune: %d targets, relative output error %.5g -> %.5g (step %s of %s)", len(names),
                  report.get("error_start", 0.0), report.get("error_final", 0.0), report["best_step"],
                  report["steps"])
-        # the QTensor of each returned weight where the last rounding was of it: the tuned rounding measured
-        # in tune_layer, or (quantized inputs) the rounding that made the next layer's inputs, plain rounding
-        # included, which the artifact then stores without encoding it again
-        done = set(rounded) | (set(names) if self.quant is not None else set())
-        return tuned, report, {n: kept[n]["q"] for n in names if n in done and "q" in kept[n]}
+        # the QTensor of each returned weight where it is known: the tuned rounding measured in tune_layer,
+        # plain rounding on a frozen grid, or (quantized inputs) the rounding that made the next layer's
+        # inputs; the artifact stores it without encoding it again
+        return tuned, report, {n: kept[n]["q"] for n in names if "q" in kept[n]}
 
     def report(self) -> dict[str, Any]:
         tuned = [r for r in self.reports if "error_start" in r]
@@ -269,6 +278,21 @@ class LayerwiseTuner:
     def _activations(self, names: list[str], straight_through: bool):
         return simulated_activations(self.root, {n: self.act_plan[n] for n in names if n in self.act_plan},
                                      straight_through)
+
+
+def _on_grid(grid: FrozenGrid, keep: dict[str, Any]) -> Quantizer:
+    """The stored rounding of a weight tuned on a frozen grid: its QTensor on that grid (kept in
+    keep["q"]), dequantized. The weights handed to it are on the grid already, so it moves none."""
+    def stored(v: torch.Tensor) -> torch.Tensor:
+        keep["q"] = q = grid.encode(v)
+        return _dequantized(q, grid.dtype)
+    return stored
+
+
+def _dequantized(q: Any, dtype: torch.dtype) -> torch.Tensor:
+    from lpc.formats import get_format
+
+    return get_format(q.format).dequantize(q, dtype=dtype)
 
 
 def _detached(t: torch.Tensor) -> torch.Tensor:
@@ -323,8 +347,9 @@ def tune_resident(x: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tuned: dict[str, torch.Tensor] = {}
     for i, layer in track(list(enumerate(layers)), "tune (layer by layer)", x.progress):
         mine = {n: m for n, m in x.targets.items() if n.startswith(f"{path}.{i}.")}
-        got, _, _ = tuner.layer(layer, mine, {n: x.setups[n] for n in mine if n in x.setups})
+        got, _, rounded = tuner.layer(layer, mine, {n: x.setups[n] for n in mine if n in x.setups})
         tuned.update(got)
+        x.rounded.update(rounded)
     untuned = sorted(n for n in x.setups if n not in tuned)
     return tuned, {**tuner.report(), "untuned": untuned}
 

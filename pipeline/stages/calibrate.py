@@ -12,7 +12,8 @@ import torch
 from lpc.pipeline.artifact import store as art
 from lpc.pipeline.artifact.shards import ShardWriter
 from lpc.pipeline.calibration.fisher_layerwise import final_head
-from lpc.pipeline.calibration.stats import collect_input_stats, needs_covariance, needs_statistics, stats_tensors
+from lpc.pipeline.calibration.stats import (InputStats, collect_input_stats, needs_covariance, needs_statistics,
+                                            stats_tensors)
 from lpc.pipeline.calibration.stored import STATS_FILE, data_inputs
 from lpc.pipeline.io import distributed as dd
 from lpc.pipeline.io.data import calibration_batches
@@ -82,12 +83,21 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
             _put_fisher(stats, done)
             write_out({n: stats[n] for n in done})
 
-        with _kv_recording(m, recipe, store) as kv_result:  # K/V statistics in the same layer-by-layer pass
-            stats = collect_input_stats(m, batches, targets, progress, device, store=store,
-                                        full=config["statistics"] == "covariance", on_layer=spill)
-            kv_found = kv_result() if kv_result is not None else {}
-        if c.fisher:
-            _add_fisher(m, batches, targets, stats, progress, device, store, on_layer=spill_fisher, park_dir=tmp)
+        full = config["statistics"] == "covariance"
+        if c.fisher and _one_pass(m, store, targets, batches, recipe):
+            # the input statistics are measured in Fisher's own layer-by-layer forward pass (the same bits)
+            stats = {n: InputStats.empty(mod.in_features, full) for n, mod in targets.items()}
+            kv_found = {}
+            _add_fisher(m, batches, targets, stats, progress, device, store, on_layer=spill_fisher, park_dir=tmp,
+                        input_stats=stats)
+        else:
+            with _kv_recording(m, recipe, store) as kv_result:  # K/V statistics in the same layer-by-layer pass
+                stats = collect_input_stats(m, batches, targets, progress, device, store=store, full=full,
+                                            on_layer=spill)
+                kv_found = kv_result() if kv_result is not None else {}
+            if c.fisher:
+                _add_fisher(m, batches, targets, stats, progress, device, store, on_layer=spill_fisher,
+                            park_dir=tmp)
         rest = {n: s for n, s in stats.items() if n not in written}
         idle.extend(stand_in_statistics(rest))
         writer.add(stats_tensors(rest))
@@ -145,9 +155,22 @@ def _put_fisher(stats, fisher: dict[str, dict[str, Any]]) -> None:
         stats[name].extra["act_fisher"] = f["act_fisher"].float().cpu()
 
 
-def _add_fisher(model, batches, targets, stats, progress, device, store=None, on_layer=None, park_dir=None) -> None:
+def _one_pass(model, store, targets, batches, recipe: Recipe) -> bool:
+    """Whether layer-wise Fisher's forward pass also measures the input statistics: a streamed Llama-style
+    skeleton whose targets are all inside its decoder stack, no K/V recording, every sample >= 2 tokens."""
+    from lpc.pipeline.io.models import decoder_layers
+
+    found = decoder_layers(model)
+    return (store is not None and found is not None and final_head(model) is not None
+            and recipe.kv_cache is None and all(n.startswith(found[0] + ".") for n in targets)
+            and all(b.numel() >= 2 for b in batches))
+
+
+def _add_fisher(model, batches, targets, stats, progress, device, store=None, on_layer=None, park_dir=None,
+                input_stats=None) -> None:
     """Fisher statistics of every target into `stats`; layer-wise on a streamed skeleton, where each layer's
-    are handed to `on_layer` (written out) as soon as they are final instead."""
+    are handed to `on_layer` (written out) as soon as they are final instead, and `input_stats` (when
+    given) are measured in the same forward pass."""
     from lpc.pipeline.calibration.fisher import fisher_statistics
     from lpc.pipeline.calibration.fisher_layerwise import final_head, layerwise_fisher
     from lpc.pipeline.io.models import decoder_layers
@@ -160,7 +183,7 @@ def _add_fisher(model, batches, targets, stats, progress, device, store=None, on
         fisher = layerwise_fisher(model, batches, targets, found, progress=progress, device=device,
                                   load=lambda i: materialize(layers[i], f"{path}.{i}", store),
                                   free=lambda i: release(layers[i]), on_layer=on_layer,
-                                  park_dir=park_dir)
+                                  park_dir=park_dir, input_stats=input_stats)
     else:
         model.to(device)
         fisher = fisher_statistics(model, [b.to(device) for b in batches], targets, progress=progress)

@@ -76,12 +76,14 @@ def quantize(model: str, recipe: Recipe | None, out: Path, calib: Path | None = 
         lp = layer_plan if layer_plan is not None else plan_from_recipe(recipe, list(targets))
         fuse = merge_groups(q.fuse_groups, derive_fuse_groups(m, targets))  # the family's own q/k/v, gate/up
         setups = layer_setups(targets, lp, stats, fuse, q.importance != "none", q.codebook_scope)
-        tuned, report = None, None
+        tuned, report, rounded = None, None, {}
         if method.tune is not None:
-            tuned, report = method.tune(TuneInputs(m, targets, setups, stats, lp, recipe,
-                                                   calibration_batches_of(calib, src, m), device, progress))
+            x = TuneInputs(m, targets, setups, stats, lp, recipe, calibration_batches_of(calib, src, m), device,
+                           progress)
+            tuned, report = method.tune(x)
+            rounded = x.rounded
         qtensors, records = quantize_layers(targets, lp, stats, progress=progress, method=q.method,
-                                            weights=tuned, setups=setups, device=device)
+                                            weights=tuned, setups=setups, device=device, rounded=rounded)
         acts, aux = activation_config(recipe, qtensors, stats, lp)
         extra = {"fuse_groups": fuse, **({"activations": acts} if acts else {}), **layout_config(m)}
         if recipe.kv_cache is not None:

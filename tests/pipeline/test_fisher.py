@@ -191,3 +191,25 @@ def test_gradient_squares_run_by_run_equal_the_whole_square(dtype, monkeypatch):
     assert lin.weight.grad is None
     assert torch.equal(accs[0].weight_sum, grad.to(torch.float32).square())
     assert torch.equal(accs[1].weight_sum, start + grad.to(torch.float32).square())
+
+
+def test_activation_fisher_reads_this_linears_input_gradient_whether_or_not_the_input_requires_grad():
+    """The input's gradient from this Linear alone (dL/dy @ W), not the sum over a shared input's uses: read
+    in autograd's backward when the input requires grad, computed from dL/dy when it does not."""
+    from lpc.pipeline.calibration.fisher import FisherAccumulator, fisher_hooks
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.nn.Linear(6, 4, bias=False), torch.nn.Linear(6, 5, bias=False)
+    model = torch.nn.ModuleDict({"a": a, "b": b})
+    x = torch.randn(2, 3, 6, generator=g)
+    ca, cb = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 5, generator=g)
+    want = {"a": (ca @ a.weight.detach()).square().sum((0, 1)), "b": (cb @ b.weight.detach()).square().sum((0, 1))}
+    for needs_grad in (True, False):
+        accs = {"a": FisherAccumulator(a), "b": FisherAccumulator(b)}
+        inp = x.clone().requires_grad_(needs_grad)
+        with fisher_hooks(model, {"a": a, "b": b}, accs), torch.enable_grad():
+            loss = (a(inp) * ca).sum() + (b(inp) * cb).sum()  # both read one shared input
+            loss.backward()
+        for n in ("a", "b"):
+            torch.testing.assert_close(accs[n].act_sum, want[n], rtol=1e-5, atol=1e-7)
+        a.weight.grad = b.weight.grad = None

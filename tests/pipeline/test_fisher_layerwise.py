@@ -140,3 +140,36 @@ def test_calibrate_fisher_streams_from_the_checkpoint(tmp_path, tiny_model_dir, 
     assert stats[n]["weight_fisher"].shape == (32, 40) and stats[n]["act_fisher"].shape == (40,)
     # FGMP weighs errors by Fisher information and E[x^2]: no full X^T X is collected for it
     assert stats[n]["weight_fisher"].sum() > 0 and "act_sqmean" in stats[n] and "act_cov" not in stats[n]
+
+
+def test_fisher_forward_measures_the_input_statistics_with_the_same_bits(tmp_path, tiny_model_dir, text_files,
+                                                                         monkeypatch):
+    """A streamed Fisher calibration takes the input statistics in Fisher's own forward pass (no pass of their
+    own): absmax, second moments and counts equal a calibration without Fisher bit for bit, in one chunk of
+    samples and in one chunk per sample, with the diagonal (FGMP) or the full X^T X."""
+    import lpc.pipeline.calibration.fisher_layerwise as fl
+
+    calib = importlib.import_module("lpc.pipeline.stages.calibrate")
+    sets = ["calibrate.samples=3", "calibrate.seq_len=16"]
+    for recipe, field in (("fgmp_nvfp4", "act_sqmean"), ("nvfp4_eora", "act_cov")):
+        plain = tmp_path / f"{recipe}-plain"
+        stages.calibrate(str(tiny_model_dir), str(text_files["jsonl"]), plain,
+                         load_recipe(recipe, [*sets, "calibrate.fisher=false"]))
+        reference = read_stats(plain)
+        separate = calib.collect_input_stats
+        for chunked in (False, True):
+            calls = []
+            monkeypatch.setattr(calib, "collect_input_stats", lambda *a, **k: calls.append(a) or separate(*a, **k))
+            if chunked:  # room for one sample's stored layer inputs: every sample is its own chunk
+                monkeypatch.setattr(fl, "DISK_STATE_BYTES", 1)
+            out = tmp_path / f"{recipe}-{chunked}"
+            stages.calibrate(str(tiny_model_dir), str(text_files["jsonl"]), out,
+                             load_recipe(recipe, [*sets, "calibrate.fisher=true"]))
+            assert calls == []
+            got = read_stats(out)
+            assert set(got) == set(reference)
+            for n in reference:
+                for key in ("act_absmax", field, "count"):
+                    assert torch.equal(got[n][key], reference[n][key]), (recipe, chunked, n, key)
+                assert got[n]["weight_fisher"].abs().sum() > 0
+            monkeypatch.undo()

@@ -18,7 +18,7 @@ from lpc.pipeline.errors import RecipeError
 from lpc.pipeline.io.models import find_targets
 from lpc.pipeline.io.streaming import resident_params
 from lpc.pipeline.quantization.layers import layer_setups, plan_from_recipe
-from lpc.pipeline.quantization.frozen import grid_quantizer
+from lpc.pipeline.quantization.frozen import FrozenGrid, grid_quantizer
 from lpc.pipeline.quantization.ste import fake_quantizer
 from lpc.pipeline.quantization.tune import run_layer, tune_layer
 from lpc.pipeline.stages import layerwise
@@ -151,9 +151,15 @@ def test_fgmp_masks_and_scales_survive_tuning_and_the_artifact_evaluates(tmp_pat
     masks = [k for k in t if k.endswith(".mask")]
     assert masks and all(torch.equal(t[k], p[k]) for k in masks)
     assert all(torch.equal(t[k], p[k]) for k in t if k.endswith(".global_scale"))
+    # tuned weights are stored on the grid plain rounding chose: its block scales too, only the elements move
+    scales = [k for k in t if k.endswith(".scale")]
+    assert scales and all(torch.equal(t[k].view(torch.uint8), p[k].view(torch.uint8)) for k in scales)
     assert any(not torch.equal(t[k], p[k]) for k in t if k.endswith(".qdata") or k.endswith(".qdata_lo"))
     report = tuned.manifest["summary"]["tune"]
     assert report["mean_error_final"] < report["mean_error_start"]
+    kept = [r for r in report["per_layer"] if r.get("kept") == "tuned"]
+    assert kept  # what is stored is what the tuning measured: the held-out error does not move
+    assert all(r["error_final"] == pytest.approx(r["error_best"], rel=1e-6) for r in kept)
     qconfig = json.loads((tmp_path / "t" / "config.json").read_text())["quantization_config"]
     assert ("activations" in qconfig) == (recipe == "fgmp_nvfp4")  # tuned through simulated FGMP activations
     ev = evaluate_report(str(tmp_path / "t"), baseline=str(tiny_model_dir), ppl=[str(text_files["txt"])], seq_len=32)
@@ -214,6 +220,39 @@ def test_the_frozen_grid_rounds_the_original_weight_as_the_format_does(fmt_name,
         q = grid(moved).float()
         assert not torch.equal(q, grid(w).float())
         assert (q - moved.to(dtype).float()).abs().max() <= (w.abs().max() + 0.3) / 6 * 1.1
+
+
+@pytest.mark.parametrize("fmt_name, spec", [("nvfp4", {"clip": "sensitivity", "scale_search": 2}), ("nvfp4", {}),
+                                            ("fgmp", {"clip": "sensitivity", "scale_search": 2}), ("fgmp", {})])
+def test_a_weight_encoded_on_the_frozen_grid_is_what_the_grid_rounds_to(fmt_name, spec):
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(24, 40, generator=gen) * torch.rand(1, 40, generator=gen)
+    fmt = get_format(fmt_name)
+    ctx = {"importance": torch.rand(40, generator=gen) + 0.1} if "clip" in spec else {}
+    if fmt_name == "fgmp":
+        ctx["mask"] = torch.rand(24, 3, generator=gen) < 0.3
+    for dtype in (torch.float32, torch.bfloat16):
+        grid = grid_quantizer(fmt, spec, ctx, w, dtype)
+        assert isinstance(grid, FrozenGrid)
+        same = grid.encode(w)  # the original weight: exactly plain rounding, field for field
+        assert same.meta() == grid.plain.meta() and same.data.keys() == grid.plain.data.keys()
+        for key, t in grid.plain.data.items():
+            assert torch.equal(same.data[key].view(torch.uint8), t.view(torch.uint8)), key
+        for scale in (0.05, 3.0):  # moved weights, some saturating
+            moved = w + scale * torch.randn(w.shape, generator=gen)
+            q = grid.encode(moved)
+            assert torch.equal(fmt.dequantize(q, dtype=dtype), grid(moved))
+            assert not torch.equal(q.data["qdata"], grid.plain.data["qdata"])
+            for key in set(q.data) - {"qdata", "qdata_hi"}:  # the grid: scales, mask, global scale
+                assert torch.equal(q.data[key].view(torch.uint8), grid.plain.data[key].view(torch.uint8))
+            assert q.storage_bits() == grid.plain.storage_bits()
+
+
+def test_rotated_blocks_tune_through_the_formats_own_rounding():
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(2))
+    grid = grid_quantizer(get_format("nvfp4"), {"rotate": True}, {}, w, torch.float32)
+    assert not isinstance(grid, FrozenGrid)  # its grid lives in the rotated basis
+    assert torch.equal(grid(w), get_format("nvfp4").fake_quantize(w, rotate=True))
 
 
 def test_a_stored_rounding_that_is_worse_than_plain_keeps_plain(one_layer):
