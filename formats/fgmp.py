@@ -92,15 +92,23 @@ def fake_by_threshold(x: torch.Tensor, importance: torch.Tensor | None, global_a
 
 
 def _compiled_blocks(kernel, rows: torch.Tensor, importance: Any, s2: torch.Tensor, *extra: Any) -> tuple | None:
-    """kernel(blocks, s2, per-channel weight, *extra, sum order) compiled over the rows (R, K), or None
-    (eager then) when compiling is off or failed, the sum order is unknown, or importance is per element."""
+    """kernel(blocks, s2, weight, *extra, sum order) compiled over the rows (R, K), or None (eager then) when
+    compiling is off or failed or the sum order is unknown. The weight is per channel (nb, 16), or per
+    element (R, nb, 16) for an importance of the tensor's shape (FGMP's weight Fisher)."""
     order = kernels.sum_order()
-    if order is None or not fast.enabled() or (importance is not None and torch.as_tensor(importance).ndim != 1):
+    if order is None or not fast.enabled():
         return None
-    k = rows.shape[1]
-    w = torch.ones(k, device=rows.device) if importance is None else \
-        torch.as_tensor(importance).to(device=rows.device, dtype=torch.float32)
-    wb = pad_last(w.reshape(1, k), BLOCK).view(-1, BLOCK)
+    n_rows, k = rows.shape
+    if importance is None:
+        wb = pad_last(torch.ones(1, k, device=rows.device), BLOCK).view(-1, BLOCK)
+    elif tuple(torch.as_tensor(importance).shape) == (k,):
+        w = torch.as_tensor(importance).to(device=rows.device, dtype=torch.float32)
+        wb = pad_last(w.reshape(1, k), BLOCK).view(-1, BLOCK)
+    elif torch.as_tensor(importance).ndim > 1 and torch.as_tensor(importance).numel() == n_rows * k:
+        w = torch.as_tensor(importance).to(device=rows.device, dtype=torch.float32).reshape(n_rows, k)
+        wb = pad_last(w, BLOCK).view(n_rows, -1, BLOCK)
+    else:
+        return None  # the eager path says what is wrong with it
     return fast.run_compiled(kernel, blocks_of(rows, BLOCK), s2.to(rows.device), wb, *extra, order)
 
 

@@ -101,11 +101,12 @@ def test_run_time_activation_path_equals_quantize_then_dequantize(shape, dtype, 
 
 
 @pytest.mark.parametrize("shape,dtype,amax", [((3, 7, 576), torch.bfloat16, None), ((5, 200), torch.float32, 50.0)])
-@pytest.mark.parametrize("importance", ["channel", "none"])
+@pytest.mark.parametrize("importance", ["channel", "element", "none"])
 def test_block_scores_compiled_equal_the_eager_loop(shape, dtype, amax, importance, monkeypatch):
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(*shape, generator=g) * torch.rand(shape[-1], generator=g) * 5).to(dtype)
-    imp = torch.rand(shape[-1], generator=g) if importance == "channel" else None
+    imp = {"channel": lambda: torch.rand(shape[-1], generator=g), "none": lambda: None,
+           "element": lambda: torch.rand(shape, generator=g) ** 4}[importance]()  # the weight Fisher's shape
     monkeypatch.setenv("LPC_COMPILE", "0")
     eager = block_scores(x, imp, amax)
     monkeypatch.setenv("LPC_COMPILE", "1")
