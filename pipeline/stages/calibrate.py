@@ -84,7 +84,7 @@ def calibrate(model: str, data: str, out: Path, recipe: Recipe, overwrite: bool 
             write_out({n: stats[n] for n in done})
 
         full = config["statistics"] == "covariance"
-        if c.fisher and _one_pass(m, store, targets, batches, recipe):
+        if c.fisher and not full and _one_pass(m, store, targets, batches, recipe):
             # the input statistics are measured in Fisher's own layer-by-layer forward pass (the same bits)
             stats = {n: InputStats.empty(mod.in_features, full) for n, mod in targets.items()}
             kv_found = {}
@@ -156,8 +156,10 @@ def _put_fisher(stats, fisher: dict[str, dict[str, Any]]) -> None:
 
 
 def _one_pass(model, store, targets, batches, recipe: Recipe) -> bool:
-    """Whether layer-wise Fisher's forward pass also measures the input statistics: a streamed Llama-style
-    skeleton whose targets are all inside its decoder stack, no K/V recording, every sample >= 2 tokens."""
+    """Whether layer-wise Fisher's forward pass also measures the (diagonal) input statistics: a streamed
+    Llama-style skeleton whose targets are all inside its decoder stack, no K/V recording, every sample
+    >= 2 tokens. A full X^T X stays in a pass of its own, finished layer by layer: held in fp64 across
+    Fisher's chunks of samples it would grow with depth."""
     from lpc.pipeline.io.models import decoder_layers
 
     found = decoder_layers(model)
