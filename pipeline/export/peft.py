@@ -33,7 +33,7 @@ from lpc.pipeline.errors import InputError
 from lpc.pipeline.export.registry import EXPORTERS
 from lpc.pipeline.artifact.load import load, pop_lowrank
 from lpc.pipeline.errors import ArtifactError
-from lpc.pipeline.artifact.lpc_model import WEIGHTS, read_qconfig
+from lpc.pipeline.artifact.lpc_model import read_qconfig
 from lpc.pipeline.io.models import copy_tokenizer_files
 
 log = logging.getLogger(__name__)
