@@ -1,7 +1,7 @@
 """lm-eval's batch size in `lpc eval --tasks` (run_tasks' batch_size, 8 by default) on SmolLM2: CPU
 seconds and accuracy of the same documents at each batch size; prints JSON.
 
-    python bench/eval_batching.py --limit 60 --batch-sizes 1,8   # through /work/briefs/heavy (one thread)
+    python bench/eval_batching.py --limit 60 --batch-sizes 1,8   # one thread
 
 Batched requests are right-padded; in the checkpoint's bf16 the padded shapes round differently, so a
 near-tie between two choices may flip (tests/evaluation/test_eval_streaming.py checks batched ==

@@ -1,7 +1,7 @@
 """Wall time, CPU seconds and peak RSS of each lpc stage on random-init Llama checkpoints of real widths,
 next to llm-compressor NVFP4A16 oneshot + save on the same checkpoint; prints JSON (one row per run).
 
-    /work/briefs/heavy .venv/bin/python bench/scale.py --shapes tinyllama-1.1b \
+    .venv/bin/python bench/scale.py --shapes tinyllama-1.1b \
         --recipes nvfp4,nvfp4+quantize.weights.spec.scale_search=0,fp8 [--peers] [--per-stage] [-o OUT.json]
 
 A recipe item `name+key=value+...` adds --set overrides to that item only (--set applies to all).
