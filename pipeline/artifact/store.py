@@ -231,13 +231,14 @@ def check_before_loading(path: str | Path) -> None:
 
 
 def is_up_to_date(out: Path, stage: str, inputs: list[dict[str, str]], config: dict[str, Any]) -> bool:
-    """True when `out` holds a complete artifact of `stage` made from the same inputs and config."""
+    """True when `out` holds a complete artifact of `stage` made from the same inputs and config by this
+    version of lpc (another version may compute it differently: its artifact is made again)."""
     try:
         m = read_manifest(out, stage)
     except Exception:
         return False
     return (m.get("inputs") == inputs and m.get("config") == json.loads(json.dumps(config))
-            and not verify_files(out, m))
+            and m.get("lpc_version") == lpc_version() and not verify_files(out, m))
 
 
 def check_output(out: Path, inputs: list[str | Path], overwrite: bool) -> None:

@@ -129,6 +129,19 @@ def test_failed_stage_leaves_nothing_and_keeps_old_output(tmp_path, tiny_model_d
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q.")]
 
 
+def test_a_stage_is_skipped_only_for_an_output_of_this_lpc_version(tmp_path, tiny_model_dir, monkeypatch):
+    store = importlib.import_module("lpc.pipeline.artifact.store")
+    out = tmp_path / "q"
+    first = stages.quantize(str(tiny_model_dir), load_recipe("fp8"), out)
+    assert not first.skipped and first.manifest["lpc_version"] == store.lpc_version()
+    assert stages.quantize(str(tiny_model_dir), load_recipe("fp8"), out).skipped  # same inputs, config, version
+    monkeypatch.setattr(store, "lpc_version", lambda: "99.0.0")  # an upgraded lpc
+    with pytest.raises(ArtifactError, match="already exists"):  # not reused: made again, with --overwrite
+        stages.quantize(str(tiny_model_dir), load_recipe("fp8"), out)
+    again = stages.quantize(str(tiny_model_dir), load_recipe("fp8"), out, overwrite=True)
+    assert not again.skipped and again.manifest["lpc_version"] == "99.0.0"
+
+
 def test_wrong_stage_artifact_is_refused(tmp_path, tiny_model_dir, text_files):
     recipe = load_recipe("nvfp4", ["calibrate.samples=2"])
     stages.calibrate(str(tiny_model_dir), str(text_files["jsonl"]), tmp_path / "c", recipe)
