@@ -19,7 +19,8 @@ ThinKV's sparsity thresholds are the tertiles of the segment sparsities of calib
 for choosing options without looking at the evaluated prompts.
 
     python bench/kvcache_policies.py [--tokens 512] [--agree 32] [--prompts 6] [--arc 40] [--tune]
-Rows go to stdout and bench/results/kvcache_policies.jsonl; the summary and plot to bench/results/.
+Rows go to stdout and bench/results/kvcache_policies.jsonl (or --out X.jsonl); the summary to
+X_summary.json beside it and the plot to bench/results/pictures/X.png.
 """
 from __future__ import annotations
 
@@ -156,7 +157,7 @@ def main() -> None:
     out_path = Path(args.out or RESULTS / ("kvcache_policies_tune.jsonl" if args.tune else "kvcache_policies.jsonl"))
     if args.summarize:
         rows = [json.loads(x) for x in out_path.read_text().splitlines() if x.strip()]
-        return summarize(rows, plot=not args.tune)
+        return summarize(rows, out_path, plot=not args.tune)
     torch.manual_seed(0)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     src = model_dir()
@@ -211,11 +212,12 @@ def main() -> None:
         for name, opts in [p for p in ARC_POLICIES if not args.only or label(*p) in args.only.split(",")]:
             emit(arc_accuracy(model, tok, name, opts, args.arc_budget, args, th))
     out.close()
-    summarize(rows, plot=not args.tune)
+    summarize(rows, out_path, plot=not args.tune)
 
 
-def summarize(rows: list[dict], plot: bool = True) -> None:
-    """Mean over prompts per policy and budget (JSON lines) and the quality-vs-budget plot."""
+def summarize(rows: list[dict], out_path: Path, plot: bool = True) -> None:
+    """Mean over prompts per policy and budget (JSON lines) and the quality-vs-budget plot, named after the
+    rows' file (`X.jsonl` -> `X_summary.json` beside it and `pictures/X.png` under bench/results/)."""
     import statistics
 
     agg = {}
@@ -234,7 +236,7 @@ def summarize(rows: list[dict], plot: bool = True) -> None:
         print(json.dumps(s), flush=True)
     if not plot or os.environ.get("KVCACHE_BENCH_NO_SUMMARY_FILES"):
         return
-    (RESULTS / "kvcache_policies_summary.json").write_text(json.dumps(summary, indent=1))
+    out_path.with_name(out_path.stem + "_summary.json").write_text(json.dumps(summary, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,7 +255,7 @@ def summarize(rows: list[dict], plot: bool = True) -> None:
     fig.suptitle("SmolLM2-135M-Instruct: KV cache policies at a byte budget (bench/kvcache_policies.py)")
     fig.tight_layout()
     (RESULTS / "pictures").mkdir(exist_ok=True)
-    fig.savefig(RESULTS / "pictures" / "kvcache_policies.png", dpi=110)
+    fig.savefig(RESULTS / "pictures" / f"{out_path.stem}.png", dpi=110)
 
 
 if __name__ == "__main__":
