@@ -99,14 +99,12 @@ def _compiled_blocks(kernel, rows: torch.Tensor, importance: Any, s2: torch.Tens
     if order is None or not fast.enabled():
         return None
     n_rows, k = rows.shape
-    if importance is None:
-        wb = pad_last(torch.ones(1, k, device=rows.device), BLOCK).view(-1, BLOCK)
-    elif tuple(torch.as_tensor(importance).shape) == (k,):
-        w = torch.as_tensor(importance).to(device=rows.device, dtype=torch.float32)
+    imp = torch.ones(k) if importance is None else torch.as_tensor(importance)
+    w = imp.to(device=rows.device, dtype=torch.float32)
+    if tuple(imp.shape) == (k,):
         wb = pad_last(w.reshape(1, k), BLOCK).view(-1, BLOCK)
-    elif torch.as_tensor(importance).ndim > 1 and torch.as_tensor(importance).numel() == n_rows * k:
-        w = torch.as_tensor(importance).to(device=rows.device, dtype=torch.float32).reshape(n_rows, k)
-        wb = pad_last(w, BLOCK).view(n_rows, -1, BLOCK)
+    elif imp.ndim > 1 and imp.numel() == n_rows * k:
+        wb = pad_last(w.reshape(n_rows, k), BLOCK).view(n_rows, -1, BLOCK)
     else:
         return None  # the eager path says what is wrong with it
     return fast.run_compiled(kernel, blocks_of(rows, BLOCK), s2.to(rows.device), wb, *extra, order)

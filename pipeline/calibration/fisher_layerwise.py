@@ -231,7 +231,7 @@ def _fisher_chunk(model: nn.Module, rows: list[torch.Tensor], targets: dict[str,
     after each layer's backward, `unpark(names, accs)` restores parked partial sums before it; each
     layer's inputs wait in `stored` (default: in memory) between the two passes. input_stats: filled
     in the forward pass (finished there when this is the `last` chunk)."""
-    from lpc.pipeline.calibration.stats import attach_input_stats, capture_layer_inputs
+    from lpc.pipeline.calibration.stats import advance_layer, attach_input_stats, capture_layer_inputs
 
     path, layers = found
     states = capture_layer_inputs(model, layers, rows, device)
@@ -244,9 +244,8 @@ def _fisher_chunk(model: nn.Module, rows: list[torch.Tensor], targets: dict[str,
             measured = {n: m for n, m in targets.items() if n.startswith(f"{path}.{i}.")} if input_stats else {}
             handles = attach_input_stats(measured, input_stats) if measured else []
             try:
-                for j, (args, kwargs) in enumerate(states):
-                    out = layer(*args, **kwargs)
-                    states[j] = ((out[0] if isinstance(out, (tuple, list)) else out,) + tuple(args[1:]), kwargs)
+                for j in range(len(states)):
+                    advance_layer(layer, states, j)
             finally:
                 for h in handles:
                     h.remove()
